@@ -1,0 +1,98 @@
+"""The fine-tune flow.
+
+Stages (each a cached Prefect task, keyed on content):
+  resolve-base-model -> download-data -> format-data -> split-data -> train-lora -> evaluate -> merge
+One MLflow run per flow run holds the params, the training curves, the dataset, the
+adapter, the perplexities and the sample replies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows import tracking
+from lora_core.config import DEFAULT_RECIPE, load_recipe
+from lora_core.data import source_fingerprint
+from tasks.base_model import resolve_base_model
+from tasks.data import download_data, split_data
+from tasks.evaluate import evaluate
+from tasks.formatting import format_data
+from tasks.merge import merge
+from tasks.train import train_adapter
+
+
+def _maybe_fresh(task, no_cache: bool):
+    return task.with_options(refresh_cache=True) if no_cache else task
+
+
+@flow(name="lora-finetune")
+def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, no_cache: bool = False) -> dict:
+    """Fine-tune a causal LM with LoRA from a recipe, track it in MLflow, return a summary.
+
+    recipe: path of a YAML recipe. overrides: dotted `key=value` settings applied on top.
+    no_cache: recompute every stage instead of reusing cached results.
+    """
+    logger = get_run_logger()
+    cfg = load_recipe(recipe, overrides)
+    root = str(Path(cfg.output_dir) / cfg.name)
+    trust = cfg.model.trust_remote_code
+    t = {name: _maybe_fresh(task, no_cache) for name, task in {
+        "download": download_data, "format": format_data, "split": split_data,
+        "train": train_adapter, "evaluate": evaluate, "merge": merge,
+    }.items()}
+
+    with tracking.start_run(cfg, recipe, flow_run.get_id()) as run:
+        run_id = run.info.run_id
+        logger.info("MLflow run %s", run_id)
+        base = resolve_base_model(cfg.model, cfg.cache_dir)
+        data = t["download"](cfg.data, source_fingerprint(cfg.data), root)
+        formatted = t["format"](data, base, cfg.template, trust, root)
+        split = t["split"](formatted, cfg.split, data.sha256, root)
+        tracking.set_tags({"base_model": base.source, "base_model.identity": base.identity, "data.sha256": data.sha256})
+        tracking.log_dataset(data.records_path, data.sha256, Path(cfg.data.path).name, cfg.data.path, "training")
+        mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
+                            "data.train_target_tokens": split.train_target_tokens})
+
+        trained = t["train"](base, split, cfg.lora, cfg.train, data.sha256, trust, root,
+                             callbacks=[tracking.MetricsCallback(run_id)])
+        mlflow.log_metrics({"train_loss_final": trained.train_loss, "train_tokens_per_second": trained.train_tokens_per_second,
+                            "train_runtime_s": trained.runtime_s, "global_step": trained.global_step})
+        if trained.eval_loss is not None:
+            mlflow.log_metric("eval_loss_final", trained.eval_loss)
+        mlflow.log_artifacts(trained.adapter_dir, "adapter")
+
+        ev = t["evaluate"](base, split, trained, cfg.eval, cfg.train.max_length, trust, root)
+        mlflow.log_metrics({"base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
+                            "perplexity_change_pct": 100 * ev.perplexity_change, "eval_runtime_s": ev.runtime_s})
+        mlflow.log_table(_samples_table(ev.samples_path), artifact_file="samples.json")
+        mlflow.log_artifact(ev.report_path, "evaluation")
+
+        merged_dir = None
+        if cfg.merge.enabled:
+            merged = t["merge"](base, trained, split, cfg.merge, trust, root)
+            merged_dir = merged.merged_dir
+            mlflow.log_metric("merge_max_abs_logit_diff", merged.max_abs_logit_diff)
+
+        summary = {
+            "mlflow_run_id": run_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+            "base_perplexity": ev.base_perplexity,
+            "tuned_perplexity": ev.tuned_perplexity,
+            "perplexity_change_pct": 100 * ev.perplexity_change,
+            "adapter_dir": trained.adapter_dir,
+            "merged_dir": merged_dir,
+            "samples_path": ev.samples_path,
+            "ui_command": tracking.ui_command(mlflow.get_tracking_uri()),
+        }
+    return summary
+
+
+def _samples_table(path: str) -> dict:
+    import json
+
+    samples = json.loads(Path(path).read_text())
+    return {k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}

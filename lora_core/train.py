@@ -1,0 +1,155 @@
+"""LoRA training with TRL's SFTTrainer and peft.
+
+The datasets come pre-tokenized with an `assistant_masks` column (see formatting.py);
+TRL folds that mask into the labels, truncates to `max_length` and pads. Checkpoints
+(adapter + optimizer + scheduler + RNG) go to `<out>/checkpoints`, the final adapter to
+`<out>/adapter`. An existing checkpoint folder is resumed from, never overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype
+from lora_core.config import LoraConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: str
+    global_step: int
+    resumed_from_step: int
+    train_loss: float
+    eval_loss: float | None
+    train_tokens: int  # non-padding tokens processed in this session
+    train_tokens_per_second: float
+    runtime_s: float
+
+
+def peft_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool):
+    import torch
+    from trl import SFTConfig
+
+    dtype = pick_dtype(cfg.dtype, device)
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5 takes a float < 1 as a ratio of total steps, an int as steps
+        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device == "cpu",
+        report_to="none",  # the flow logs to MLflow through a callback with an explicit run id
+        include_num_input_tokens_seen="non_padding",
+        assistant_only_loss=False,  # the mask already comes in the `assistant_masks` column
+        packing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint_dir = Path(checkpoint_dir)
+    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+
+
+def train_lora(
+    base_path: str,
+    train_dir: str,
+    val_dir: str | None,
+    lora: LoraConfig,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    callbacks: list | None = None,
+    trust_remote_code: bool = False,
+) -> TrainResult:
+    """Train a LoRA adapter on `train_dir` (a saved tokenized dataset); returns where it landed."""
+    import datasets
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
+    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    # Frozen base weights are kept in fp32 on CPU; on CUDA the autocast dtype governs compute.
+    model = load_model(base_path, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+    train_ds = datasets.load_from_disk(train_dir)
+    val_ds = datasets.load_from_disk(val_dir) if val_dir else None
+    args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config(lora),
+        callbacks=callbacks or [],
+    )
+    resume = last_checkpoint(out_dir / "checkpoints")
+    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
+    if resume:
+        log.info("resuming training from %s (step %d)", resume, resumed_from)
+    log.info("training LoRA r=%d on %d conversations, device=%s dtype=%s", lora.r, len(train_ds), device, dtype)
+    started = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - started
+    eval_loss = None
+    if val_ds is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    adapter_dir = out_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors + tokenizer
+    tokens = int(trainer.state.num_input_tokens_seen) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    result = TrainResult(
+        adapter_dir=str(adapter_dir),
+        global_step=int(trainer.state.global_step),
+        resumed_from_step=resumed_from,
+        train_loss=float(out.training_loss),
+        eval_loss=eval_loss,
+        train_tokens=tokens,
+        train_tokens_per_second=tokens / runtime if runtime > 0 else 0.0,
+        runtime_s=runtime,
+    )
+    del trainer, model
+    return result

@@ -1,0 +1,58 @@
+"""The one cache policy every task uses, and the deterministic output folders it implies.
+
+Prefect's INPUTS policy hashes a path by its string, and TASK_SOURCE ignores edits to the
+library a task calls. So tasks receive content hashes (data sha256, base-model identity)
+among their inputs, and the key also covers a fingerprint of lora_core's source code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import INPUTS, CachePolicy
+from pydantic import BaseModel
+
+import lora_core
+
+
+@lru_cache(maxsize=1)
+def library_fingerprint() -> str:
+    """lora_core's version plus a hash of its source files: editing the library invalidates caches."""
+    h = hashlib.sha256(lora_core.__version__.encode())
+    root = Path(lora_core.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class LibraryVersion(CachePolicy):
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        return library_fingerprint()
+
+
+# Callbacks (MLflow logging) do not change what a task computes.
+CONTENT = (INPUTS - "callbacks") + LibraryVersion()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+def stage_dir(output_root: str, stage: str, *inputs: Any) -> Path:
+    """`<output_root>/<stage>/<16 hex>`: one folder per distinct input, so runs never overwrite each other."""
+    blob = json.dumps([_plain(v) for v in inputs] + [library_fingerprint()], sort_keys=True, default=str)
+    return Path(output_root) / stage / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True)
