@@ -1,7 +1,7 @@
 """The fine-tune flow.
 
 Stages (each a cached Prefect task, keyed on content):
-  resolve-base-model -> download-data -> format-data -> split-data -> train-lora -> evaluate -> merge
+  download-data -> resolve-base-model -> format-data -> split-data -> train-lora -> evaluate -> merge
 One MLflow run per flow run holds the params, the training curves, the dataset, the
 adapter, the perplexities and the sample replies.
 """
@@ -25,8 +25,25 @@ from tasks.merge import merge
 from tasks.train import train_adapter
 
 
-def _maybe_fresh(task, no_cache: bool):
-    return task.with_options(refresh_cache=True) if no_cache else task
+def _missing_outputs(result) -> list[str]:
+    """Paths a (possibly cached) task result points at that are no longer on disk."""
+    paths = [v for k, v in vars(result).items() if k.endswith(("_dir", "_path")) and isinstance(v, str)]
+    return [p for p in paths if not Path(p).exists()]
+
+
+def _stage(task, no_cache: bool):
+    """Call a cached task; a cache hit whose files are gone is recomputed, never trusted."""
+    task = task.with_options(refresh_cache=True) if no_cache else task
+
+    def call(*args, **kwargs):
+        result = task(*args, **kwargs)
+        missing = _missing_outputs(result)
+        if missing:
+            get_run_logger().warning("%s: cached outputs missing (%s); recomputing", task.name, missing[0])
+            result = task.with_options(refresh_cache=True)(*args, **kwargs)
+        return result
+
+    return call
 
 
 @flow(name="lora-finetune")
@@ -38,9 +55,9 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
     """
     logger = get_run_logger()
     cfg = load_recipe(recipe, overrides)
-    root = str(Path(cfg.output_dir) / cfg.name)
+    root = str((Path(cfg.output_dir) / cfg.name).resolve())
     trust = cfg.model.trust_remote_code
-    t = {name: _maybe_fresh(task, no_cache) for name, task in {
+    t = {name: _stage(task, no_cache) for name, task in {
         "download": download_data, "format": format_data, "split": split_data,
         "train": train_adapter, "evaluate": evaluate, "merge": merge,
     }.items()}
@@ -48,8 +65,8 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
     with tracking.start_run(cfg, recipe, flow_run.get_id()) as run:
         run_id = run.info.run_id
         logger.info("MLflow run %s", run_id)
+        data = t["download"](cfg.data, source_fingerprint(cfg.data), root)  # bad data fails before any model loads
         base = resolve_base_model(cfg.model, cfg.cache_dir)
-        data = t["download"](cfg.data, source_fingerprint(cfg.data), root)
         formatted = t["format"](data, base, cfg.template, trust, root)
         split = t["split"](formatted, cfg.split, data.sha256, root)
         tracking.set_tags({"base_model": base.source, "base_model.identity": base.identity, "data.sha256": data.sha256})

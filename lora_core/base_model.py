@@ -73,7 +73,7 @@ def _from_hub(cfg: ModelConfig) -> BaseModelRef:
         path = snapshot_download(repo_id=cfg.base, revision=cfg.revision, allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - any hub failure gets the same actionable message, chained
         raise BaseModelError(
-            f"model.base {cfg.base!r}{'@' + cfg.revision if cfg.revision else ''}: cannot fetch from the hub "
+            f"model.base '{cfg.base}{'@' + cfg.revision if cfg.revision else ''}': cannot fetch from the hub "
             f"({type(exc).__name__}); check the id and revision and network access, or use a local directory "
             "or 'smollm2-135m-instruct'"
         ) from exc

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+from lora_core.config import DataConfig, SplitConfig
+from lora_core.data import DataError, detect_format, load_normalised, normalise, source_fingerprint, split_indices
+
+
+def jsonl(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello?"}]}
+
+
+def test_formats_are_detected_and_normalised_to_messages():
+    share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    alpaca = {"instruction": "Add", "input": "2 and 3", "output": "What is 2 + 3?"}
+    assert [detect_format(r) for r in (CHAT, share, alpaca, {"text": "t"})] == ["messages", "sharegpt", "alpaca", "text"]
+    assert normalise(share, "sharegpt")[0] == {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    rec, err = normalise(alpaca, "alpaca")
+    assert err is None and rec["messages"][0]["content"] == "Add\n\n2 and 3"
+    assert normalise({"text": "t"}, "text")[0] == {"text": "t"}
+
+
+def test_tool_messages_and_tool_calls_pass_through():
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+    rec, err = normalise(
+        {"messages": [{"role": "user", "content": "1+?"}, {"role": "assistant", "content": "", "tool_calls": call},
+                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}],
+         "tools": [{"type": "function", "function": {"name": "add"}}]},
+        "messages",
+    )
+    assert err is None and rec["messages"][1]["tool_calls"] == call and rec["tools"]
+
+
+def test_every_bad_record_is_reported_with_file_line_and_fix(tmp_path):
+    p = jsonl(tmp_path, [
+        CHAT,
+        '{"messages": [oops',
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+    ])
+    with pytest.raises(DataError) as exc:
+        load_normalised(str(p))
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 3
+    assert lines[0].startswith(f"{p}:2: not valid JSON") and "fix or remove the line" in lines[0]
+    assert lines[1].startswith(f"{p}:3: conversation has no assistant message")
+    assert lines[2] == f"{p}:4: message 1 has role 'bot'; expected one of system/user/assistant/tool"
+
+
+def test_empty_dataset_and_missing_path(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"e.jsonl: dataset is empty"):
+        load_normalised(str(empty))
+    with pytest.raises(DataError, match=r"no such file or directory; set data.path"):
+        load_normalised(str(tmp_path / "nope.jsonl"))
+
+
+def test_csv_parquet_json_and_directory(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"instruction": ["a", "b"], "output": ["x?", "y?"]})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(df.to_dict("records")))
+    for name in ("d.csv", "d.parquet", "d.json"):
+        recs, fmt, digest = load_normalised(str(tmp_path / name))
+        assert fmt == "alpaca" and len(recs) == 2 and len(digest) == 64
+    recs, _, _ = load_normalised(str(tmp_path))
+    assert len(recs) == 6
+
+
+def test_content_hash_follows_bytes_not_path(tmp_path):
+    p = jsonl(tmp_path, [CHAT])
+    before = source_fingerprint(DataConfig(path=str(p)))
+    assert before == source_fingerprint(DataConfig(path=str(p)))
+    p.write_text(p.read_text().replace("hello", "hellO"))
+    assert source_fingerprint(DataConfig(path=str(p))) != before
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    keys = [f"k{i}" for i in range(50)]
+    a = split_indices(keys, 0.2, None, seed=1)
+    assert a == split_indices(keys, 0.2, None, seed=1)
+    assert a != split_indices(keys, 0.2, None, seed=2)
+    train, val = a
+    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == list(range(50))
+    assert len(split_indices(keys, 0.2, 7, seed=1)[1]) == 7
+
+
+def test_duplicates_never_straddle_the_split():
+    keys = ["a", "a", "b", "c", "c", "c", "d", "e"]
+    for seed in range(10):
+        train, val = split_indices(keys, 0.3, None, seed)
+        assert not {keys[i] for i in train} & {keys[i] for i in val}
+
+
+def test_split_that_leaves_no_training_data_is_refused():
+    with pytest.raises(DataError, match="leave at least one for training"):
+        split_indices(["a", "b"], 0.5, 2, 0)
+
+
+def test_split_config_bounds():
+    with pytest.raises(Exception, match="less than 1"):
+        SplitConfig(val_fraction=1.5)
