@@ -13,13 +13,9 @@ import textwrap
 
 import yaml
 
-from lora_core.base_model import BaseModelError
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.data import DataError, load_normalised
-from lora_core.formatting import FormatError
-from lora_core.merge import MergeMismatch
-
-USER_ERRORS = (ConfigError, DataError, BaseModelError, FormatError, MergeMismatch)
+from lora_core.errors import LoraFlowError
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except USER_ERRORS as exc:
+    except LoraFlowError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core.config import ModelConfig
+from lora_core.errors import LoraFlowError
 from lora_core.hashing import file_sha256, tree_sha256
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ EMBEDDED = {
 _COMPLETE = ".complete"  # written last: a folder without it is a crashed conversion
 
 
-class BaseModelError(ValueError):
+class BaseModelError(LoraFlowError):
     """The base model cannot be found or fetched; the message says which and the fix."""
 
 

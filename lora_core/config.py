@@ -16,11 +16,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lora_core.errors import LoraFlowError
+
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+# Names users bring from peft / transformers / TRL, mapped to ours (for "did you mean").
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lr": "learning_rate",
+    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size", "batch": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length", "lr_scheduler_type": "lr_scheduler",
+    "model_name_or_path": "base", "model_name": "base", "dataset": "path", "dataset_path": "path",
+}
 DEFAULT_RECIPE = "recipes/socratic-tutor.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(LoraFlowError):
     """A recipe or override is invalid; the message lists every problem, one per line."""
 
 
@@ -123,6 +132,7 @@ class EvalConfig(_Part):
     batch_size: int = Field(8, ge=1, description="Conversations per forward pass in perplexity evaluation.")
     num_samples: int = Field(4, ge=0, description="Validation prompts answered by base and tuned model side by side.")
     max_new_tokens: int = Field(96, ge=1, description="Tokens generated per sample reply (greedy).")
+    repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="Penalty on repeated tokens in sample replies (1.0 = none).")
 
 
 class MergeConfig(_Part):
@@ -215,7 +225,8 @@ def _describe(err: dict, source: str) -> str:
     value = err.get("input")
     if err["type"] == "extra_forbidden":
         known = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        alias = ALIASES.get(str(loc[-1]))
+        close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
         prefix = ".".join(str(p) for p in loc[:-1])
         fix = (
             f"did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"

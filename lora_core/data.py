@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_core.errors import LoraFlowError
 from lora_core.hashing import text_sha256, tree_sha256
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ SHAREGPT_ROLES = {
 MAX_REPORTED = 20  # problems listed before "... and N more"
 
 
-class DataError(ValueError):
+class DataError(LoraFlowError):
     """Bad training data; the message has one line per problem, each naming where and the fix."""
 
 

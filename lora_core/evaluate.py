@@ -76,7 +76,7 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     return Perplexity(math.exp(mean), mean, total_tokens)
 
 
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 96) -> list[str]:
+def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy replies to chat prompts (lists of messages ending with a user turn)."""
     import torch
 
@@ -87,7 +87,8 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         for messages in prompts:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
             ids = {k: v.to(device) for k, v in ids.items()}
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id)
             replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return replies
 
@@ -128,10 +129,10 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
     base_ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-    base_replies = generate_replies(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens)
+    base_replies = generate_replies(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.repetition_penalty)
     tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned_ppl = perplexity(tuned, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-    tuned_replies = generate_replies(tuned, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens)
+    tuned_replies = generate_replies(tuned, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.repetition_penalty)
 
     samples = [
         {"prompt": p[-1]["content"], "reference": ref, "base": b, "tuned": t}

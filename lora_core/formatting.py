@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from lora_core.errors import LoraFlowError
+
 log = logging.getLogger(__name__)
 
 
-class FormatError(ValueError):
+class FormatError(LoraFlowError):
     """A conversation cannot be rendered with this tokenizer's chat template."""
 
 

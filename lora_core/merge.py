@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_core.base_model import load_model, load_tokenizer
+from lora_core.errors import LoraFlowError
 from lora_core.evaluate import pad_batch
 
 log = logging.getLogger(__name__)
 
 
-class MergeMismatch(RuntimeError):
+class MergeMismatch(LoraFlowError):
     """The merged model's logits differ from the adapter model's beyond the tolerance."""
 
 

@@ -5,10 +5,11 @@ from prefect.cache_policies import NO_CACHE
 
 from lora_core.base_model import BaseModelRef, resolve_base
 from lora_core.config import ModelConfig
+from tasks.cache import RETRY_OPTIONS
 
 
 # Not cached: resolving *is* computing the identity (content hash / hub commit) other keys use.
-@task(name="resolve-base-model", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+@task(name="resolve-base-model", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def resolve_base_model(cfg: ModelConfig, cache_dir: str) -> BaseModelRef:
     """Embedded GGUF -> cached safetensors, local directory, or hub snapshot."""
     return resolve_base(cfg, cache_dir)

@@ -18,6 +18,7 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from pydantic import BaseModel
 
 import lora_core
+from lora_core.errors import LoraFlowError
 
 
 @lru_cache(maxsize=1)
@@ -55,4 +56,16 @@ def stage_dir(output_root: str, stage: str, *inputs: Any) -> Path:
     return Path(output_root) / stage / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def transient_only(task, task_run, state) -> bool:
+    """Retry condition: bad input never gets better by retrying; anything else may (I/O, network, OOM kill)."""
+    try:
+        state.result()
+    except LoraFlowError:
+        return False
+    except BaseException:  # noqa: BLE001 - any other failure is worth a retry
+        return True
+    return True
+
+
 TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True)
+RETRY_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)

@@ -5,10 +5,10 @@ from prefect import task
 from lora_core.config import DataConfig, SplitConfig
 from lora_core.data import DataResult, SplitResult, download_dataset, split_dataset
 from lora_core.formatting import FormatResult
-from tasks.cache import TASK_OPTIONS, stage_dir
+from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, stage_dir
 
 
-@task(name="download-data", retries=2, retry_delay_seconds=10, **TASK_OPTIONS)
+@task(name="download-data", **RETRY_OPTIONS, **TASK_OPTIONS)
 def download_data(cfg: DataConfig, source_sha256: str, output_root: str) -> DataResult:
     """Read and normalise the dataset. `source_sha256` (content of the files) keys the cache."""
     return download_dataset(cfg, stage_dir(output_root, "data", cfg, source_sha256))
