@@ -1,6 +1,8 @@
 """`lora-flow`: run, validate and inspect recipes.
 
-  lora-flow run [RECIPE] [key=value ...] [--no-cache]
+  lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
+  lora-flow resume                      # continue the newest interrupted run
+  lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
   lora-flow validate RECIPE [RECIPE ...] [key=value ...]
   lora-flow show-config [RECIPE] [key=value ...]
 """
@@ -8,6 +10,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 import textwrap
 
@@ -24,25 +28,60 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return recipes, overrides
 
 
-def cmd_run(args) -> int:
-    recipes, overrides = _split_args(args.args)
-    if len(recipes) > 1:
-        raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
-    recipe = recipes[0] if recipes else DEFAULT_RECIPE
+def _terminate(signum, frame):
+    # pre-emption (SIGTERM) is handled like Ctrl-C: the MLflow run ends KILLED, checkpoints stay
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _run_flow(recipe: str, overrides: list[str], no_cache: bool = False, refresh: list[str] | None = None) -> int:
     load_recipe(recipe, overrides)  # every config error before Prefect or any model starts
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
 
     from flows.finetune import finetune
 
-    s = finetune(recipe=recipe, overrides=overrides, no_cache=args.no_cache)
+    s = finetune(recipe=recipe, overrides=overrides, no_cache=no_cache, refresh=refresh or [])
+    resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
     print(textwrap.dedent(f"""
         ==== lora-flow: done ====
-        MLflow run:            {s['mlflow_run_id']}
+        MLflow run:            {s['mlflow_run_id']}{resumed}
         validation perplexity: base {s['base_perplexity']:.3f} -> tuned {s['tuned_perplexity']:.3f} ({s['perplexity_change_pct']:+.1f}%)
         adapter:               {s['adapter_dir']}
         merged model:          {s['merged_dir'] or '(merge disabled)'}
         samples:               {s['samples_path']}
         open the MLflow UI:    {s['ui_command']}
     """))
+    return 0
+
+
+def cmd_run(args) -> int:
+    recipes, overrides = _split_args(args.args)
+    if len(recipes) > 1:
+        raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
+    return _run_flow(recipes[0] if recipes else DEFAULT_RECIPE, overrides, args.no_cache, args.refresh)
+
+
+def cmd_resume(args) -> int:
+    from flows import runs
+
+    row = next((r for r in runs.recent_runs(limit=50, with_prefect=False) if r["resumable"]), None)
+    if row is None:
+        raise ConfigError("resume: no interrupted run with a checkpoint was found; start one with `lora-flow run`")
+    print(f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step {row['checkpoint_step']})")
+    return _run_flow(row["recipe"], row["overrides"])
+
+
+def cmd_runs(args) -> int:
+    from flows import runs
+
+    rows = runs.recent_runs(limit=args.limit, with_prefect=not args.no_prefect)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'started':19}  {'prefect state':14}  {'mlflow':9}  {'mlflow run id':32}  {'ckpt':>5}  resumable  recipe")
+    for r in rows:
+        print(f"{r['started']:19}  {r['prefect_state']:14}  {r['status']:9}  {r['mlflow_run_id']:32}  "
+              f"{r['checkpoint_step'] if r['checkpoint_step'] is not None else '-':>5}  {'yes' if r['resumable'] else 'no':9}  {r['recipe']}")
     return 0
 
 
@@ -80,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help=f"run a recipe end to end (default {DEFAULT_RECIPE})")
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument("--no-cache", action="store_true", help="recompute every stage instead of reusing cached results")
+    p.add_argument("--no-cache", action="store_true", help="recompute every stage and train afresh (earlier outputs are kept aside)")
+    p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE", help="recompute these stages: download format split train evaluate merge")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
+    p.set_defaults(fn=cmd_resume)
+    p = sub.add_parser("runs", help="list recent flow runs: state, MLflow run, last checkpoint, resumable")
+    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states")
+    p.set_defaults(fn=cmd_runs)
     p = sub.add_parser("validate", help="check recipes and their data without loading any model")
     p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
     p.set_defaults(fn=cmd_validate)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -67,21 +68,59 @@ def param_items(cfg: PipelineConfig) -> list[Param]:
     return params
 
 
+RUN_KEY = "lora_flow.run_key"
+
+
+def pid_alive(pid: str | None, host: str | None) -> bool:
+    if not pid or host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def find_resumable(experiment_id: str, run_key: str):
+    """The newest unfinished run of the same config + data whose process is gone, or None."""
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    run = runs[0]
+    if run.info.status == "RUNNING" and pid_alive(run.data.tags.get("lora_flow.pid"), run.data.tags.get("lora_flow.host")):
+        return None  # another flow is training it right now
+    return run
+
+
 @contextlib.contextmanager
-def start_run(cfg: PipelineConfig, recipe_path: str, flow_run_id: str | None):
-    """One MLflow run per flow run. Ends FINISHED, FAILED, or KILLED on Ctrl-C; never left RUNNING."""
+def start_run(cfg: PipelineConfig, recipe_path: str, overrides: list[str], flow_run_id: str | None, run_key: str, resume: bool = True):
+    """One MLflow run per flow run, or the continuation of an interrupted one with the same
+    config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
+    never left RUNNING by anything short of SIGKILL."""
     mlflow.set_tracking_uri(tracking_uri())
     experiment_id = ensure_experiment(cfg.tracking.experiment)
-    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": recipe_path}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
+    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": recipe_path,
+            "lora_flow.overrides": json.dumps(overrides), RUN_KEY: run_key,
+            "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname()}
+    previous = find_resumable(experiment_id, run_key) if resume else None
+    if previous is not None:
+        count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
+        run = mlflow.start_run(run_id=previous.info.run_id)
+        set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
+        log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
     client = MlflowClient()
     try:
-        params = param_items(cfg)
-        for i in range(0, len(params), BATCH):
-            client.log_batch(run.info.run_id, params=params[i : i + BATCH])
-        if Path(recipe_path).is_file():
-            mlflow.log_artifact(recipe_path, "recipe")
-        mlflow.log_dict(cfg.model_dump(mode="json"), "recipe/resolved.yaml")
+        if previous is None:
+            params = param_items(cfg)
+            for i in range(0, len(params), BATCH):
+                client.log_batch(run.info.run_id, params=params[i : i + BATCH])
+            if Path(recipe_path).is_file():
+                mlflow.log_artifact(recipe_path, "recipe")
+            mlflow.log_dict(cfg.model_dump(mode="json"), "recipe/resolved.yaml")
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -94,16 +133,24 @@ def start_run(cfg: PipelineConfig, recipe_path: str, flow_run_id: str | None):
 
 
 class MetricsCallback(TrainerCallback):
-    """Streams the Trainer's logs (loss, learning_rate, grad_norm, eval_loss ...) into one run by step.
-
-    Uses an explicit run id, so it works from any thread (MLflow's active run is per thread).
-    """
+    """Streams the Trainer's logs (loss, learning_rate, grad_norm, eval_loss ...) into one run by step,
+    live while training runs. Uses an explicit run id, so it works from any thread (MLflow's
+    active run is per thread)."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = MlflowClient()
+        self.logged_through = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume, steps up to the last one already logged are replayed from the
+        # checkpoint: keep the first record of each step so the curve has no duplicates.
+        history = self.client.get_metric_history(self.run_id, "loss")
+        self.logged_through = max((m.step for m in history), default=0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, state.global_step)

@@ -140,6 +140,11 @@ class MergeConfig(_Part):
     atol: float = Field(1e-3, gt=0, description="Max absolute logit difference allowed between merged and adapter model.")
 
 
+class RetriesConfig(_Part):
+    train: int = Field(1, ge=0, le=10, description="Retries of the training task after a transient failure; each resumes from the last checkpoint.")
+    delay_s: float = Field(30.0, ge=0, description="Seconds to wait before a retry.")
+
+
 class TrackingConfig(_Part):
     experiment: str = Field("lora-flow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name.")
@@ -157,6 +162,7 @@ class PipelineConfig(_Part):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge.")
+    retries: RetriesConfig = Field(default_factory=RetriesConfig, description="Task retries.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 
     @model_validator(mode="after")

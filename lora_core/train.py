@@ -85,11 +85,29 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool):
     )
 
 
-def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # trainer_state.json is written last
 
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest *complete* checkpoint: one killed mid-save lacks trainer_state.json and is skipped."""
     checkpoint_dir = Path(checkpoint_dir)
-    return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for ckpt in candidates:
+        has_weights = any(ckpt.glob("*.safetensors")) or any(ckpt.glob("*.bin"))
+        if has_weights and all((ckpt / f).is_file() for f in CHECKPOINT_FILES):
+            return str(ckpt)
+        log.warning("ignoring incomplete checkpoint %s (killed while saving?)", ckpt)
+    return None
 
 
 def train_lora(
@@ -101,22 +119,33 @@ def train_lora(
     out_dir: str | Path,
     callbacks: list | None = None,
     trust_remote_code: bool = False,
+    resume: bool = True,
 ) -> TrainResult:
-    """Train a LoRA adapter on `train_dir` (a saved tokenized dataset); returns where it landed."""
+    """Train a LoRA adapter on `train_dir` (a saved tokenized dataset); returns where it landed.
+
+    With `resume`, training continues from the newest complete checkpoint under `out_dir`
+    (same global step, optimizer, scheduler and RNG state). Without it, an existing
+    `out_dir` is moved aside to `<out_dir>.replaced-<unix time>`, never deleted.
+    """
     import datasets
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
 
     out_dir = Path(out_dir)
+    if not resume and out_dir.exists():
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{int(time.time())}")
+        out_dir.rename(aside)
+        log.info("fresh training requested: kept the previous run at %s", aside)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
     tokenizer = load_tokenizer(base_path, trust_remote_code)
     # Frozen base weights are kept in fp32 on CPU; on CUDA the autocast dtype governs compute.
     model = load_model(base_path, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
-    train_ds = datasets.load_from_disk(train_dir)
-    val_ds = datasets.load_from_disk(val_dir) if val_dir else None
+    # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
+    train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
+    val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
     trainer = SFTTrainer(
         model=model,
@@ -128,7 +157,7 @@ def train_lora(
         callbacks=callbacks or [],
     )
     resume = last_checkpoint(out_dir / "checkpoints")
-    resumed_from = int(Path(resume).name.split("-")[-1]) if resume else 0
+    resumed_from = checkpoint_step(resume) if resume else 0
     if resume:
         log.info("resuming training from %s (step %d)", resume, resumed_from)
     log.info("training LoRA r=%d on %d conversations, device=%s dtype=%s", lora.r, len(train_ds), device, dtype)
@@ -137,7 +166,9 @@ def train_lora(
     runtime = time.perf_counter() - started
     eval_loss = None
     if val_ds is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        last = [h for h in trainer.state.log_history if "eval_loss" in h]
+        at_end = last and last[-1].get("step") == trainer.state.global_step
+        eval_loss = float(last[-1]["eval_loss"] if at_end else trainer.evaluate()["eval_loss"])
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors + tokenizer
     tokens = int(trainer.state.num_input_tokens_seen) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)

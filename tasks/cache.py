@@ -18,6 +18,7 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from pydantic import BaseModel
 
 import lora_core
+from lora_core.hashing import file_sha256
 from lora_core.errors import LoraFlowError
 
 
@@ -38,8 +39,43 @@ class LibraryVersion(CachePolicy):
         return library_fingerprint()
 
 
-# Callbacks (MLflow logging) do not change what a task computes.
-CONTENT = (INPUTS - "callbacks") + LibraryVersion()
+# Callbacks (MLflow logging) and the resume switch do not change what a task computes.
+CONTENT = (INPUTS - "callbacks" - "resume") + LibraryVersion()
+
+
+MANIFEST = ".manifest.json"
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def sealed(out_dir: Path, result):
+    """Record the sha256 of every file a task wrote, so a later cache hit can be checked."""
+    out_dir = Path(out_dir)
+    (out_dir / MANIFEST).write_text(json.dumps(_file_hashes(out_dir), indent=0))
+    return result
+
+
+def stale_outputs(result) -> str | None:
+    """Why a (cached) task result can't be trusted: a file it points at is gone or altered. None if fine."""
+    paths = [Path(v) for k, v in vars(result).items() if k.endswith(("_dir", "_path")) and isinstance(v, str)]
+    roots = set()
+    for p in paths:
+        if not p.exists():
+            return f"{p} is missing"
+        root = next((a for a in [p, *p.parents] if (a / MANIFEST).is_file()), None)
+        if root is None:
+            return f"{p} has no manifest"
+        roots.add(root)
+    for root in roots:
+        if json.loads((root / MANIFEST).read_text()) != _file_hashes(root):
+            return f"files under {root} changed since they were written"
+    return None
 
 
 def _plain(value: Any) -> Any:

@@ -5,16 +5,18 @@ from prefect import task
 from lora_core.config import DataConfig, SplitConfig
 from lora_core.data import DataResult, SplitResult, download_dataset, split_dataset
 from lora_core.formatting import FormatResult
-from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, stage_dir
+from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="download-data", **RETRY_OPTIONS, **TASK_OPTIONS)
 def download_data(cfg: DataConfig, source_sha256: str, output_root: str) -> DataResult:
     """Read and normalise the dataset. `source_sha256` (content of the files) keys the cache."""
-    return download_dataset(cfg, stage_dir(output_root, "data", cfg, source_sha256))
+    out = stage_dir(output_root, "data", cfg, source_sha256)
+    return sealed(out, download_dataset(cfg, out))
 
 
 @task(name="split-data", **TASK_OPTIONS)
 def split_data(formatted: FormatResult, cfg: SplitConfig, data_sha256: str, output_root: str) -> SplitResult:
     """Deterministic conversation-level train/validation split."""
-    return split_dataset(formatted.dataset_dir, cfg, stage_dir(output_root, "split", formatted, cfg, data_sha256))
+    out = stage_dir(output_root, "split", formatted, cfg, data_sha256)
+    return sealed(out, split_dataset(formatted.dataset_dir, cfg, out))

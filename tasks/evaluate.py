@@ -7,11 +7,11 @@ from lora_core.config import EvalConfig
 from lora_core.data import SplitResult
 from lora_core.evaluate import EvalResult, evaluate_adapter
 from lora_core.train import TrainResult
-from tasks.cache import TASK_OPTIONS, stage_dir
+from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="evaluate", **TASK_OPTIONS)
 def evaluate(base: BaseModelRef, split: SplitResult, trained: TrainResult, cfg: EvalConfig, max_length: int, trust_remote_code: bool, output_root: str) -> EvalResult:
     """Validation perplexity of base and adapter, plus side-by-side sample replies."""
     out = stage_dir(output_root, "evaluate", base.identity, split, trained, cfg, max_length)
-    return evaluate_adapter(base.path, trained.adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out, trust_remote_code)
+    return sealed(out, evaluate_adapter(base.path, trained.adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out, trust_remote_code))

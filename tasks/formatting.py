@@ -6,11 +6,11 @@ from lora_core.base_model import BaseModelRef
 from lora_core.config import TemplateConfig
 from lora_core.data import DataResult
 from lora_core.formatting import FormatResult, format_dataset
-from tasks.cache import TASK_OPTIONS, stage_dir
+from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="format-data", **TASK_OPTIONS)
 def format_data(data: DataResult, base: BaseModelRef, cfg: TemplateConfig, trust_remote_code: bool, output_root: str) -> FormatResult:
     """Render conversations with the base tokenizer's chat template; build assistant loss masks."""
     out = stage_dir(output_root, "format", data.sha256, base.identity, cfg)
-    return format_dataset(data.records_path, data.val_records_path, base.path, cfg, out, trust_remote_code)
+    return sealed(out, format_dataset(data.records_path, data.val_records_path, base.path, cfg, out, trust_remote_code))

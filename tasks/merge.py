@@ -7,11 +7,11 @@ from lora_core.config import MergeConfig
 from lora_core.data import SplitResult
 from lora_core.merge import MergeResult, merge_from_dirs
 from lora_core.train import TrainResult
-from tasks.cache import TASK_OPTIONS, stage_dir
+from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="merge", **TASK_OPTIONS)
 def merge(base: BaseModelRef, trained: TrainResult, split: SplitResult, cfg: MergeConfig, trust_remote_code: bool, output_root: str) -> MergeResult:
     """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol."""
-    out = stage_dir(output_root, "merge", base.identity, trained, cfg) / "merged"
-    return merge_from_dirs(base.path, trained.adapter_dir, split.val_dir, cfg, out, trust_remote_code)
+    out = stage_dir(output_root, "merge", base.identity, trained, cfg)
+    return sealed(out, merge_from_dirs(base.path, trained.adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code))

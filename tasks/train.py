@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from lora_core.base_model import BaseModelRef
 from lora_core.config import LoraConfig, TrainConfig
 from lora_core.data import SplitResult
 from lora_core.train import TrainResult, train_lora
-from tasks.cache import TASK_OPTIONS, stage_dir
+from tasks.cache import TASK_OPTIONS, sealed, stage_dir
+
+
+def train_dir(base: BaseModelRef, split: SplitResult, lora: LoraConfig, cfg: TrainConfig, data_sha256: str, output_root: str) -> Path:
+    """Where a training run with these inputs keeps its checkpoints and adapter (stable across retries and re-runs)."""
+    return stage_dir(output_root, "train", base.identity, split, lora, cfg, data_sha256)
 
 
 @task(name="train-lora", **TASK_OPTIONS)
@@ -19,7 +26,9 @@ def train_adapter(
     trust_remote_code: bool,
     output_root: str,
     callbacks: list | None = None,
+    resume: bool = True,
 ) -> TrainResult:
-    """LoRA fine-tune with TRL's SFTTrainer; resumes from the newest checkpoint in its folder."""
-    out = stage_dir(output_root, "train", base.identity, split, lora, cfg, data_sha256)
-    return train_lora(base.path, split.train_dir, split.val_dir, lora, cfg, out, callbacks, trust_remote_code)
+    """LoRA fine-tune with TRL's SFTTrainer; continues from the newest complete checkpoint in its folder
+    (after a crash, a kill or a retry) unless `resume` is off."""
+    out = train_dir(base, split, lora, cfg, data_sha256, output_root)
+    return sealed(out, train_lora(base.path, split.train_dir, split.val_dir, lora, cfg, out, callbacks, trust_remote_code, resume))

@@ -1,0 +1,53 @@
+"""Recent flow runs, joined from MLflow (run, tags, training folder) and Prefect (flow-run state)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from flows import tracking
+from lora_core.train import checkpoint_step, last_checkpoint
+
+
+def _prefect_states(flow_run_ids: list[str]) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    ids = [i for i in flow_run_ids if i and i != "none"]
+    if not ids:
+        return {}
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    return {str(r.id): (r.state.name if r.state else "?") for r in runs}
+
+
+def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.RUN_KEY}` != ''",
+                              order_by=["attributes.start_time DESC"], max_results=limit) if experiments else []
+    states = _prefect_states([r.data.tags.get("prefect.flow_run_id") for r in runs]) if with_prefect else {}
+    rows = []
+    for r in runs:
+        tags = r.data.tags
+        ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None
+        status = r.info.status
+        if status == "RUNNING" and not tracking.pid_alive(tags.get("lora_flow.pid"), tags.get("lora_flow.host")):
+            status = "DIED"  # SIGKILL or power loss: nobody will end this run
+        rows.append({
+            "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            "status": status,
+            "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
+            "mlflow_run_id": r.info.run_id,
+            "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+            "recipe": tags.get("recipe", "?"),
+            "overrides": json.loads(tags.get("lora_flow.overrides", "[]")),
+            "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
+            "resumable": status in ("FAILED", "KILLED", "DIED") and ckpt is not None,
+        })
+    return rows
