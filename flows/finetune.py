@@ -93,7 +93,7 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
             mlflow.log_metric("eval_loss_final", trained.eval_loss)
         mlflow.log_artifacts(trained.adapter_dir, "adapter")
 
-        ev = t["evaluate"](base, split, trained, cfg.eval, cfg.train.max_length, trust, root)
+        ev = t["evaluate"](base, split, trained.adapter_dir, trained.adapter_sha256, cfg.eval, cfg.train.max_length, trust, root)
         mlflow.log_metrics({"base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
                             "perplexity_change_pct": 100 * ev.perplexity_change, "eval_runtime_s": ev.runtime_s})
         mlflow.log_table(_samples_table(ev.samples_path), artifact_file="samples.json")
@@ -101,7 +101,7 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
 
         merged_dir = None
         if cfg.merge.enabled:
-            merged = t["merge"](base, trained, split, cfg.merge, trust, root)
+            merged = t["merge"](base, trained.adapter_dir, trained.adapter_sha256, split, cfg.merge, trust, root)
             merged_dir = merged.merged_dir
             mlflow.log_metric("merge_max_abs_logit_diff", merged.max_abs_logit_diff)
 

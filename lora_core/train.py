@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype
 from lora_core.config import LoraConfig, TrainConfig
+from lora_core.hashing import tree_sha256
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainResult:
     adapter_dir: str
+    adapter_sha256: str  # content of the adapter folder: what downstream caches key on
     global_step: int
     resumed_from_step: int
     train_loss: float
@@ -174,6 +176,7 @@ def train_lora(
     tokens = int(trainer.state.num_input_tokens_seen) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     result = TrainResult(
         adapter_dir=str(adapter_dir),
+        adapter_sha256=tree_sha256(adapter_dir),
         global_step=int(trainer.state.global_step),
         resumed_from_step=resumed_from,
         train_loss=float(out.training_loss),

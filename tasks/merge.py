@@ -6,12 +6,12 @@ from lora_core.base_model import BaseModelRef
 from lora_core.config import MergeConfig
 from lora_core.data import SplitResult
 from lora_core.merge import MergeResult, merge_from_dirs
-from lora_core.train import TrainResult
 from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="merge", **TASK_OPTIONS)
-def merge(base: BaseModelRef, trained: TrainResult, split: SplitResult, cfg: MergeConfig, trust_remote_code: bool, output_root: str) -> MergeResult:
+def merge(base: BaseModelRef, adapter_dir: str, adapter_sha256: str, split: SplitResult, cfg: MergeConfig, trust_remote_code: bool,
+          output_root: str) -> MergeResult:
     """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol."""
-    out = stage_dir(output_root, "merge", base.identity, trained, cfg)
-    return sealed(out, merge_from_dirs(base.path, trained.adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code))
+    out = stage_dir(output_root, "merge", base.identity, adapter_sha256, cfg)
+    return sealed(out, merge_from_dirs(base.path, adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code))

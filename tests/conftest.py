@@ -109,6 +109,47 @@ def in_tmp_cwd(tmp_path, monkeypatch):
     return tmp_path
 
 
-def copy_tree(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The harness server's URL, for flows started in subprocesses."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+TINY_TRAIN = "{max_steps: 6, save_steps: 3, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, eval_steps: 3}"
+
+
+@pytest.fixture()
+def make_recipe(in_tmp_cwd, tiny_model_dir, small_data):
+    """Write a recipe for the tiny model on 24 tutoring conversations; `train` replaces the train section."""
+
+    def make(name: str = "tiny", train: str = TINY_TRAIN, extra: str = "") -> Path:
+        path = in_tmp_cwd / f"{name}.yaml"
+        path.write_text(
+            f"# lora-flow run {name}.yaml\n"
+            f"name: {name}\n"
+            f"model: {{base: {tiny_model_dir}}}\n"
+            f"data: {{path: {small_data}}}\n"
+            "template: {system_prompt: 'Be Socratic.'}\n"
+            "split: {val_size: 4}\n"
+            f"train: {train}\n"
+            "eval: {num_samples: 2, max_new_tokens: 8}\n"
+            "retries: {train: 0}\n"
+            f"tracking: {{experiment: {name}}}\n" + extra
+        )
+        return path
+
+    return make
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """Task name -> state name ('Completed', 'Cached', ...) of one flow run, read from the Prefect API.
+    A task called twice (a distrusted cache hit, then the recomputation) reports its last call."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = sorted(runs, key=lambda r: r.expected_start_time or r.start_time)
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}

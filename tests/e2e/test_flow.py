@@ -14,20 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def recipe(in_tmp_cwd, tiny_model_dir, small_data, mlflow_store):
-    path = in_tmp_cwd / "tiny.yaml"
-    path.write_text(
-        "# lora-flow run tiny.yaml\n"
-        "name: tiny\n"
-        f"model: {{base: {tiny_model_dir}}}\n"
-        f"data: {{path: {small_data}}}\n"
-        "template: {system_prompt: 'Be Socratic.'}\n"
-        "split: {val_size: 4}\n"
-        "train: {max_steps: 6, save_steps: 3, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, eval_steps: 3}\n"
-        "eval: {num_samples: 2, max_new_tokens: 8}\n"
-        "tracking: {experiment: e2e}\n"
-    )
-    return path
+def recipe(make_recipe, mlflow_store):
+    return make_recipe("e2e")
 
 
 def snapshot(root: Path) -> dict:

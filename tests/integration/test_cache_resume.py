@@ -1,0 +1,156 @@
+"""Re-runs cost nothing, edits re-run exactly what they affect, and killed flows resume.
+
+Real flows: in-process against the Prefect test harness, or as `lora-flow` subprocesses
+pointed at the same harness API; a real SQLite MLflow store."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import REPO, task_states  # noqa: E402
+from flows.finetune import finetune
+from lora_core.train import checkpoint_step, last_checkpoint
+
+pytestmark = pytest.mark.slow
+ALL = ["download-data", "format-data", "split-data", "train-lora", "evaluate", "merge"]
+LONG_TRAIN = "{max_steps: 120, save_steps: 20, save_total_limit: 3, batch_size: 2, grad_accum: 2, learning_rate: 1.0e-2, eval_steps: 40}"
+
+
+def run(recipe, *overrides, **kw) -> tuple[dict, dict]:
+    state = finetune(recipe=str(recipe), overrides=list(overrides), return_state=True, **kw)
+    summary = state.result()
+    return summary, task_states(state.state_details.flow_run_id)
+
+
+def rerun_stages(states: dict) -> list[str]:
+    return [name for name in ALL if states.get(name) != "Cached"]
+
+
+def test_only_what_changed_is_recomputed(prefect_harness, make_recipe, small_data, mlflow_store):
+    recipe = make_recipe("cache")
+    first, states = run(recipe)
+    assert rerun_stages(states) == ALL
+
+    again, states = run(recipe)
+    assert rerun_stages(states) == [] and again["adapter_dir"] == first["adapter_dir"]
+
+    _, states = run(recipe, "eval.max_new_tokens=5")  # an evaluation setting only
+    assert rerun_stages(states) == ["evaluate"]
+
+    _, states = run(recipe, "lora.r=4")  # the rank: train and everything after it
+    assert rerun_stages(states) == ["train-lora", "evaluate", "merge"]
+
+    raw = small_data.read_bytes()  # one byte of the data file, same path
+    i = raw.index(b"?")
+    small_data.write_bytes(raw[:i] + b"!" + raw[i + 1 :])
+    _, states = run(recipe)
+    assert rerun_stages(states) == ALL
+
+    _, states = run(recipe, refresh=["evaluate"])
+    assert rerun_stages(states) == ["evaluate"]
+
+
+def test_deleted_or_altered_outputs_are_recomputed_not_trusted(prefect_harness, make_recipe, mlflow_store):
+    recipe = make_recipe("integrity")
+    first, _ = run(recipe)
+    adapter = Path(first["adapter_dir"]) / "adapter_model.safetensors"
+    original = adapter.read_bytes()
+    adapter.unlink()
+    merged = Path(first["merged_dir"]) / "config.json"
+    merged.write_text(merged.read_text().replace('"hidden_size": 16', '"hidden_size": 16 '))
+    again, states = run(recipe)
+    assert states["train-lora"] == "Completed" and states["merge"] == "Completed"
+    assert adapter.read_bytes() == original  # recomputed from the final checkpoint, identical
+    assert again["merged_dir"] == first["merged_dir"]
+
+
+def _flow_process(recipe: Path, env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=recipe.parent, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def _wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ckpts = [last_checkpoint(d) for d in root.glob("outputs/*/train/*/checkpoints")]
+        if any(c and checkpoint_step(c) >= step for c in ckpts):
+            return
+        assert proc.poll() is None, "the flow ended before it could be interrupted"
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared in time")
+
+
+@pytest.fixture()
+def flow_env(prefect_api_url, mlflow_store):
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_store,
+            "PYTHONPATH": str(REPO)}
+
+
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, flow_env, in_tmp_cwd, mlflow_store):
+    recipe = make_recipe("resume", train=LONG_TRAIN)
+    proc = _flow_process(recipe, flow_env, in_tmp_cwd / "first.log")
+    _wait_for_checkpoint(in_tmp_cwd, 40, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (train_dir,) = in_tmp_cwd.glob("outputs/resume/train/*")
+    killed_at = checkpoint_step(last_checkpoint(train_dir / "checkpoints"))
+    assert killed_at >= 40
+
+    second = _flow_process(recipe, flow_env, in_tmp_cwd / "second.log")
+    assert second.wait(timeout=300) == 0, (in_tmp_cwd / "second.log").read_text()[-3000:]
+
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["lora_flow.resumed"] == "true"
+    # training continued at the checkpoint's step, not at 0
+    assert run.data.metrics["train_resumed_from_step"] == killed_at
+    # one continuous loss curve: every step once, no gap
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 121))
+    # upstream tasks came from cache: their bodies did not run again
+    states = task_states(run.data.tags["prefect.flow_run_id"])
+    assert [states[n] for n in ALL[:3]] == ["Cached"] * 3 and states["train-lora"] == "Completed"
+
+    # the same recipe uninterrupted, elsewhere: the resumed adapter matches it
+    reference = make_recipe("reference", train=LONG_TRAIN)
+    summary = finetune(recipe=str(reference), overrides=["output_dir=outputs-reference"])
+    resumed = load_file(train_dir / "adapter" / "adapter_model.safetensors")
+    straight = load_file(Path(summary["adapter_dir"]) / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys()
+    diff = max(float((resumed[k] - straight[k]).abs().max()) for k in resumed)
+    assert diff < 1e-5, diff
+
+
+def test_ctrl_c_ends_the_mlflow_run_killed_and_keeps_checkpoints(make_recipe, flow_env, in_tmp_cwd, mlflow_store):
+    recipe = make_recipe("interrupt", train=LONG_TRAIN.replace("max_steps: 120", "max_steps: 2000"))
+    proc = _flow_process(recipe, flow_env, in_tmp_cwd / "run.log")
+    _wait_for_checkpoint(in_tmp_cwd, 20, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("interrupt").experiment_id])
+    assert run.info.status == "KILLED"
+    (train_dir,) = in_tmp_cwd.glob("outputs/interrupt/train/*")
+    ckpt = last_checkpoint(train_dir / "checkpoints")
+    assert ckpt and load_file(Path(ckpt) / "adapter_model.safetensors")  # intact and loadable
+    assert "interrupted" in (in_tmp_cwd / "run.log").read_text()
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path):
+    for step, complete in ((10, True), (20, True), (30, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        for f in ("optimizer.pt", "scheduler.pt") + (("trainer_state.json",) if complete else ()):
+            (d / f).write_text("{}")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
