@@ -3,6 +3,9 @@
   lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
   lora-flow resume                      # continue the newest interrupted run
   lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
+  lora-flow promote NAME [--version V | --to V | --list] [--margin M]
+  lora-flow chat MODEL                  # MODEL: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID, or a folder
+  lora-flow generate MODEL (--prompt TEXT | --input FILE) [--output FILE]
   lora-flow validate RECIPE [RECIPE ...] [key=value ...]
   lora-flow show-config [RECIPE] [key=value ...]
 """
@@ -42,12 +45,18 @@ def _run_flow(recipe: str, overrides: list[str], no_cache: bool = False, refresh
 
     s = finetune(recipe=recipe, overrides=overrides, no_cache=no_cache, refresh=refresh or [])
     resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
+    registered = "(registration disabled)"
+    if s["registered_version"]:
+        p = s["promotion"]
+        verdict = "" if p is None else (" -> champion" if p["promoted"] else f" (champion kept: {p['reason']})")
+        registered = f"version {s['registered_version']}{verdict}"
     print(textwrap.dedent(f"""
         ==== lora-flow: done ====
         MLflow run:            {s['mlflow_run_id']}{resumed}
         validation perplexity: base {s['base_perplexity']:.3f} -> tuned {s['tuned_perplexity']:.3f} ({s['perplexity_change_pct']:+.1f}%)
         adapter:               {s['adapter_dir']}
         merged model:          {s['merged_dir'] or '(merge disabled)'}
+        registry:              {registered}
         samples:               {s['samples_path']}
         open the MLflow UI:    {s['ui_command']}
     """))
@@ -83,6 +92,88 @@ def cmd_runs(args) -> int:
         print(f"{r['started']:19}  {r['prefect_state']:14}  {r['status']:9}  {r['mlflow_run_id']:32}  "
               f"{r['checkpoint_step'] if r['checkpoint_step'] is not None else '-':>5}  {'yes' if r['resumable'] else 'no':9}  {r['recipe']}")
     return 0
+
+
+def cmd_promote(args) -> int:
+    from flows import registry, tracking
+
+    if args.list:
+        tracking.connect()
+        for v in registry.list_versions(args.name):
+            print(f"v{v['version']:>3}  ppl {v['val_perplexity'] or '-':>10}  {','.join(v['aliases']) or '-':28}  {v['decision'] or '-':14}  run {v['run_id']}")
+        return 0
+    from flows.promote import promote
+
+    out = promote(model_name=args.name, version=args.version, to=args.to, margin=args.margin)
+    print(f"{args.name}: champion is version {out['champion']} ({out['reason']})")
+    return 0
+
+
+def _settings(args):
+    from lora_core.inference import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+
+
+def _load(args):
+    from flows.serve import resolve_model
+    from lora_core.inference import load_chat_model
+
+    path, base = resolve_model(args.model)
+    return load_chat_model(path, base_path=args.base_model or base)
+
+
+def cmd_chat(args) -> int:
+    from lora_core.inference import stream_reply
+
+    model, tokenizer = _load(args)
+    settings = _settings(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message, an empty line or Ctrl-D to quit")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", flush=True)
+        answer = "".join(print(chunk, end="", flush=True) or chunk for chunk in stream_reply(model, tokenizer, messages, settings))
+        print()
+        messages.append({"role": "assistant", "content": answer.strip()})
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lora_core.inference import read_prompts, reply
+
+    if bool(args.prompt) == bool(args.input):
+        raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
+    chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
+    model, tokenizer = _load(args)
+    settings = _settings(args)
+    results = [{"messages": chat, "reply": reply(model, tokenizer, chat, settings)} for chat in chats]
+    if args.output:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        print(f"{len(results)} replies written to {args.output}")
+    else:
+        for r in results:
+            print(r["reply"])
+    return 0
+
+
+def _generation_args(p) -> None:
+    p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, an adapter folder or a merged-model folder")
+    p.add_argument("--base-model", help="local base model folder (default: the one recorded with the adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
 
 
 def cmd_validate(args) -> int:
@@ -129,6 +220,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states")
     p.set_defaults(fn=cmd_runs)
+    p = sub.add_parser("promote", help="make a registered adapter version the champion if it beats the current one")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", help="candidate version (default: the newest)")
+    p.add_argument("--to", help="make this version the champion unconditionally (rollback)")
+    p.add_argument("--margin", type=float, default=0.0, help="relative perplexity improvement required (0.01 = 1%%)")
+    p.add_argument("--list", action="store_true", help="list versions, aliases and decisions")
+    p.set_defaults(fn=cmd_promote)
+    p = sub.add_parser("chat", help="chat with a tuned model, streaming")
+    _generation_args(p)
+    p.add_argument("--system", help="system message")
+    p.set_defaults(fn=cmd_chat)
+    p = sub.add_parser("generate", help="replies to one prompt or a JSONL/JSON file of prompts")
+    _generation_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--input", help="JSONL/JSON of strings, {prompt: ...} or {messages: [...]}")
+    p.add_argument("--output", help="write [{messages, reply}, ...] as JSON here")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("validate", help="check recipes and their data without loading any model")
     p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
     p.set_defaults(fn=cmd_validate)

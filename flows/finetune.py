@@ -2,6 +2,7 @@
 
 Stages (each a cached Prefect task, keyed on content):
   download-data -> resolve-base-model -> format-data -> split-data -> train-lora -> evaluate -> merge
+  then the adapter is registered in the MLflow Model Registry and `promote` decides on the champion.
 One MLflow run per flow run holds the params, the training curves, the dataset, the
 adapter, the perplexities and the sample replies.
 """
@@ -16,9 +17,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import tracking
+from flows.registry import promote_task, register_adapter
 from lora_core.config import DEFAULT_RECIPE, ConfigError, load_recipe
 from lora_core.data import source_fingerprint
-from lora_core.hashing import text_sha256
+from lora_core.hashing import file_sha256, text_sha256
 from tasks.base_model import resolve_base_model
 from tasks.cache import library_fingerprint, stale_outputs, transient_only
 from tasks.data import download_data, split_data
@@ -68,7 +70,7 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
                               evaluate, merge)))
     t = {name: _stage(task, name in refresh) for name, task in tasks.items()}
     source_sha = source_fingerprint(cfg.data)
-    run_key = text_sha256(json.dumps(cfg.model_dump(mode="json", exclude={"tracking", "retries"}), sort_keys=True),
+    run_key = text_sha256(json.dumps(cfg.model_dump(mode="json", exclude={"tracking", "retries", "registry"}), sort_keys=True),
                           source_sha, library_fingerprint())
 
     with tracking.start_run(cfg, recipe, overrides, flow_run.get_id(), run_key, resume="train" not in refresh) as run:
@@ -105,8 +107,28 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
             merged_dir = merged.merged_dir
             mlflow.log_metric("merge_max_abs_logit_diff", merged.max_abs_logit_diff)
 
+        version, promotion = None, None
+        if cfg.registry.enabled:
+            name = cfg.registry.model_name or cfg.name
+            val_sha = text_sha256(file_sha256(split.val_records_path), base.identity, str(cfg.train.max_length))
+            version = register_adapter(run_id, trained.adapter_dir, base.path, name, description=(
+                f"{cfg.name}: LoRA r={cfg.lora.r} on {base.source}; validation perplexity "
+                f"{ev.base_perplexity:.3f} -> {ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)"
+            ), tags={
+                "val_perplexity": ev.tuned_perplexity, "base_perplexity": ev.base_perplexity,
+                "perplexity_change_pct": 100 * ev.perplexity_change, "val.sha256": val_sha, "val.dir": split.val_dir,
+                "train.max_length": cfg.train.max_length, "base_model.source": base.source,
+                "base_model.identity": base.identity, "base_model.path": base.path, "data.sha256": data.sha256,
+                "recipe": recipe, "adapter.sha256": trained.adapter_sha256,
+            })
+            tracking.set_tags({"registry.model": name, "registry.version": version})
+            if cfg.registry.promote:
+                promotion = promote_task(name, version, cfg.registry.margin, current_run_id=run_id)
+
         summary = {
             "mlflow_run_id": run_id,
+            "registered_version": version,
+            "promotion": promotion,
             "tracking_uri": mlflow.get_tracking_uri(),
             "base_perplexity": ev.base_perplexity,
             "tuned_perplexity": ev.tuned_perplexity,

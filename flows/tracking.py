@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
 from lora_core.config import PipelineConfig, flatten
+from lora_core.errors import LoraFlowError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,28 @@ def tracking_uri() -> str:
         return uri
     DEFAULT_STORE_DIR.mkdir(exist_ok=True)
     return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
+
+
+class TrackingUnreachable(LoraFlowError):
+    """MLFLOW_TRACKING_URI points at a server that does not answer."""
+
+
+def connect() -> str:
+    """Point MLflow at the store and, for a server, check it answers (MLflow itself would retry for minutes)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except OSError as exc:
+            raise TrackingUnreachable(
+                f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({getattr(exc, 'reason', exc)}); "
+                "start it (mlflow/serve.sh) or fix the variable"
+            ) from None
+    return uri
 
 
 def ui_command(uri: str) -> str:
@@ -99,7 +122,7 @@ def start_run(cfg: PipelineConfig, recipe_path: str, overrides: list[str], flow_
     """One MLflow run per flow run, or the continuation of an interrupted one with the same
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
     tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": recipe_path,
             "lora_flow.overrides": json.dumps(overrides), RUN_KEY: run_key,

@@ -145,6 +145,13 @@ class RetriesConfig(_Part):
     delay_s: float = Field(30.0, ge=0, description="Seconds to wait before a retry.")
 
 
+class RegistryConfig(_Part):
+    model_name: str | None = Field(None, description="Registered model the adapter becomes a version of; defaults to the recipe name.")
+    enabled: bool = Field(True, description="Register every successful run's adapter as a new version.")
+    promote: bool = Field(True, description="Move the 'champion' alias to the new version when it beats the champion.")
+    margin: float = Field(0.0, ge=0.0, lt=1.0, description="Relative perplexity improvement required to replace the champion (0.01 = 1%).")
+
+
 class TrackingConfig(_Part):
     experiment: str = Field("lora-flow", min_length=1, description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name.")
@@ -162,6 +169,7 @@ class PipelineConfig(_Part):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry.")
     retries: RetriesConfig = Field(default_factory=RetriesConfig, description="Task retries.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
 

@@ -78,19 +78,10 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy replies to chat prompts (lists of messages ending with a user turn)."""
-    import torch
+    from lora_core.inference import GenerationSettings, reply
 
-    device = next(model.parameters()).device
-    replies = []
-    model.eval()
-    with torch.inference_mode():
-        for messages in prompts:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-            ids = {k: v.to(device) for k, v in ids.items()}
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 repetition_penalty=repetition_penalty, pad_token_id=tokenizer.pad_token_id)
-            replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return replies
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    return [reply(model, tokenizer, messages, settings) for messages in prompts]
 
 
 @dataclass(frozen=True)

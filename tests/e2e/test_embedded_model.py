@@ -40,3 +40,9 @@ def test_flow_runs_a_few_steps_on_the_embedded_model(prefect_harness, in_tmp_cwd
     assert m["tuned_perplexity"] < m["base_perplexity"] * 1.05
     samples = json.loads(Path(out.split("samples:")[1].split()[0]).read_text())
     assert samples[0]["base"].strip() and samples[0]["tuned"].strip()
+    # the registered version is adapter-sized: well under 5% of the base model's bytes
+    version = mlflow.tracking.MlflowClient().get_model_version_by_alias("socratic-tutor", "champion")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/socratic-tutor/{version.version}", dst_path=str(in_tmp_cwd / "dl")))
+    registered = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    base = sum(f.stat().st_size for f in Path(version.tags["base_model.path"]).rglob("*") if f.is_file())
+    assert registered < 0.05 * base, (registered, base)

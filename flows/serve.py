@@ -1,0 +1,44 @@
+"""Resolve a model reference (registry URI, run, or folder) to a local folder and its base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from flows import tracking
+from lora_core.inference import InferenceError
+
+CACHE = Path(".cache/lora-flow/served")
+
+
+def resolve_model(ref: str) -> tuple[str, str | None]:
+    """(local folder, base model path or None). Registry and run artifacts are downloaded once into .cache."""
+    if not ref.startswith(("models:/", "runs:/")):
+        if not Path(ref).exists():
+            raise InferenceError(f"{ref}: no such folder; pass a folder, models:/NAME@champion or runs:/RUN_ID")
+        return ref, None
+    tracking.connect()
+    client = MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            name, _, rest = ref.removeprefix("models:/").partition("/")
+            if "@" in name:
+                name, alias = name.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                mv = client.get_model_version(name, rest)
+            dst = CACHE / f"{mv.name}-v{mv.version}"
+            dst.mkdir(parents=True, exist_ok=True)
+            path = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(dst))
+            return path, mv.tags.get("base_model.path")
+        run_id = ref.removeprefix("runs:/").strip("/")
+        run = client.get_run(run_id)
+        dst = CACHE / f"run-{run_id}"
+        dst.mkdir(parents=True, exist_ok=True)
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst))
+        return path, run.data.tags.get("base_model.path")
+    except MlflowException as exc:
+        raise InferenceError(f"{ref}: {exc.message.splitlines()[0]}") from None

@@ -1,0 +1,114 @@
+"""Registry: every run registers its adapter; `champion` moves only to a better version; rollback;
+pyfunc loading in a fresh process; bad requests leave the registry as it was."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import build_tiny_model  # noqa: E402
+from flows.cli import main
+from flows.finetune import finetune
+
+pytestmark = pytest.mark.slow
+TRAIN = "{{max_steps: {steps}, save_steps: 50, batch_size: 4, grad_accum: 1, learning_rate: {lr}}}"
+
+
+def aliases(client, name):
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def test_champion_moves_to_better_versions_only_and_loads_by_alias(prefect_harness, make_recipe, mlflow_store, in_tmp_cwd, capsys):
+    recipe = make_recipe("tutor")
+    client = MlflowClient(mlflow_store)
+    runs = [("2", "1.0e-2"), ("30", "1.0e-2"), ("1", "1.0e-3")]  # short, longer (better), shortest (worse)
+    summaries = [finetune(recipe=str(recipe), overrides=[f"train={TRAIN.format(steps=s, lr=lr)}"]) for s, lr in runs]
+    ppl = [s["tuned_perplexity"] for s in summaries]
+    assert ppl[1] < ppl[0] and ppl[2] > ppl[1]
+    assert [s["registered_version"] for s in summaries] == ["1", "2", "3"]
+    assert [s["promotion"]["promoted"] for s in summaries] == [True, True, False]
+    assert aliases(client, "tutor") == {"champion": "2", "previous-champion": "1"}
+    for version, s in zip("123", summaries):
+        tags = client.get_model_version("tutor", version).tags
+        assert float(tags["val_perplexity"]) == pytest.approx(s["tuned_perplexity"])
+        assert tags["data.sha256"] and tags["base_model.identity"].startswith("dir-sha256:")
+    v3 = client.get_model_version("tutor", "3").tags
+    assert v3["promotion.decision"] == "kept-champion" and float(v3["promotion.champion_perplexity"]) == pytest.approx(ppl[1])
+
+    # rollback and forward again; nothing is deleted
+    assert main(["promote", "tutor", "--to", "1"]) == 0
+    assert aliases(client, "tutor") == {"champion": "1", "previous-champion": "2"}
+    assert main(["promote", "tutor", "--to", "2"]) == 0
+    assert len(client.search_model_versions("name = 'tutor'")) == 3
+
+    # a fresh process, only the base model on disk: pyfunc loads the champion and replies
+    code = (
+        "import json, mlflow\n"
+        "m = mlflow.pyfunc.load_model('models:/tutor@champion')\n"
+        "out = m.predict({'messages': [{'role': 'user', 'content': 'What is 3x = 12?'}], 'max_tokens': 6})\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (completion,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert completion["choices"][0]["message"]["role"] == "assistant"
+    assert isinstance(completion["choices"][0]["message"]["content"], str) and completion["usage"]["completion_tokens"] > 0
+
+    # plain peft loads the downloaded adapter too
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    local = mlflow.artifacts.download_artifacts("models:/tutor@champion", dst_path=str(in_tmp_cwd / "dl"), tracking_uri=mlflow_store)
+    base = client.get_model_version_by_alias("tutor", "champion").tags["base_model.path"]
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), f"{local}/peft")
+
+    # generate from the registry into a results file
+    prompts = in_tmp_cwd / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2 + 2?"}\n"Half of 10?"\n')
+    assert main(["generate", "models:/tutor@champion", "--input", str(prompts), "--output", str(in_tmp_cwd / "out.json"), "--max-new-tokens", "4"]) == 0
+    results = json.loads((in_tmp_cwd / "out.json").read_text())
+    assert len(results) == 2 and all(isinstance(r["reply"], str) for r in results)
+
+
+def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_recipe, mlflow_store, tmp_path, capsys, monkeypatch):
+    recipe = make_recipe("guarded")
+    finetune(recipe=str(recipe), overrides=[])
+    client = MlflowClient(mlflow_store)
+    # a version from another base model, registered without promotion
+    other = build_tiny_model(tmp_path / "other-base", ["a different corpus " * 20, "with other words"])
+    recipe_other = make_recipe("guarded-other", extra="registry: {model_name: guarded, promote: false}\n")
+    finetune(recipe=str(recipe_other), overrides=[f"model.base={other}"])
+    # a version whose run failed
+    from flows.registry import register_adapter
+
+    mv1 = client.get_model_version("guarded", "1")
+    with mlflow.start_run(experiment_id=client.get_run(mv1.run_id).info.experiment_id) as run:
+        adapter = mlflow.artifacts.download_artifacts(run_id=mv1.run_id, artifact_path="adapter", dst_path=str(tmp_path / "a"))
+        register_adapter(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run")
+        mlflow.end_run("FAILED")
+    before = aliases(client, "guarded")
+    assert before == {"champion": "1"}
+
+    cases = [
+        (["promote", "nosuch"], r"registered model 'nosuch' not found"),
+        (["promote", "guarded", "--version", "2"], r"version 2 was trained on base .* not comparable"),
+        (["promote", "guarded", "--version", "3"], r"version 3 comes from run \w+ that ended FAILED"),
+        (["promote", "guarded", "--to", "9"], r"guarded has no version 9"),
+    ]
+    import re
+
+    for argv, pattern in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+        assert len(err) == 1 and re.search(pattern, err[0]), (argv, err)
+        assert aliases(client, "guarded") == before
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert main(["promote", "guarded", "--list"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in err[0]
