@@ -195,6 +195,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show_config(args) -> int:
+    if args.markdown:  # the README's recipe reference
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, desc in describe_fields(PipelineConfig):
+            cell = desc.replace("|", "\\|")
+            print(f"| `{key}` | `{default}` | {cell} |")
+        return 0
     recipes, overrides = _split_args(args.args)
     cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("show-config", help="print the fully resolved config of a recipe")
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (the README's)")
     p.set_defaults(fn=cmd_show_config)
     args = parser.parse_args(argv)
     try:

@@ -38,14 +38,18 @@ def _requirements() -> list[str]:
     return [f"transformers=={transformers.__version__}", f"peft=={peft.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
 
 
-def register_adapter(run_id: str, adapter_dir: str, base_path: str, name: str, tags: dict, description: str) -> str:
-    """Log the adapter (+ tokenizer and chat template) as an MLflow model in `run_id` and register it; returns the version."""
+def register_adapter(run_id: str, adapter_dir: str, base_path: str | None, name: str, tags: dict, description: str) -> str:
+    """Log the adapter (+ tokenizer and chat template) as an MLflow model in `run_id` and register it; returns the version.
+    With `base_path=None`, `adapter_dir` is a full model (train.method=full) and is logged whole."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), adapter_dir)
+    if base_path is None:
+        model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32)
+    else:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), adapter_dir)
     active = mlflow.active_run()
     with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(

@@ -182,3 +182,21 @@ def load_model(path: str, dtype=None, device: str = "cpu", trust_remote_code: bo
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device)
+
+
+def quantization_config(load_in_4bit: bool, device: str):
+    """BitsAndBytes 4-bit NF4 config for QLoRA, or None; refused with the fix where it cannot work."""
+    if not load_in_4bit:
+        return None
+    import importlib.util
+
+    if device != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise BaseModelError(
+            "model.load_in_4bit: QLoRA needs a CUDA GPU and the bitsandbytes package; this machine has "
+            f"{'no CUDA device' if device != 'cuda' else 'no bitsandbytes'}: set model.load_in_4bit=false or run on a GPU machine"
+        )
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)

@@ -47,6 +47,7 @@ class ModelConfig(_Part):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub base model.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub. Off unless you trust it.")
+    load_in_4bit: bool = Field(False, description="QLoRA: load the frozen base in 4-bit NF4 (needs a CUDA GPU and bitsandbytes).")
 
     @field_validator("base")
     @classmethod
@@ -63,6 +64,12 @@ class ModelConfig(_Part):
         )
 
 
+class MixSource(_Part):
+    path: str = Field(..., description="Another dataset (same kinds of source as data.path).")
+    weight: float = Field(1.0, gt=0, le=100, description="Sampling weight: a multiple of this source's size (0.5 = half its records).")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format of this source.")
+
+
 class DataConfig(_Part):
     path: str = Field("data/socratic_tutor.jsonl", description="Training data: a .jsonl/.json/.csv/.parquet file, a directory of them, or a hub dataset id 'org/name'.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field(
@@ -71,11 +78,14 @@ class DataConfig(_Part):
     split: str = Field("train", description="Split to read from a hub dataset.")
     revision: str | None = Field(None, description="Hub revision of a hub dataset.")
     validation_path: str | None = Field(None, description="Separate validation data (same formats); replaces the random split.")
+    mix: list[MixSource] = Field([], description="More datasets mixed into `path`'s, each with a sampling weight (a multiple of its size).")
+    weight: float = Field(1.0, gt=0, le=100, description="Sampling weight of `path` in a mix (1 = every record once, 0.5 = half, 2 = twice).")
 
 
 class TemplateConfig(_Part):
     system_prompt: str | None = Field(None, description="System message injected into conversations that have none.")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (each reply and its end-of-turn token).")
+    chat_template: str | None = Field(None, description="A Jinja chat-template file replacing the tokenizer's (e.g. one that renders tools); saved with the outputs.")
 
 
 class SplitConfig(_Part):
@@ -104,6 +114,7 @@ class LoraConfig(_Part):
 
 
 class TrainConfig(_Part):
+    method: Literal["lora", "full"] = Field("lora", description="'lora' trains an adapter; 'full' trains every weight (no adapter, no merge).")
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1 means use epochs.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
@@ -122,6 +133,7 @@ class TrainConfig(_Part):
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and grad norm every N steps.")
     eval_steps: int | None = Field(None, ge=1, description="Compute validation loss every N steps (None: once per epoch).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    load_best: bool = Field(False, description="End with the checkpoint of lowest validation loss (evaluates at every save).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training precision; 'auto' is bfloat16 on CUDA that supports it, float32 on CPU."
@@ -133,6 +145,11 @@ class EvalConfig(_Part):
     num_samples: int = Field(4, ge=0, description="Validation prompts answered by base and tuned model side by side.")
     max_new_tokens: int = Field(96, ge=1, description="Tokens generated per sample reply (greedy).")
     repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="Penalty on repeated tokens in sample replies (1.0 = none).")
+    prompts_path: str | None = Field(None, description="Held-out prompts (JSONL of {prompt} or {messages}) for the behaviour metric; default: validation prompts.")
+    behavior: Literal["none", "socratic", "tool_call"] = Field(
+        "none", description="Behaviour metric: 'socratic' = share of replies that ask a guiding question instead of stating an answer; "
+        "'tool_call' = share of tool-call prompts answered with a well-formed call of the expected name and argument keys."
+    )
 
 
 class MergeConfig(_Part):
@@ -177,6 +194,10 @@ class PipelineConfig(_Part):
     def _consistent(self) -> PipelineConfig:
         if self.train.dtype == "float16" and self.train.device == "cpu":
             raise ValueError("train.dtype: float16 training is not supported on CPU; use 'float32' or 'bfloat16'")
+        if self.model.load_in_4bit and self.train.method == "full":
+            raise ValueError("model.load_in_4bit: 4-bit weights cannot be fully fine-tuned; use train.method=lora (QLoRA)")
+        if self.train.load_best and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
+            raise ValueError(f"train.load_best: save_steps ({self.train.save_steps}) must be a multiple of eval_steps ({self.train.eval_steps})")
         return self
 
 

@@ -127,7 +127,7 @@ def read_records(path: str, split: str = "train", revision: str | None = None) -
 def source_fingerprint(cfg) -> str:
     """Content key of the data sources, computed before reading them: file bytes, or hub id@commit."""
     parts = []
-    for path in (cfg.path, cfg.validation_path):
+    for path in (cfg.path, cfg.validation_path, *(m.path for m in cfg.mix)):
         if path is None:
             continue
         if is_hub_id(path):
@@ -359,10 +359,28 @@ class DataResult:
     n_records: int
 
 
-def download_dataset(cfg, out_dir: str | Path) -> DataResult:
-    """Read `cfg.path` (local or hub), normalise to messages/text and write records JSONL under out_dir."""
+def weighted_sample(records: list[dict], weight: float, seed: int) -> list[dict]:
+    """`weight` x the records, deterministically: whole copies, then a seeded sample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    extra = random.Random(seed).sample(records, round(frac * len(records))) if frac else []
+    return records * whole + extra
+
+
+def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
+    """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
     out_dir = Path(out_dir)
     records, fmt, digest = load_normalised(cfg.path, cfg.format, cfg.split, cfg.revision)
+    if cfg.mix or cfg.weight != 1.0:
+        records = weighted_sample(records, cfg.weight, seed)
+        for i, src in enumerate(cfg.mix):
+            more, more_fmt, more_digest = load_normalised(src.path, src.format, cfg.split, cfg.revision)
+            if ("text" in more[0]) != ("text" in records[0]):
+                raise DataError(f"data.mix[{i}] {src.path}: {more_fmt} records cannot be mixed with {fmt} records; mix chats with chats, text with text")
+            records += weighted_sample(more, src.weight, seed + i + 1)
+            digest = text_sha256(digest, more_digest, str(src.weight))
+            log.info("mixed in %s x%.2f", src.path, src.weight)
+        if not records:
+            raise DataError("data.weight/data.mix sampled no records at all; raise the weights")
     write_jsonl(records, out_dir / "records.jsonl")
     val_path = None
     if cfg.validation_path:
@@ -381,9 +399,10 @@ class SplitResult:
     n_train: int  # after `repeat`
     n_val: int
     train_target_tokens: int
+    tokenizer_dir: str  # the tokenizer (and chat template) the rows were encoded with
 
 
-def split_dataset(formatted_dir: str, cfg, out_dir: str | Path) -> SplitResult:
+def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: str = "") -> SplitResult:
     """Conversation-level, seed-deterministic split of the formatted dataset; `repeat` applies to train only."""
     import datasets
 
@@ -407,4 +426,5 @@ def split_dataset(formatted_dir: str, cfg, out_dir: str | Path) -> SplitResult:
         len(train),
         len(val),
         int(sum(sum(m) for m in train["assistant_masks"])),
+        tokenizer_dir,
     )

@@ -76,12 +76,12 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     return Perplexity(math.exp(mean), mean, total_tokens)
 
 
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy replies to chat prompts (lists of messages ending with a user turn)."""
+def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> list[str]:
+    """Greedy replies to chat prompts: (messages ending with a user turn, tools or None)."""
     from lora_core.inference import GenerationSettings, reply
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-    return [reply(model, tokenizer, messages, settings) for messages in prompts]
+    return [reply(model, tokenizer, messages, settings, tools) for messages, tools in prompts]
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,34 @@ class EvalResult:
     samples_path: str  # JSON list of {prompt, reference, base, tuned}
     report_path: str
     runtime_s: float
+    behaviour: dict  # {"base.<metric>": x, "tuned.<metric>": y}
 
 
-def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records_path: str, cfg, max_length: int, out_dir, trust_remote_code: bool = False) -> EvalResult:
-    """Perplexity and sample replies of the base, then of base + adapter (one model load)."""
+def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list[dict]:
+    """[{messages, tools, reference}] from held-out prompts (eval.prompts_path) or the validation conversations."""
+    from lora_core.data import inject_system_prompt, read_jsonl
+    from lora_core.formatting import prompt_messages
+
+    if cfg.prompts_path:
+        from lora_core.inference import read_prompts
+
+        chats = inject_system_prompt([{"messages": m} for m in read_prompts(cfg.prompts_path)], system_prompt)
+        return [{"messages": c["messages"], "tools": None, "reference": None} for c in chats]
+    out = []
+    for r in read_jsonl(val_records_path):
+        if "messages" in r:
+            prompt, _ = prompt_messages(r["messages"])
+            reference = r["messages"][len(prompt)]
+            out.append({"messages": prompt, "tools": r.get("tools"), "reference": reference})
+    return out
+
+
+def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records_path: str, cfg, max_length: int, out_dir,
+                     trust_remote_code: bool = False, tokenizer_dir: str | None = None, full_model: bool = False,
+                     system_prompt: str | None = None) -> EvalResult:
+    """Perplexity, sample replies and the behaviour metric of the base, then of the tuned model
+    (base + adapter, or the fully fine-tuned model in `adapter_dir` when `full_model`)."""
+    import gc
     import json
     import time
     from pathlib import Path
@@ -106,28 +130,39 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     from peft import PeftModel
 
     from lora_core.base_model import load_model, load_tokenizer, pick_device
-    from lora_core.data import read_jsonl
-    from lora_core.formatting import prompt_messages
+    from lora_core.behavior import behaviour_score
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device("auto")
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_dir or base_path, trust_remote_code)
     rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
-    chats = [r for r in read_jsonl(val_records_path) if "messages" in r][: cfg.num_samples]
-    prompts = [prompt_messages(r["messages"]) for r in chats]
+    prompts = _eval_prompts(val_records_path, cfg, system_prompt)
+    if cfg.behavior == "none":
+        prompts = prompts[: cfg.num_samples]
+    chats = [(p["messages"], p["tools"]) for p in prompts]
+
+    def measure(model):
+        ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
+        return ppl, generate_replies(model, tokenizer, chats, cfg.max_new_tokens, cfg.repetition_penalty)
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
-    base_ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-    base_replies = generate_replies(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.repetition_penalty)
-    tuned = PeftModel.from_pretrained(model, adapter_dir)
-    tuned_ppl = perplexity(tuned, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-    tuned_replies = generate_replies(tuned, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.repetition_penalty)
+    base_ppl, base_replies = measure(model)
+    if full_model:
+        del model
+        gc.collect()
+        tuned = load_model(adapter_dir, torch.float32, device, trust_remote_code)
+    else:
+        tuned = PeftModel.from_pretrained(model, adapter_dir)
+    tuned_ppl, tuned_replies = measure(tuned)
 
+    references = [p["reference"] for p in prompts]
+    behaviour = {f"base.{k}": v for k, v in behaviour_score(cfg.behavior, base_replies, references).items()}
+    behaviour |= {f"tuned.{k}": v for k, v in behaviour_score(cfg.behavior, tuned_replies, references).items()}
     samples = [
-        {"prompt": p[-1]["content"], "reference": ref, "base": b, "tuned": t}
-        for (p, ref), b, t in zip(prompts, base_replies, tuned_replies)
+        {"prompt": p["messages"][-1]["content"], "reference": (p["reference"] or {}).get("content", ""), "base": b, "tuned": t}
+        for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)
     ]
     samples_path = out_dir / "samples.json"
     samples_path.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
@@ -138,8 +173,13 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
         "perplexity_change": change,
         "val_conversations": len(rows),
         "val_target_tokens": base_ppl.tokens,
+        "behaviour_metric": cfg.behavior,
+        **behaviour,
+        "behaviour_prompts": len(prompts),
     }
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    log.info("validation perplexity: base %.3f -> tuned %.3f (%+.1f%%)", base_ppl.perplexity, tuned_ppl.perplexity, 100 * change)
-    return EvalResult(base_ppl.perplexity, tuned_ppl.perplexity, change, base_ppl.tokens, str(samples_path), str(report_path), time.perf_counter() - started)
+    log.info("validation perplexity: base %.3f -> tuned %.3f (%+.1f%%) %s", base_ppl.perplexity, tuned_ppl.perplexity,
+             100 * change, behaviour or "")
+    return EvalResult(base_ppl.perplexity, tuned_ppl.perplexity, change, base_ppl.tokens, str(samples_path), str(report_path),
+                      time.perf_counter() - started, behaviour)

@@ -114,6 +114,7 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
 @dataclass(frozen=True)
 class FormatResult:
     dataset_dir: str  # datasets.save_to_disk: input_ids, assistant_masks, key, source, record
+    tokenizer_dir: str  # the tokenizer used, with its (possibly replaced) chat template
     n_rows: int
     max_tokens: int
 
@@ -129,6 +130,11 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
     from lora_core.data import inject_system_prompt, read_jsonl, record_key
 
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    if cfg.chat_template:
+        template = Path(cfg.chat_template)
+        if not template.is_file():
+            raise FormatError(f"template.chat_template {cfg.chat_template!r}: no such file; point it at a .jinja chat template")
+        tokenizer.chat_template = template.read_text()
     columns: dict[str, list] = {"input_ids": [], "assistant_masks": [], "key": [], "source": [], "record": []}
     problems = []
     sources = [("train", records_path)] + ([("val", val_records_path)] if val_records_path else [])
@@ -153,4 +159,5 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
         raise FormatError("\n".join(problems[:20]))
     ds = datasets.Dataset.from_dict(columns)
     ds.save_to_disk(str(Path(out_dir) / "formatted"))
-    return FormatResult(str(Path(out_dir) / "formatted"), len(ds), max(len(x) for x in columns["input_ids"]))
+    tokenizer.save_pretrained(str(Path(out_dir) / "tokenizer"))
+    return FormatResult(str(Path(out_dir) / "formatted"), str(Path(out_dir) / "tokenizer"), len(ds), max(len(x) for x in columns["input_ids"]))

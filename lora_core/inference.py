@@ -61,18 +61,19 @@ def load_chat_model(path: str | Path, base_path: str | None = None, device: str 
     return model.eval(), tokenizer
 
 
-def _inputs(model, tokenizer, messages: list[dict]):
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+def _inputs(model, tokenizer, messages: list[dict], tools: list | None = None):
+    enc = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings()) -> str:
+def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings(), tools: list | None = None) -> str:
     import torch
 
-    enc = _inputs(model, tokenizer, messages)
+    enc = _inputs(model, tokenizer, messages, tools)
     with torch.inference_mode():
         out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id)
+    # special tokens stay out, except markup a template defines as text (e.g. <tool_call>)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

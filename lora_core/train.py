@@ -8,12 +8,13 @@ TRL folds that mask into the labels, truncates to `max_length` and pads. Checkpo
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype
+from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype, quantization_config
 from lora_core.config import LoraConfig, TrainConfig
 from lora_core.hashing import tree_sha256
 
@@ -31,6 +32,8 @@ class TrainResult:
     train_tokens: int  # non-padding tokens processed in this session
     train_tokens_per_second: float
     runtime_s: float
+    metrics_path: str = ""  # every logged metric as JSONL
+    best_checkpoint: str | None = None  # with train.load_best
 
 
 def peft_config(cfg: LoraConfig):
@@ -72,8 +75,12 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool):
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        eval_strategy=("steps" if cfg.eval_steps else "epoch") if has_eval else "no",
-        eval_steps=cfg.eval_steps,
+        # load_best compares checkpoints by validation loss, so it evaluates at every save
+        eval_strategy=("steps" if cfg.eval_steps or cfg.load_best else "epoch") if has_eval else "no",
+        eval_steps=cfg.eval_steps or (cfg.save_steps if cfg.load_best else None),
+        load_best_model_at_end=cfg.load_best and has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         gradient_checkpointing=cfg.gradient_checkpointing,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
@@ -112,6 +119,19 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
     return None
 
 
+def metrics_jsonl_callback(path: Path):
+    """A TrainerCallback appending every log line (loss, lr, grad norm, eval loss ...) with its step to `path`."""
+    from transformers import TrainerCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return MetricsJsonl()
+
+
 def train_lora(
     base_path: str,
     train_dir: str,
@@ -122,8 +142,11 @@ def train_lora(
     callbacks: list | None = None,
     trust_remote_code: bool = False,
     resume: bool = True,
+    tokenizer_dir: str | None = None,
+    load_in_4bit: bool = False,
 ) -> TrainResult:
-    """Train a LoRA adapter on `train_dir` (a saved tokenized dataset); returns where it landed.
+    """Train on `train_dir` (a saved tokenized dataset): a LoRA adapter, or every weight with
+    `cfg.method == "full"`. Returns where the adapter (or full model) landed: `<out_dir>/adapter`.
 
     With `resume`, training continues from the newest complete checkpoint under `out_dir`
     (same global step, optimizer, scheduler and RNG state). Without it, an existing
@@ -131,7 +154,7 @@ def train_lora(
     """
     import datasets
     import torch
-    from transformers import set_seed
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTTrainer
 
     out_dir = Path(out_dir)
@@ -141,38 +164,47 @@ def train_lora(
         log.info("fresh training requested: kept the previous run at %s", aside)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    quantization = quantization_config(load_in_4bit, device)
     set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
-    tokenizer = load_tokenizer(base_path, trust_remote_code)
-    # Frozen base weights are kept in fp32 on CPU; on CUDA the autocast dtype governs compute.
-    model = load_model(base_path, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_dir or base_path, trust_remote_code)
+    if quantization is not None:
+        model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, device_map={"": 0},
+                                                     trust_remote_code=trust_remote_code)
+    else:
+        # fp32 master weights; on CUDA the Trainer's autocast (bf16/fp16) governs compute
+        model = load_model(base_path, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
     # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(lora),
-        callbacks=callbacks or [],
+        peft_config=peft_config(lora) if cfg.method == "lora" else None,
+        callbacks=[*(callbacks or []), metrics_jsonl_callback(out_dir / "checkpoints" / "metrics.jsonl")],
     )
-    resume = last_checkpoint(out_dir / "checkpoints")
-    resumed_from = checkpoint_step(resume) if resume else 0
-    if resume:
-        log.info("resuming training from %s (step %d)", resume, resumed_from)
-    log.info("training LoRA r=%d on %d conversations, device=%s dtype=%s", lora.r, len(train_ds), device, dtype)
+    resume_from = last_checkpoint(out_dir / "checkpoints")
+    resumed_from = checkpoint_step(resume_from) if resume_from else 0
+    if resume_from:
+        log.info("resuming training from %s (step %d)", resume_from, resumed_from)
+    what = f"LoRA r={lora.r}" if cfg.method == "lora" else "all weights (full fine-tuning)"
+    log.info("training %s on %d conversations, device=%s dtype=%s", what, len(train_ds), device, dtype)
     started = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume)
+    out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     eval_loss = None
     if val_ds is not None:
         last = [h for h in trainer.state.log_history if "eval_loss" in h]
-        at_end = last and last[-1].get("step") == trainer.state.global_step
+        at_end = last and last[-1].get("step") == trainer.state.global_step and not cfg.load_best
         eval_loss = float(last[-1]["eval_loss"] if at_end else trainer.evaluate()["eval_loss"])
+    if cfg.load_best and trainer.state.best_model_checkpoint:
+        log.info("kept the best checkpoint by validation loss: %s (%.4f)", trainer.state.best_model_checkpoint, trainer.state.best_metric)
     adapter_dir = out_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors + tokenizer
+    trainer.save_model(str(adapter_dir))  # adapter (or full model) + tokenizer + chat template
     tokens = int(trainer.state.num_input_tokens_seen) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     result = TrainResult(
         adapter_dir=str(adapter_dir),
@@ -184,6 +216,8 @@ def train_lora(
         train_tokens=tokens,
         train_tokens_per_second=tokens / runtime if runtime > 0 else 0.0,
         runtime_s=runtime,
+        metrics_path=str(out_dir / "checkpoints" / "metrics.jsonl"),
+        best_checkpoint=trainer.state.best_model_checkpoint if cfg.load_best else None,
     )
     del trainer, model
     return result

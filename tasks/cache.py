@@ -46,6 +46,11 @@ CONTENT = (INPUTS - "callbacks" - "resume") + LibraryVersion()
 MANIFEST = ".manifest.json"
 
 
+def file_fingerprint(path: str | None) -> str | None:
+    """Content hash of an optional input file, so a task keyed on it re-runs when the file changes."""
+    return file_sha256(path) if path and Path(path).is_file() else None
+
+
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): file_sha256(p)

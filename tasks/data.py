@@ -9,14 +9,14 @@ from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, sealed, stage_dir
 
 
 @task(name="download-data", **RETRY_OPTIONS, **TASK_OPTIONS)
-def download_data(cfg: DataConfig, source_sha256: str, output_root: str) -> DataResult:
-    """Read and normalise the dataset. `source_sha256` (content of the files) keys the cache."""
-    out = stage_dir(output_root, "data", cfg, source_sha256)
-    return sealed(out, download_dataset(cfg, out))
+def download_data(cfg: DataConfig, source_sha256: str, seed: int, output_root: str) -> DataResult:
+    """Read and normalise the dataset (mixing sources by weight). `source_sha256` (content of the files) keys the cache."""
+    out = stage_dir(output_root, "data", cfg, source_sha256, seed)
+    return sealed(out, download_dataset(cfg, out, seed))
 
 
 @task(name="split-data", **TASK_OPTIONS)
 def split_data(formatted: FormatResult, cfg: SplitConfig, data_sha256: str, output_root: str) -> SplitResult:
     """Deterministic conversation-level train/validation split."""
     out = stage_dir(output_root, "split", formatted, cfg, data_sha256)
-    return sealed(out, split_dataset(formatted.dataset_dir, cfg, out))
+    return sealed(out, split_dataset(formatted.dataset_dir, cfg, out, formatted.tokenizer_dir))

@@ -11,7 +11,11 @@ from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 @task(name="evaluate", **TASK_OPTIONS)
 def evaluate(base: BaseModelRef, split: SplitResult, adapter_dir: str, adapter_sha256: str, cfg: EvalConfig, max_length: int,
-             trust_remote_code: bool, output_root: str) -> EvalResult:
-    """Validation perplexity of base and adapter, plus side-by-side sample replies."""
-    out = stage_dir(output_root, "evaluate", base.identity, split, adapter_sha256, cfg, max_length)
-    return sealed(out, evaluate_adapter(base.path, adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out, trust_remote_code))
+             full_model: bool, system_prompt: str | None, prompts_sha256: str | None, trust_remote_code: bool,
+             output_root: str) -> EvalResult:
+    """Validation perplexity of base and tuned model, side-by-side sample replies, the behaviour metric.
+    `prompts_sha256` (content of eval.prompts_path) keys the cache."""
+    out = stage_dir(output_root, "evaluate", base.identity, split, adapter_sha256, cfg, max_length, full_model, system_prompt,
+                    prompts_sha256)
+    return sealed(out, evaluate_adapter(base.path, adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out,
+                                        trust_remote_code, split.tokenizer_dir, full_model, system_prompt))

@@ -11,9 +11,11 @@ from lora_core.train import TrainResult, train_lora
 from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
-def train_dir(base: BaseModelRef, split: SplitResult, lora: LoraConfig, cfg: TrainConfig, data_sha256: str, output_root: str) -> Path:
+def train_dir(base: BaseModelRef, split: SplitResult, lora: LoraConfig, cfg: TrainConfig, data_sha256: str, output_root: str,
+              load_in_4bit: bool = False) -> Path:
     """Where a training run with these inputs keeps its checkpoints and adapter (stable across retries and re-runs)."""
-    return stage_dir(output_root, "train", base.identity, split, lora, cfg, data_sha256)
+    extra = ["4bit"] if load_in_4bit else []
+    return stage_dir(output_root, "train", base.identity, split, lora if cfg.method == "lora" else None, cfg, data_sha256, *extra)
 
 
 @task(name="train-lora", **TASK_OPTIONS)
@@ -25,10 +27,12 @@ def train_adapter(
     data_sha256: str,
     trust_remote_code: bool,
     output_root: str,
+    load_in_4bit: bool = False,
     callbacks: list | None = None,
     resume: bool = True,
 ) -> TrainResult:
     """LoRA fine-tune with TRL's SFTTrainer; continues from the newest complete checkpoint in its folder
     (after a crash, a kill or a retry) unless `resume` is off."""
-    out = train_dir(base, split, lora, cfg, data_sha256, output_root)
-    return sealed(out, train_lora(base.path, split.train_dir, split.val_dir, lora, cfg, out, callbacks, trust_remote_code, resume))
+    out = train_dir(base, split, lora, cfg, data_sha256, output_root, load_in_4bit)
+    return sealed(out, train_lora(base.path, split.train_dir, split.val_dir, lora, cfg, out, callbacks, trust_remote_code, resume,
+                                  split.tokenizer_dir, load_in_4bit))

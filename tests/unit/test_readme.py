@@ -8,7 +8,7 @@ README = (REPO / "README.md").read_text()
 
 def test_readme_documents_every_recipe_key():
     missing = [k for k, _, _ in describe_fields() if f"`{k}`" not in README]
-    assert not missing
+    assert not missing, "regenerate the table with `lora-flow show-config --markdown`"
 
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_same_tests():
