@@ -184,9 +184,13 @@ def cmd_validate(args) -> int:
     for recipe in recipes:
         try:
             cfg = load_recipe(recipe, overrides)
-            for path in filter(None, (cfg.data.path, cfg.data.validation_path)):
-                records, fmt, _ = load_normalised(path, cfg.data.format, cfg.data.split, cfg.data.revision)
-            print(f"{recipe}: ok ({len(records)} {fmt} records in {cfg.data.path})")
+            d = cfg.data
+            records, fmt, _ = load_normalised(d.path, d.format, d.split, d.revision, d.subset, d.columns)
+            if d.validation_path:
+                load_normalised(d.validation_path, fmt, d.split, d.revision, d.subset, d.columns)
+            for src in d.mix:
+                load_normalised(src.path, src.format)
+            print(f"{recipe}: ok ({len(records)} {fmt} records in {d.path})")
         except (ConfigError, DataError) as exc:
             problems.append(str(exc))
     if problems:

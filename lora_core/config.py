@@ -75,7 +75,9 @@ class DataConfig(_Part):
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field(
         "auto", description="Record format; 'auto' detects it from the first record's keys."
     )
+    subset: str | None = Field(None, description="Configuration name of a hub dataset (e.g. 'main' for openai/gsm8k).")
     split: str = Field("train", description="Split to read from a hub dataset.")
+    columns: dict[str, str] = Field({}, description="Rename source columns before format detection, e.g. {question: instruction, answer: output}.")
     revision: str | None = Field(None, description="Hub revision of a hub dataset.")
     validation_path: str | None = Field(None, description="Separate validation data (same formats); replaces the random split.")
     mix: list[MixSource] = Field([], description="More datasets mixed into `path`'s, each with a sampling weight (a multiple of its size).")
@@ -305,7 +307,7 @@ def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:  # an empty mapping (e.g. data.columns) stays one param
             out.update(flatten(v, key + "."))
         else:
             out[key] = v if isinstance(v, str) else json.dumps(v)

@@ -104,19 +104,19 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
             yield RawRecord(where, rec)
 
 
-def read_records(path: str, split: str = "train", revision: str | None = None) -> tuple[list[RawRecord], str]:
+def read_records(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> tuple[list[RawRecord], str]:
     """Raw records and a content hash of the source (file bytes, or the hub dataset's fingerprint)."""
     if is_hub_id(path):
         import datasets
 
         try:
-            ds = datasets.load_dataset(path, split=split, revision=revision)
+            ds = datasets.load_dataset(path, subset, split=split, revision=revision)
         except Exception as exc:  # noqa: BLE001 - re-raised with the fix, chained
             raise DataError(
                 f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                 "check the id, split and revision, network access, or use a local file"
             ) from exc
-        digest = text_sha256("hub", path, revision or "", split, ds._fingerprint)
+        digest = text_sha256("hub", path, subset or "", revision or "", split, ds._fingerprint)
         return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], digest
     local = Path(path).expanduser()
     files = _local_files(local)
@@ -137,7 +137,7 @@ def source_fingerprint(cfg) -> str:
                 commit = HfApi().dataset_info(path, revision=cfg.revision).sha
             except Exception:  # noqa: BLE001 - offline: key on the name; download reports the real error
                 commit = cfg.revision or "unresolved"
-            parts.append(f"hub:{path}@{commit}:{cfg.split}")
+            parts.append(f"hub:{path}/{cfg.subset}@{commit}:{cfg.split}")
         else:
             local = Path(path).expanduser()
             parts.append(tree_sha256(local) if local.exists() else f"missing:{path}")
@@ -256,9 +256,14 @@ def normalise(record: Any, fmt: str) -> tuple[dict | None, str | None]:
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision: str | None = None) -> tuple[list[dict], str, str]:
-    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every problem."""
-    raw, digest = read_records(path, split=split, revision=revision)
+def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision: str | None = None,
+                    subset: str | None = None, columns: dict[str, str] | None = None) -> tuple[list[dict], str, str]:
+    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every problem.
+    `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"})."""
+    raw, digest = read_records(path, split=split, revision=revision, subset=subset)
+    if columns:
+        raw = [RawRecord(r.where, {columns.get(k, k): v for k, v in r.value.items()} if isinstance(r.value, dict) else r.value, r.error)
+               for r in raw]
     if not raw:
         raise DataError(f"{path}: dataset is empty (no records); add records or point data.path at another file")
     if fmt == "auto":
@@ -369,11 +374,11 @@ def weighted_sample(records: list[dict], weight: float, seed: int) -> list[dict]
 def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
     """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
     out_dir = Path(out_dir)
-    records, fmt, digest = load_normalised(cfg.path, cfg.format, cfg.split, cfg.revision)
+    records, fmt, digest = load_normalised(cfg.path, cfg.format, cfg.split, cfg.revision, cfg.subset, cfg.columns)
     if cfg.mix or cfg.weight != 1.0:
         records = weighted_sample(records, cfg.weight, seed)
         for i, src in enumerate(cfg.mix):
-            more, more_fmt, more_digest = load_normalised(src.path, src.format, cfg.split, cfg.revision)
+            more, more_fmt, more_digest = load_normalised(src.path, src.format)
             if ("text" in more[0]) != ("text" in records[0]):
                 raise DataError(f"data.mix[{i}] {src.path}: {more_fmt} records cannot be mixed with {fmt} records; mix chats with chats, text with text")
             records += weighted_sample(more, src.weight, seed + i + 1)
@@ -384,7 +389,7 @@ def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
     write_jsonl(records, out_dir / "records.jsonl")
     val_path = None
     if cfg.validation_path:
-        val_records, val_fmt, val_digest = load_normalised(cfg.validation_path, fmt, cfg.split, cfg.revision)
+        val_records, val_fmt, val_digest = load_normalised(cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns)
         digest = text_sha256(digest, val_digest)
         val_path = str(out_dir / "val_records.jsonl")
         write_jsonl(val_records, val_path)
@@ -419,6 +424,7 @@ def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: s
     train.save_to_disk(str(out_dir / "train"))
     val.save_to_disk(str(out_dir / "val"))
     write_jsonl([json.loads(r) for r in val["record"]], out_dir / "val_records.jsonl")
+    write_jsonl([json.loads(r) for r in ds.select(train_idx)["record"]], out_dir / "train_records.jsonl")  # the prepared data, readable
     return SplitResult(
         str(out_dir / "train"),
         str(out_dir / "val"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype, quantization_config
 from lora_core.config import LoraConfig, TrainConfig
+from lora_core.errors import LoraFlowError
 from lora_core.hashing import tree_sha256
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,23 @@ def metrics_jsonl_callback(path: Path):
     return MetricsJsonl()
 
 
+class TrainError(LoraFlowError):
+    """Training cannot start with these data and settings."""
+
+
+def check_fits(train_ds, max_length: int) -> None:
+    """TRL truncates to max_length and silently drops rows left with no target: say so, or refuse if none is left."""
+    kept = sum(1 in masks[:max_length] for masks in train_ds["assistant_masks"])
+    if kept == 0:
+        raise TrainError(
+            f"train.max_length={max_length}: every training conversation has its first assistant token beyond it "
+            "(prompt, system message or tool specs alone are longer); raise train.max_length"
+        )
+    if kept < len(train_ds):
+        log.warning("%d of %d training conversations have no assistant token within train.max_length=%d and are skipped",
+                    len(train_ds) - kept, len(train_ds), max_length)
+
+
 def train_lora(
     base_path: str,
     train_dir: str,
@@ -176,6 +194,7 @@ def train_lora(
     # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
+    check_fits(train_ds, cfg.max_length)
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer = SFTTrainer(

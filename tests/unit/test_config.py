@@ -13,7 +13,7 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_validates_and_starts_with_its_command(recipe):
     cfg = load_recipe(recipe)
     assert isinstance(cfg, PipelineConfig)

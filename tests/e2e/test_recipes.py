@@ -1,0 +1,94 @@
+"""Every CPU recipe end to end on the tiny model (a smoke variant: same recipe, tiny base, a few steps)."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO  # noqa: E402
+from flows.cli import main
+
+pytestmark = pytest.mark.slow
+RECIPES = ["socratic-tutor", "tool-calling", "reasoning", "full-finetune", "full-finetune-phase2", "lora-compare", "minimal-lora"]
+
+
+def smoke(tiny_model_dir, recipe: str) -> list[str]:
+    overrides = ["train.max_steps=2", "train.save_steps=1", "train.eval_steps=1", "train.batch_size=2", "train.grad_accum=1",
+                 "eval.max_new_tokens=4", "eval.num_samples=1"]
+    if recipe != "full-finetune-phase2":  # phase 2 starts from phase 1's output
+        overrides.append(f"model.base={tiny_model_dir}")
+    return [f"recipes/{recipe}.yaml", *overrides]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, tiny_model_dir, prefect_harness):
+    """Run all recipes in order in one working directory (phase 2 needs phase 1's output)."""
+    import os
+
+    cwd = tmp_path_factory.mktemp("recipes")
+    for name in ("data", "recipes"):
+        (cwd / name).symlink_to(REPO / name)
+    old = Path.cwd()
+    os.environ["MLFLOW_TRACKING_URI"] = uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    os.chdir(cwd)
+    try:
+        codes = {r: main(["run", *smoke(tiny_model_dir, r)]) for r in RECIPES}
+    finally:
+        os.chdir(old)
+        del os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    runs = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            runs[run.data.tags["recipe"].split("/")[-1].removesuffix(".yaml")] = run
+    return codes, runs, client, cwd
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_end_to_end(results, recipe):
+    codes, runs, client, _ = results
+    assert codes[recipe] == 0
+    run = runs[recipe]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["tuned_perplexity"] > 0 and run.data.tags["registry.version"]
+
+
+def test_recipe_specific_outputs(results):
+    _, runs, client, cwd = results
+    m = {name: run.data.metrics for name, run in runs.items()}
+    # behaviour metrics, base vs tuned
+    assert {"base.socratic_share", "tuned.socratic_share"} <= set(m["socratic-tutor"])
+    assert {"base.tool_call_match_share", "tuned.tool_call_match_share"} <= set(m["tool-calling"])
+    assert "eval_minus_train_loss" in m["tool-calling"]
+    # the custom template travels with the adapter
+    adapter = Path(runs["tool-calling"].data.tags["train.dir"]) / "adapter"
+    template = (adapter / "chat_template.jinja").read_text() if (adapter / "chat_template.jinja").exists() else \
+        json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    assert "<tool_call>" in template
+    # best checkpoint by validation loss; at most 3 checkpoints kept
+    tags = runs["reasoning"].data.tags
+    assert tags["train.best_checkpoint"]
+    assert len(list((Path(tags["train.dir"]) / "checkpoints").glob("checkpoint-*"))) <= 3
+    # full fine-tuning: no adapter, no merge; the registry holds a full model; metrics JSONL
+    full = runs["full-finetune"]
+    assert "merge_max_abs_logit_diff" not in full.data.metrics
+    assert {a.path for a in client.list_artifacts(full.info.run_id, "model")} >= {"model/model.safetensors"}
+    assert client.list_artifacts(full.info.run_id, "training")[0].path == "training/metrics.jsonl"
+    assert (cwd / "outputs/full-finetune/latest/model/config.json").is_file()
+    # phase 2 started from phase 1's model
+    assert runs["full-finetune-phase2"].data.tags["base_model"] == "./outputs/full-finetune/latest/model"
+    # minimal flow: the merged model reloaded from disk generated text
+    assert "merge.reload_sample" in runs["minimal-lora"].data.tags
+
+
+def test_qlora_is_refused_on_cpu_with_the_fix(results, tiny_model_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: 4-bit loading is allowed here")
+    assert main(["run", "recipes/reasoning.yaml", f"model.base={tiny_model_dir}", "model.load_in_4bit=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: model.load_in_4bit: QLoRA needs a CUDA GPU") and "set model.load_in_4bit=false" in err[-1]
