@@ -140,6 +140,11 @@ class TrainConfig(_Part):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Training precision; 'auto' is bfloat16 on CUDA that supports it, float32 on CPU."
     )
+    base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Dtype of the frozen base weights in LoRA training (LoRA weights and optimizer stay float32); "
+        "'auto' picks the fastest measured for the device (see bench/train_speed.py)."
+    )
+    group_by_length: bool = Field(True, description="Batch conversations of similar length together, so less compute goes to padding.")
 
 
 class EvalConfig(_Part):

@@ -92,6 +92,7 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool):
         packing=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
 
 
@@ -131,6 +132,15 @@ def metrics_jsonl_callback(path: Path):
                     f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
     return MetricsJsonl()
+
+
+def frozen_base_dtype(base_dtype: str, device: str):
+    """'auto': bfloat16 where it is measured faster (CUDA with bf16), else float32. See bench/train_speed.py."""
+    import torch
+
+    if base_dtype == "auto":
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, base_dtype)
 
 
 class TrainError(LoraFlowError):
@@ -189,8 +199,10 @@ def train_lora(
         model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, device_map={"": 0},
                                                      trust_remote_code=trust_remote_code)
     else:
-        # fp32 master weights; on CUDA the Trainer's autocast (bf16/fp16) governs compute
-        model = load_model(base_path, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code)
+        # LoRA: the frozen base may be held in bf16 (peft keeps the adapter and so the optimizer in fp32);
+        # full fine-tuning keeps fp32 master weights. On CUDA the Trainer's autocast governs compute.
+        weights = frozen_base_dtype(cfg.base_dtype, device) if cfg.method == "lora" else torch.float32
+        model = load_model(base_path, dtype=weights, device=device, trust_remote_code=trust_remote_code)
     # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
