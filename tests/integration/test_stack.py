@@ -1,0 +1,397 @@
+"""The local stack for real: `stack up` starts a Prefect server, a process worker and an MLflow
+server on loopback; `prefect deploy --all` deploys prefect.yaml; the worker runs deployment runs
+of the tiny model, tracked in that MLflow server; unchanged data finishes from cache; two flows
+at once both complete; bad input fails in one line and leaves nothing behind; `stack down`
+stops everything that was started (checked process by process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+from flows import stack as stk
+
+pytestmark = pytest.mark.slow
+
+TRAIN = "{max_steps: 6, save_steps: 3, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, eval_steps: 3}"
+NIGHTLY = "lora-finetune/socratic-tutor-nightly"
+ON_DEMAND = "lora-finetune/finetune-on-demand"
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def free_ports(n: int) -> list[int]:
+    with ExitStack() as hold:  # held together, so the n ports differ
+        socks = [hold.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without Prefect/MLflow/stack settings (the session harness sets some)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LORA_FLOW_"))}
+    return {**env, "PYTHONPATH": str(REPO), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+
+
+def stack_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.stack", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_recipe(folder: Path, name: str, model_dir: Path, records: list[dict]) -> Path:
+    """A tiny-model recipe with absolute paths (the worker runs flows from the repo root)."""
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:24]))
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(
+        f"name: {name}\n"
+        f"output_dir: {folder / 'outputs'}\n"
+        f"model: {{base: {model_dir}}}\n"
+        f"data: {{path: {data}}}\n"
+        "template: {system_prompt: 'Be Socratic.'}\n"
+        "split: {val_size: 4}\n"
+        f"train: {TRAIN}\n"
+        "eval: {num_samples: 2, max_new_tokens: 8}\n"
+        "retries: {train: 0}\n"
+        f"tracking: {{experiment: {name}}}\n"
+    )
+    return recipe
+
+
+@dataclass
+class Stack:
+    root: Path
+    env: dict
+    api: str
+    mlflow: str
+    up: subprocess.CompletedProcess | None = None
+
+    @property
+    def state(self) -> Path:
+        return Path(self.env["LORA_FLOW_STACK_DIR"])
+
+    def get(self, path: str, body: dict | None = None):
+        status, text = stk._http(self.api + path, body=body, timeout=15)
+        assert status in (200, 201), (path, status, text[:500])
+        return json.loads(text)
+
+    def trigger(self, deployment: str, recipe: Path, overrides: list[str] | None = None) -> str:
+        dep = self.get(f"/deployments/name/{deployment}")
+        run = self.get(f"/deployments/{dep['id']}/create_flow_run",
+                       {"parameters": {"recipe": str(recipe), "overrides": overrides or []}})
+        return run["id"]
+
+    def logs(self, flow_run_id: str) -> list[str]:
+        rows = self.get("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200})
+        return [r["message"] for r in rows]
+
+    def wait(self, ids: list[str], timeout: float = 300) -> dict[str, dict]:
+        """Flow runs by id once all are finished; on failure, the worker's log and the runs' logs."""
+        done, deadline = {}, time.monotonic() + timeout
+        while len(done) < len(ids) and time.monotonic() < deadline:
+            for i in set(ids) - set(done):
+                run = self.get(f"/flow_runs/{i}")
+                if run["state_type"] in TERMINAL:
+                    done[i] = run
+            time.sleep(1)
+        bad = {i: (r or {}).get("state_name", "not finished") for i in ids
+               if (r := done.get(i)) is None or r["state_type"] != "COMPLETED"}
+        if bad:
+            worker_log = (self.state / "worker.log").read_text()[-4000:]
+            run_logs = {i: self.logs(i)[-15:] for i in bad}
+            pytest.fail(f"flow runs not COMPLETED: {bad}\nrun logs: {json.dumps(run_logs, indent=1)}\nworker log:\n{worker_log}")
+        return done
+
+    def mlflow_run(self, flow_run_id: str, experiment: str):
+        client = MlflowClient(tracking_uri=self.mlflow)
+        exp = client.get_experiment_by_name(experiment)
+        assert exp is not None, f"no MLflow experiment {experiment!r} on {self.mlflow}"
+        (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        return client, run
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """`stack up` on free ports with its state, Prefect home and MLflow store in a temp dir; at the
+    end `stack down`, then (belt and braces) whatever the pid files named, and nothing else."""
+    root = tmp_path_factory.mktemp("stack")
+    prefect_port, mlflow_port = free_ports(2)
+    env = clean_env(PREFECT_HOME=str(root / "prefect-home"), LORA_FLOW_STACK_DIR=str(root / "state"),
+                    PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
+                    MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+                    PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10
+                    PWD=str(REPO))  # prefect.yaml runs flows from "{{ $PWD }}"
+    s = Stack(root, env, env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"])
+    try:
+        s.up = stack_cli("up", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                         "--artifacts-destination", str(root / "artifacts"), env=env)
+        assert s.up.returncode == 0, s.up.stdout + s.up.stderr
+        yield s
+    finally:
+        records = [json.loads(p.read_text()) for p in s.state.glob("*.pid")]
+        stack_cli("down", env=env)
+        stk.stop_records(records)
+
+
+def test_up_is_idempotent_and_every_service_answers(stack):
+    assert stack.up.stdout.count(" started ") == 3, stack.up.stdout
+    pid_files = {p.name: p.read_text() for p in stack.state.glob("*.pid")}
+    assert set(pid_files) == {"mlflow.pid", "prefect.pid", "worker.pid"}
+    assert (stack.state / "env").read_text().count("export ") == 2
+
+    status = stack_cli("status", env=stack.env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count(" healthy ") == 3 and "error" not in status.stderr
+
+    again = stack_cli("up", env=stack.env)  # ports from PREFECT_API_URL / MLFLOW_TRACKING_URI
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already running") == 3
+    assert {p.name: p.read_text() for p in stack.state.glob("*.pid")} == pid_files  # nothing restarted
+    assert stk.mlflow_healthy(stack.mlflow) and stk.prefect_healthy(stack.api)
+
+
+@pytest.fixture(scope="module")
+def nightly(stack, tiny_model_dir, tutor_records, tmp_path_factory):
+    """prefect.yaml deployed with plain `prefect deploy --all`, then one run of the nightly
+    deployment with a tiny-model recipe, executed by the stack's worker."""
+    deployed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+                              cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=180)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    folder = tmp_path_factory.mktemp("nightly")
+    recipe = write_recipe(folder, "nightly", tiny_model_dir, tutor_records)
+    t0 = time.monotonic()
+    run_id = stack.trigger(NIGHTLY, recipe)
+    run = stack.wait([run_id])[run_id]
+    return {"recipe": recipe, "run_id": run_id, "run": run, "seconds": time.monotonic() - t0}
+
+
+def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightly):
+    dep = stack.get(f"/deployments/name/{NIGHTLY}")
+    (schedule,) = dep["schedules"]
+    assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert dep["work_pool_name"] == "local" and dep["parameters"] == {"recipe": "recipes/socratic-tutor.yaml", "overrides": []}
+    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert dep["global_concurrency_limit"]["limit"] == 1
+    assert stack.get(f"/deployments/name/{ON_DEMAND}")["schedules"] == []
+    assert stack.get("/deployments/name/lora-promote/promote")["parameters"] == {"model_name": "socratic-tutor"}
+
+    run = nightly["run"]
+    assert run["state_name"] == "Completed" and run["parameters"]["recipe"] == str(nightly["recipe"])
+    worker = json.loads((stack.state / "worker.pid").read_text())
+    assert worker["worker_name"] in (stack.state / "worker.log").read_text()
+
+    client, mrun = stack.mlflow_run(nightly["run_id"], "nightly")
+    assert mrun.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert {"base_perplexity", "tuned_perplexity", "eval_loss_final"} <= set(mrun.data.metrics)
+    # artifacts went through the server into the store it was given (proxied, mlflow-artifacts:/)
+    assert mrun.info.artifact_uri.startswith("mlflow-artifacts:/")
+    names = {a.path for a in client.list_artifacts(mrun.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in names
+    assert list((stack.root / "artifacts").rglob("adapter_model.safetensors"))
+
+
+def test_the_scheduler_creates_the_nightly_runs(stack, nightly):
+    """Prefect 3.8.8's scheduler cannot insert runs under SQLAlchemy 2.1 ("Can't evaluate bulk DML
+    statement", in the server log): schedules are registered but never fire. SQLAlchemy 2.0.x works."""
+    dep = stack.get(f"/deployments/name/{NIGHTLY}")
+    query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
+    deadline = time.monotonic() + 20  # the recent-deployments scheduler runs every 5 s
+    while not (scheduled := stack.get("/flow_runs/filter", query)) and time.monotonic() < deadline:
+        time.sleep(1)
+    server_log = (stack.state / "prefect.log").read_text()
+    assert scheduled, ("the scheduler created no runs for the nightly schedule"
+                       + ("; SQLAlchemy 2.1 breaks Prefect 3.8.8's scheduler: pin SQLAlchemy==2.0.58"
+                          if "Can't evaluate bulk DML statement" in server_log else ""))
+    assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in scheduled)
+
+
+def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly):
+    """Needs flows/finetune.py to tag `lora_flow.from_cache` / `lora_flow.recomputed` and log
+    "nothing changed: every stage came from cache" or "recomputed: ..." (see the README)."""
+    recipe = nightly["recipe"]
+    _, first = stack.mlflow_run(nightly["run_id"], "nightly")
+    assert first.data.tags["lora_flow.from_cache"] == "false"
+
+    t0 = time.monotonic()
+    same = stack.trigger(NIGHTLY, recipe)
+    stack.wait([same])
+    cached_seconds = time.monotonic() - t0
+    _, again = stack.mlflow_run(same, "nightly")
+    assert again.info.status == "FINISHED"
+    assert again.data.tags["lora_flow.from_cache"] == "true" and again.data.tags["lora_flow.recomputed"] == ""
+    assert any("nothing changed: every stage came from cache" in m for m in stack.logs(same))
+    assert "loss" not in again.data.metrics  # no training happened
+    print(f"first run {nightly['seconds']:.1f} s, unchanged re-run {cached_seconds:.1f} s (trigger to completion)")
+
+    data = Path(recipe.read_text().split("data: {path: ")[1].split("}")[0])
+    raw = data.read_bytes()  # one byte of the data, same path: new data
+    i = raw.index(b"?")
+    data.write_bytes(raw[:i] + b"!" + raw[i + 1 :])
+    changed = stack.trigger(NIGHTLY, recipe)
+    stack.wait([changed])
+    client, fresh = stack.mlflow_run(changed, "nightly")
+    assert fresh.data.tags["lora_flow.from_cache"] == "false"
+    assert {"download-data", "train-lora", "evaluate"} <= set(fresh.data.tags["lora_flow.recomputed"].split(","))
+    assert any(m.startswith("recomputed: ") for m in stack.logs(changed))
+    assert len(client.get_metric_history(fresh.info.run_id, "loss")) == 6
+
+
+def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(stack, nightly, tiny_model_dir,
+                                                                                 tutor_records, tmp_path):
+    recipes = {name: write_recipe(tmp_path, name, tiny_model_dir, tutor_records) for name in ("para-a", "para-b")}
+    ids = {name: stack.trigger(ON_DEMAND, recipe) for name, recipe in recipes.items()}
+    runs = stack.wait(list(ids.values()))
+    a, b = (runs[ids[n]] for n in recipes)
+    assert a["start_time"] < b["end_time"] and b["start_time"] < a["end_time"], "the two runs did not overlap"
+    for name, run_id in ids.items():
+        client, mrun = stack.mlflow_run(run_id, name)
+        rid = mrun.info.run_id
+        assert mrun.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(rid, "loss")] == [1, 2, 3, 4, 5, 6]
+        assert len(client.get_metric_history(rid, "learning_rate")) == 6
+        assert {s.step for s in client.get_metric_history(rid, "eval_loss")} >= {3, 6}
+        assert {"base_perplexity", "tuned_perplexity", "train_tokens_per_second", "merge_max_abs_logit_diff"} <= set(mrun.data.metrics)
+        assert {a.path for a in client.list_artifacts(rid)} >= {"adapter", "samples.json", "evaluation", "recipe"}
+        assert "adapter/adapter_model.safetensors" in {x.path for x in client.list_artifacts(rid, "adapter")}
+        assert mrun.data.params["name"] == name
+
+
+def test_stack_deploy_checks_and_replaces_the_schedule(stack, nightly):
+    out = stack_cli("deploy", "--cron", "15 4 * * 1-5", "--timezone", "Europe/Paris", env=stack.env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cron '15 4 * * 1-5' Europe/Paris" in out.stdout and out.stdout.count("deployed ") == 3
+    (schedule,) = stack.get(f"/deployments/name/{NIGHTLY}")["schedules"]
+    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("15 4 * * 1-5", "Europe/Paris")
+    assert stack.get(f"/deployments/name/{ON_DEMAND}")["schedules"] == []  # unscheduled ones stay so
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_a_port_already_taken_is_named_and_nothing_starts(tmp_path):
+    busy, other = free_ports(2)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", busy))
+        squatter.listen()
+        env = clean_env(PREFECT_HOME=str(tmp_path / "ph"), LORA_FLOW_STACK_DIR=str(tmp_path / "state"))
+        out = stack_cli("up", "--prefect-port", str(busy), "--mlflow-port", str(other), env=env, timeout=60)
+    assert out.returncode == 2
+    assert f"port {busy} (prefect server) is already in use" in one_error_line(out)
+    assert not list((tmp_path / "state").glob("*.pid")) and not stk.port_in_use(other)
+
+
+@pytest.mark.parametrize("command, env_extra, expected, code", [
+    (["up"], {"PREFECT_API_URL": "http://example.com:4200/api"},
+     "PREFECT_API_URL='http://example.com:4200/api' is not a loopback URL", 2),
+    (["up"], {"PREFECT_API_URL": "http://127.0.0.1:4200"}, "PREFECT_API_URL='http://127.0.0.1:4200' must end in /api", 2),
+    (["up"], {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "MLFLOW_TRACKING_URI='sqlite:///mlflow.db' is not a loopback URL", 2),
+    (["up", "--prefect-port", "4300"], {"PREFECT_API_URL": "http://127.0.0.1:4200/api"},
+     "--prefect-port 4300 disagrees with PREFECT_API_URL", 2),
+    (["deploy"], {"PREFECT_API_URL": "http://127.0.0.1:{free}/api"},
+     "PREFECT_API_URL=http://127.0.0.1:{free}/api: no Prefect server answers (connection refused)", 2),
+    (["status"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{free}"},
+     "MLFLOW_TRACKING_URI=http://127.0.0.1:{free}: no MLflow server answers (connection refused)", 2),
+    (["deploy", "--cron", "every night"], {}, "--cron 'every night' is not a valid cron", 2),
+    (["deploy", "--cron", "0 2 * * *", "--timezone", "Mars/Olympus"], {}, "--timezone 'Mars/Olympus' is not a valid timezone", 2),
+    (["deploy", "--prefect-file", "{bad_yaml}"], {}, "bad.yaml: deployment 'nightly': cron 'nightly at 2' is not a valid cron", 2),
+    (["up", "--backend-store-uri", "sqlite:///{tmp}"], {}, "--backend-store-uri sqlite:///{tmp}: {tmp} is a folder", 2),
+    (["up", "--backend-store-uri", "postgresql+psycopg://nobody:secret@127.0.0.1:{free}/mlflow"], {},
+     "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect", 2),
+])
+def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected, code):
+    (free,) = free_ports(1)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("deployments:\n  - name: nightly\n    entrypoint: flows/finetune.py:finetune\n"
+                        "    schedules: [{cron: 'nightly at 2'}]\n")
+    fill = lambda s: s.format(free=free, bad_yaml=bad_yaml, tmp=tmp_path)  # noqa: E731
+    env = clean_env(PREFECT_HOME=str(tmp_path / "ph"), LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+                    **{k: fill(v) for k, v in env_extra.items()})
+    out = stack_cli(*map(fill, command), env=env, timeout=60)
+    assert out.returncode == code, out.stdout + out.stderr
+    assert fill(expected) in one_error_line(out)
+    assert not list((tmp_path / "state").glob("*.pid"))
+
+
+def test_a_service_that_does_not_come_up_takes_the_others_down_with_it(tmp_path):
+    prefect_port, mlflow_port = free_ports(2)
+    env = clean_env(PREFECT_HOME=str(tmp_path / "ph"), LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+                    LORA_FLOW_STACK_TIMEOUT="1")  # neither server can answer within 1 s
+    out = stack_cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
+                    "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=env, timeout=120)
+    assert out.returncode == 2
+    line = one_error_line(out)
+    assert "did not answer on http://127.0.0.1:" in line and "within 1 s" in line and ".log" in line
+    # both servers had been started: both are gone -- no pid file, ports free, no process
+    assert sorted(p.name for p in (tmp_path / "state").glob("*.log")) == ["mlflow.log", "prefect.log"]
+    assert not list((tmp_path / "state").glob("*.pid"))
+    assert not stk.port_in_use(prefect_port) and not stk.port_in_use(mlflow_port)
+    assert not _processes_mentioning(f"--port {prefect_port}", f"--port {mlflow_port}")
+
+
+def _processes_mentioning(*needles: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if any(n in cmd for n in needles):
+            found.append(cmd)
+    return found
+
+
+def test_down_never_kills_a_process_it_did_not_start(tmp_path):
+    bystander = subprocess.Popen(["sleep", "120"])
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        created = psutil.Process(bystander.pid).create_time()
+        # a pid file naming a live process whose command line is not the worker's
+        (state / "worker.pid").write_text(json.dumps({"name": "worker", "pid": bystander.pid, "create_time": created,
+                                                      "signatures": [["prefect", "worker start"]]}))
+        # and one naming the same pid with another start time: a reused pid
+        (state / "prefect.pid").write_text(json.dumps({"name": "prefect", "pid": bystander.pid, "create_time": created - 100,
+                                                       "signatures": [["sleep"]]}))
+        out = stack_cli("down", env=clean_env(LORA_FLOW_STACK_DIR=str(state)), timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("left alone") == 2
+        assert bystander.poll() is None  # still running
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_down_stops_everything_up_started(stack):
+    records = [json.loads(p.read_text()) for p in stack.state.glob("*.pid")]
+    procs = []
+    for rec in records:
+        leader = psutil.Process(rec["pid"])
+        procs += [leader, *leader.children(recursive=True)]
+    assert len(procs) >= 3
+    out = stack_cli("down", env=stack.env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("stopped (pid") == 3
+    assert not [p for p in procs if p.is_running()]  # is_running also checks the start time
+    assert not list(stack.state.glob("*.pid")) and not (stack.state / "env").exists()
+    for url in (stack.api, stack.mlflow):
+        assert not stk.port_in_use(int(url.split(":")[2].split("/")[0]))
+    assert "nothing to stop" in stack_cli("down", env=stack.env).stdout
+    no_urls = {k: v for k, v in stack.env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    assert stack_cli("status", env=no_urls).returncode == 3  # not running
+    assert stack_cli("status", env=stack.env).returncode == 2  # and this shell's URLs point at nothing
