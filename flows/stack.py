@@ -693,11 +693,11 @@ def deploy(state: Path, prefect_file: str | os.PathLike | None = None, cron: str
     work pools; --cron/--timezone replace the schedule of every scheduled deployment."""
     import yaml
 
+    if cron is not None or timezone is not None:
+        check_cron(cron or "0 2 * * *", timezone)
     src = Path(prefect_file or REPO / "prefect.yaml").resolve()
     if not src.is_file():
         raise StackError(f"{src}: no such prefect.yaml")
-    if cron is not None or timezone is not None:
-        check_cron(cron or "0 2 * * *", timezone)
     doc = yaml.safe_load(src.read_text()) or {}
     deployments = doc.get("deployments") or []
     if not deployments:
