@@ -20,6 +20,7 @@ import textwrap
 
 import yaml
 
+from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.data import DataError, load_normalised
 from lora_core.errors import LoraFlowError
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (the README's)")
     p.set_defaults(fn=cmd_show_config)
+    stack.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

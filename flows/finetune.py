@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import tracking
-from flows.registry import promote_task, register_adapter
+from flows.registry import promote_task, register_adapter, registered_version
 from lora_core.base_model import pick_device, quantization_config
 from lora_core.config import DEFAULT_RECIPE, ConfigError, load_recipe
 from lora_core.data import source_fingerprint
@@ -34,16 +34,21 @@ from tasks.train import train_adapter, train_dir
 STAGES = ("download", "format", "split", "train", "evaluate", "merge")
 
 
-def _stage(task, fresh: bool):
-    """Call a cached task; a cache hit whose files are gone or altered is recomputed, never trusted."""
+def _stage(task, fresh: bool, recomputed: list[str]):
+    """Call a cached task; a cache hit whose files are gone or altered is recomputed, never trusted.
+    Appends the task's name to `recomputed` unless its result came from the cache."""
     task = task.with_options(refresh_cache=True) if fresh else task
 
     def call(*args, **kwargs):
-        result = task(*args, **kwargs)
+        state = task(*args, return_state=True, **kwargs)
+        result = state.result()
         problem = stale_outputs(result)
         if problem:
             get_run_logger().warning("%s: cached result not trusted (%s); recomputing", task.name, problem)
-            result = task.with_options(refresh_cache=True)(*args, **kwargs)
+            state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+            result = state.result()
+        if state.name != "Cached":
+            recomputed.append(task.name)
         return result
 
     return call
@@ -69,7 +74,8 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
                               train_adapter.with_options(retries=cfg.retries.train, retry_delay_seconds=cfg.retries.delay_s,
                                                          retry_condition_fn=transient_only),
                               evaluate, merge)))
-    t = {name: _stage(task, name in refresh) for name, task in tasks.items()}
+    recomputed: list[str] = []  # stages that ran instead of coming from the cache
+    t = {name: _stage(task, name in refresh, recomputed) for name, task in tasks.items()}
     source_sha = source_fingerprint(cfg.data)
     run_key = text_sha256(json.dumps(cfg.model_dump(mode="json", exclude={"tracking", "retries", "registry"}), sort_keys=True),
                           source_sha, library_fingerprint())
@@ -122,21 +128,31 @@ def finetune(recipe: str = DEFAULT_RECIPE, overrides: list[str] | None = None, n
             name = cfg.registry.model_name or cfg.name
             val_sha = text_sha256(file_sha256(split.val_records_path), base.identity, str(cfg.train.max_length))
             what = "full fine-tune" if full else f"LoRA r={cfg.lora.r}"
-            version = register_adapter(run_id, trained.adapter_dir, None if full else base.path, name, description=(
-                f"{cfg.name}: {what} on {base.source}; validation perplexity "
-                f"{ev.base_perplexity:.3f} -> {ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)"
-            ), tags={
-                "val_perplexity": ev.tuned_perplexity, "base_perplexity": ev.base_perplexity,
-                "perplexity_change_pct": 100 * ev.perplexity_change, "val.sha256": val_sha, "val.dir": split.val_dir,
-                "train.max_length": cfg.train.max_length, "base_model.source": base.source,
-                "base_model.identity": base.identity, "base_model.path": base.path, "data.sha256": data.sha256,
-                "recipe": recipe, "adapter.sha256": trained.adapter_sha256, "train.method": cfg.train.method,
-            })
+            version = registered_version(name, trained.adapter_sha256)  # a re-run from cache registers nothing new
+            if version is None:
+                version = register_adapter(run_id, trained.adapter_dir, None if full else base.path, name, description=(
+                    f"{cfg.name}: {what} on {base.source}; validation perplexity "
+                    f"{ev.base_perplexity:.3f} -> {ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)"
+                ), tags={
+                    "val_perplexity": ev.tuned_perplexity, "base_perplexity": ev.base_perplexity,
+                    "perplexity_change_pct": 100 * ev.perplexity_change, "val.sha256": val_sha, "val.dir": split.val_dir,
+                    "train.max_length": cfg.train.max_length, "base_model.source": base.source,
+                    "base_model.identity": base.identity, "base_model.path": base.path, "data.sha256": data.sha256,
+                    "recipe": recipe, "adapter.sha256": trained.adapter_sha256, "train.method": cfg.train.method,
+                })
+                if cfg.registry.promote:
+                    promotion = promote_task(name, version, cfg.registry.margin, current_run_id=run_id)
+            else:
+                logger.info("adapter already registered as %s version %s; not registering it again", name, version)
             tracking.set_tags({"registry.model": name, "registry.version": version})
-            if cfg.registry.promote:
-                promotion = promote_task(name, version, cfg.registry.margin, current_run_id=run_id)
 
         latest = _point_latest(Path(root), trained.adapter_dir, merged_dir, full)
+        if recomputed:
+            logger.info("recomputed: %s", ", ".join(recomputed))
+        else:
+            logger.info("nothing changed: every stage came from cache, no retraining")
+        tracking.set_tags({"lora_flow.from_cache": str(not recomputed).lower(), "lora_flow.recomputed": ",".join(recomputed)})
+
         summary = {
             "mlflow_run_id": run_id,
             "latest_dir": str(latest),

@@ -69,6 +69,17 @@ def register_adapter(run_id: str, adapter_dir: str, base_path: str | None, name:
     return version
 
 
+def registered_version(name: str, adapter_sha256: str) -> str | None:
+    """The version of `name` that already holds this exact adapter (by content), if any."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    hits = client.search_model_versions(f"name = '{name}' and tags.`adapter.sha256` = '{adapter_sha256}'")
+    return min((v.version for v in hits), key=int, default=None)
+
+
 def _version(client: MlflowClient, name: str, version: str):
     try:
         client.get_registered_model(name)
