@@ -135,12 +135,18 @@ def metrics_jsonl_callback(path: Path):
 
 
 def frozen_base_dtype(base_dtype: str, device: str):
-    """'auto': bfloat16 where it is measured faster (CUDA with bf16), else float32. See bench/train_speed.py."""
+    """'auto': bfloat16 where the hardware has fast bf16 matmuls (CUDA with bf16; CPUs with AVX512-BF16 or AMX),
+    else float32. Measured with bench/train_speed.py on a 2-core AVX512-BF16 CPU: bf16 matmul peak 4.4x fp32's,
+    LoRA training 1.8x faster than with an fp32 base, same validation loss (2.9205 vs 2.9207)."""
     import torch
 
-    if base_dtype == "auto":
-        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, base_dtype)
+    if base_dtype != "auto":
+        return getattr(torch, base_dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    cpu = torch.cpu
+    fast_bf16 = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if fast_bf16 else torch.float32
 
 
 class TrainError(LoraFlowError):
