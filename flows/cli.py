@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the MLflow run is marked KILLED; finished stages stay cached", file=sys.stderr)
+        print("interrupted: an MLflow run in progress is marked KILLED; finished stages stay cached", file=sys.stderr)
         return 130
 
 

@@ -868,18 +868,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.stack ...`: the same commands as `lora-flow stack ...`."""
-    parser = argparse.ArgumentParser(prog="lora-flow")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["stack", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except LoraFlowError as exc:
-        for line in str(exc).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: whatever this command had started was stopped", file=sys.stderr)
-        return 130
+    from flows.cli import main as cli_main
+
+    return cli_main(["stack", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
