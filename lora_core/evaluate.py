@@ -48,13 +48,26 @@ def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
     return ids, attn, position_ids, labels
 
 
+def _target_logits(model, ids, attn, pos, keep):
+    """Logits only where a target token is predicted: the LM head (vocabulary x hidden: ~20% of a 135M model's
+    FLOPs per token, and a vocabulary-wide softmax) runs on those positions alone. A model whose forward
+    post-processes logits (soft-capping, scaling) takes the plain full forward instead."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) or not hasattr(model, "get_decoder"):
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1][keep]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    return model.get_output_embeddings()(hidden[:, :-1][keep])
+
+
 def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, padding_side: str = "right", max_length: int | None = None) -> Perplexity:
-    """Token-weighted corpus perplexity of `model` on encoded rows (input_ids + assistant_masks)."""
+    """Token-weighted corpus perplexity of `model` on encoded rows (input_ids + assistant_masks).
+    Rows are batched by length (less padding); the sum does not depend on the order."""
     import torch
     import torch.nn.functional as F
 
     if max_length:
         rows = [{k: r[k][:max_length] for k in ("input_ids", "assistant_masks")} for r in rows]
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
@@ -62,13 +75,11 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     with torch.inference_mode():
         for batch in _batches(rows, batch_size):
             ids, attn, pos, labels = (t.to(device) for t in pad_batch(batch, pad_id, padding_side))
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-            # token t predicts token t+1
-            shift_logits = logits[:, :-1].float()
-            shift_labels = labels[:, 1:]
-            nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((shift_labels != -100).sum())
+            targets = labels[:, 1:]  # token t predicts token t+1
+            keep = targets != -100
+            logits = _target_logits(model, ids, attn, pos, keep).float()
+            total_nll += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
+            total_tokens += int(keep.sum())
     model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no target tokens to score: the validation rows have empty assistant masks")
@@ -76,12 +87,16 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     return Perplexity(math.exp(mean), mean, total_tokens)
 
 
-def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96, repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy replies to chat prompts: (messages ending with a user turn, tools or None)."""
-    from lora_core.inference import GenerationSettings, reply
+def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96,
+                     repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
+    """Greedy replies to chat prompts: (messages ending with a user turn, tools or None), `batch_size` at a time."""
+    from lora_core.inference import GenerationSettings, reply_batch
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-    return [reply(model, tokenizer, messages, settings, tools) for messages, tools in prompts]
+    replies: list[str] = []
+    for batch in _batches(prompts, batch_size):
+        replies += reply_batch(model, tokenizer, batch, settings)
+    return replies
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,7 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
 
     def measure(model):
         ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-        return ppl, generate_replies(model, tokenizer, chats, cfg.max_new_tokens, cfg.repetition_penalty)
+        return ppl, generate_replies(model, tokenizer, chats, cfg.max_new_tokens, cfg.repetition_penalty, cfg.batch_size)
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
     base_ppl, base_replies = measure(model)

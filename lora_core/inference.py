@@ -77,6 +77,25 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings =
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings: GenerationSettings = GenerationSettings()) -> list[str]:
+    """Replies to several chats in one generate call (left-padded; the attention mask keeps padding out)."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(m, tools=t, add_generation_prompt=True, tokenize=False) for m, t in chats]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    with torch.inference_mode():
+        out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id)
+    width = enc["input_ids"].shape[1]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
 def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
     """Yields the reply as it is generated (transformers' TextIteratorStreamer on a worker thread)."""
     import threading

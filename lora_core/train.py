@@ -229,7 +229,8 @@ def train_lora(
     if resume_from:
         log.info("resuming training from %s (step %d)", resume_from, resumed_from)
     what = f"LoRA r={lora.r}" if cfg.method == "lora" else "all weights (full fine-tuning)"
-    log.info("training %s on %d conversations, device=%s dtype=%s", what, len(train_ds), device, dtype)
+    log.info("training %s on %d conversations, device=%s, weights %s, autocast %s", what, len(train_ds), device,
+             next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off")
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started

@@ -47,3 +47,11 @@ def test_perplexity_matches_the_models_own_loss_for_one_sequence(model, rows):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=labels).loss
     assert math.isclose(perplexity(model, [r]).mean_nll, float(loss), rel_tol=1e-5)
+
+
+def test_batched_generation_equals_one_at_a_time(model, tiny_tokenizer):
+    from lora_core.inference import GenerationSettings, reply, reply_batch
+
+    chats = [([{"role": "user", "content": text}], None) for text in ("What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step by step")]
+    settings = GenerationSettings(max_new_tokens=6)
+    assert reply_batch(model, tiny_tokenizer, chats, settings) == [reply(model, tiny_tokenizer, m, settings) for m, _ in chats]
