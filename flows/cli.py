@@ -148,14 +148,16 @@ def cmd_chat(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lora_core.inference import read_prompts, reply
+    from lora_core.inference import read_prompts, reply_batch
 
     if bool(args.prompt) == bool(args.input):
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
     model, tokenizer = _load(args)
     settings = _settings(args)
-    results = [{"messages": chat, "reply": reply(model, tokenizer, chat, settings)} for chat in chats]
+    replies = [r for i in range(0, len(chats), 8)  # 8 prompts per generate call
+               for r in reply_batch(model, tokenizer, [(c, None) for c in chats[i : i + 8]], settings)]
+    results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
         from pathlib import Path
 

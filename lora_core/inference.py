@@ -68,13 +68,7 @@ def _inputs(model, tokenizer, messages: list[dict], tools: list | None = None):
 
 
 def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings(), tools: list | None = None) -> str:
-    import torch
-
-    enc = _inputs(model, tokenizer, messages, tools)
-    with torch.inference_mode():
-        out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id)
-    # special tokens stay out, except markup a template defines as text (e.g. <tool_call>)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return reply_batch(model, tokenizer, [(messages, tools)], settings)[0]
 
 
 def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings: GenerationSettings = GenerationSettings()) -> list[str]:
