@@ -176,11 +176,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False):
+def load_model(path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, attn_implementation=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     return model.to(device)
 
 

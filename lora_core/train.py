@@ -189,7 +189,8 @@ def train_lora(
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, set_seed
-    from trl import SFTTrainer
+
+    from lora_core.speed import CompactLossSFTTrainer, attention_implementation, use_fast_dropout
 
     out_dir = Path(out_dir)
     if not resume and out_dir.exists():
@@ -199,23 +200,25 @@ def train_lora(
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     quantization = quantization_config(load_in_4bit, device)
+    attention = attention_implementation(cfg.attn_implementation, device)
     set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
     tokenizer = load_tokenizer(tokenizer_dir or base_path, trust_remote_code)
     if quantization is not None:
         model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, device_map={"": 0},
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, attn_implementation=attention)
     else:
         # LoRA: the frozen base may be held in bf16 (peft keeps the adapter and so the optimizer in fp32);
         # full fine-tuning keeps fp32 master weights. On CUDA the Trainer's autocast governs compute.
         weights = frozen_base_dtype(cfg.base_dtype, device) if cfg.method == "lora" else torch.float32
-        model = load_model(base_path, dtype=weights, device=device, trust_remote_code=trust_remote_code)
+        model = load_model(base_path, dtype=weights, device=device, trust_remote_code=trust_remote_code,
+                           attn_implementation=attention)
     # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
     check_fits(train_ds, cfg.max_length)
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    trainer = SFTTrainer(
+    trainer = CompactLossSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -224,13 +227,16 @@ def train_lora(
         peft_config=peft_config(lora) if cfg.method == "lora" else None,
         callbacks=[*(callbacks or []), metrics_jsonl_callback(out_dir / "checkpoints" / "metrics.jsonl")],
     )
+    if device == "cpu":
+        log.info("LoRA dropout: %d modules use the fast CPU mask", use_fast_dropout(trainer.model))
     resume_from = last_checkpoint(out_dir / "checkpoints")
     resumed_from = checkpoint_step(resume_from) if resume_from else 0
     if resume_from:
         log.info("resuming training from %s (step %d)", resume_from, resumed_from)
     what = f"LoRA r={lora.r}" if cfg.method == "lora" else "all weights (full fine-tuning)"
-    log.info("training %s on %d conversations, device=%s, weights %s, autocast %s", what, len(train_ds), device,
-             next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off")
+    log.info("training %s on %d conversations, device=%s, weights %s, autocast %s, attention %s", what, len(train_ds),
+             device, next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off",
+             model.config._attn_implementation)
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started

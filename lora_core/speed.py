@@ -1,0 +1,110 @@
+"""Training fast paths, each kept because bench/train_speed.py measured it faster on a 2-core CPU with the
+same validation loss. CUDA keeps the libraries' own paths (TRL's Triton LM head, torch's Philox dropout,
+SDPA attention), which are already fast there.
+
+- `attention_implementation`: eager attention on CPU. With ~150-token conversations, torch's CPU flash-SDPA
+  kernel (and its backward) cost more than eager's two bf16 batched matmuls and an fp32 softmax.
+- `CompactLossSFTTrainer`: the LM head projects only positions whose next token is a target (40% of the
+  tokens of the default recipe), once, with plain autograd. TRL's fused head on a device without Triton
+  scores every padded position in vocabulary tiles and recomputes them in backward with an fp32 cast of the
+  head each tile: a third of every training step here.
+- `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (half a 32-bit draw each) instead of
+  torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
+  with probability 1 - p (p rounded to a multiple of 1/65536) and scaled by 1/(1 - p).
+
+Imported only by train.py, when training starts (it imports torch).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from trl import SFTTrainer
+from trl.trainer.utils import _use_triton
+
+log = logging.getLogger(__name__)
+
+
+def attention_implementation(choice: str, device: str) -> str | None:
+    """`choice` unless 'auto'; 'auto' is eager on CPU and the transformers default (None: SDPA) elsewhere."""
+    if choice != "auto":
+        return choice
+    return "eager" if device == "cpu" else None
+
+
+class FastDropout(torch.nn.Module):
+    """`torch.nn.Dropout(p)` in training mode, with a cheaper CPU mask (see the module docstring)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536) - 32768  # int16 r is dropped when r < threshold: P = round(p * 2^16) / 2^16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        # one 32-bit draw gives two 16-bit lanes; randint's range 2^32 - 1 keeps torch on its 32-bit generator
+        bits = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=x.device)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        noise = torch.where(keep, 1.0 / (1.0 - self.p), 0.0)  # saved by autograd: backward is grad * noise
+        return x * (noise if noise.dtype == x.dtype else noise.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def use_fast_dropout(model: torch.nn.Module) -> int:
+    """Swap peft's LoRA dropout modules for `FastDropout` (same p); returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                dropouts[name] = FastDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
+class CompactLossSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer; on devices without Triton the loss comes from the target positions only (module docstring).
+
+    The loss is TRL's (sum of target-token NLL over the tokens of the whole accumulated batch), and so are the
+    logged entropy, mean token accuracy and token count. Anything this path does not cover (label smoothing, a
+    custom loss, DFT, MoE aux loss, padding-free batches) goes to TRL's own compute_loss.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if (return_outputs or labels is None or _use_triton(labels.device) or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled
+                or "attention_mask" not in inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        causal_lm = self.accelerator.unwrap_model(model)
+        if hasattr(causal_lm, "get_base_model"):
+            causal_lm = causal_lm.get_base_model()  # peft: the LoRA layers live inside the base model's modules
+        targets = labels[:, 1:]
+        mask = targets != -100
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        with self.accelerator.autocast():
+            hidden = causal_lm.base_model(**forward, use_cache=False).last_hidden_state[:, :-1][mask]
+            logits = causal_lm.get_output_embeddings()(hidden).float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        targets = targets[mask]
+        nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+        denominator = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = nll / torch.as_tensor(denominator).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        with torch.no_grad():
+            valid = max(int(mask.sum()), 1)
+            self._metrics[mode]["entropy"].append(float(-(log_probs.exp() * log_probs).sum()) / valid)
+            self._metrics[mode]["mean_token_accuracy"].append(float((logits.argmax(-1) == targets).sum()) / valid)
+        if mode == "train":
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
