@@ -1,0 +1,92 @@
+"""The CPU training fast paths (lora_core/speed.py) compute what the libraries' own paths compute."""
+
+import pytest
+import torch
+from trl import SFTTrainer
+
+from lora_core.config import LoraConfig, SplitConfig, TemplateConfig, TrainConfig
+from lora_core.data import split_dataset, write_jsonl
+from lora_core.formatting import format_dataset
+from lora_core.speed import CompactLossSFTTrainer, FastDropout, attention_implementation, use_fast_dropout
+from lora_core.train import peft_config, sft_config
+
+
+def test_attention_is_eager_on_cpu_and_library_default_elsewhere():
+    assert attention_implementation("auto", "cpu") == "eager"
+    assert attention_implementation("auto", "cuda") is None
+    assert attention_implementation("sdpa", "cpu") == "sdpa"
+
+
+def test_fast_dropout_keeps_1_minus_p_scaled_and_passes_through_in_eval():
+    x = torch.randn(1000, 1000, requires_grad=True)
+    drop = FastDropout(0.1)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out != 0
+    assert abs(float(kept.float().mean()) - 0.9) < 0.003  # 1e6 Bernoulli draws: std 0.0003
+    assert torch.allclose(out[kept], x[kept] / 0.9)
+    out.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.9)  # backward is grad * the same mask
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # follows torch's seeded generator, so resumed runs replay it
+    assert not torch.equal(drop(x), out)  # and a fresh mask on every call
+    assert drop.eval()(x) is x and FastDropout(0.0)(x) is x
+    half = FastDropout(0.5)(torch.ones(200_001, dtype=torch.bfloat16))  # odd size, bf16 stays bf16
+    assert half.dtype == torch.bfloat16 and abs(float((half != 0).float().mean()) - 0.5) < 0.01
+    assert set(half.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, tiny_model_dir, tutor_records):
+    tmp = tmp_path_factory.mktemp("speed")
+    write_jsonl(tutor_records[:12], tmp / "records.jsonl")
+    fmt = format_dataset(str(tmp / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(system_prompt="Be Socratic."), tmp)
+    split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=2), tmp / "split")
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = TrainConfig(max_steps=1, batch_size=4, grad_accum=1)
+    return CompactLossSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager"),
+        args=sft_config(cfg, str(tmp / "out"), "cpu", has_eval=False),
+        train_dataset=datasets.load_from_disk(split.train_dir),
+        processing_class=AutoTokenizer.from_pretrained(fmt.tokenizer_dir),
+        peft_config=peft_config(LoraConfig(r=4, alpha=8, dropout=0.1)),
+    )
+
+
+def test_compact_loss_and_gradients_equal_trl_fused_head(trainer):
+    """Same batch, same weights: loss, LoRA gradients and logged metrics equal TRL's own compute_loss."""
+    model = trainer.model.train()
+    for name, p in model.named_parameters():  # LoRA B starts at zero; give it weights so every gradient is non-zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # masked prompt and padding
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    results = []
+    for compute in (CompactLossSFTTrainer.compute_loss, SFTTrainer.compute_loss):
+        model.zero_grad()
+        trainer._metrics["train"].clear()
+        torch.manual_seed(0)  # the same dropout masks
+        loss = compute(trainer, model, dict(batch), num_items_in_batch=targets * 2)  # as if 2 micro-batches
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        metrics = {k: trainer._metrics["train"][k][-1] for k in ("entropy", "mean_token_accuracy")}
+        results.append((float(loss.detach()), grads, metrics))
+    (ours, our_grads, our_metrics), (trl, trl_grads, trl_metrics) = results
+    assert ours == pytest.approx(trl, rel=1e-5)
+    assert our_grads.keys() == trl_grads.keys() and any("lora_A" in n for n in our_grads)
+    for name, g in our_grads.items():
+        assert float(g.abs().sum()) > 0, name
+        torch.testing.assert_close(g, trl_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert our_metrics == pytest.approx(trl_metrics, rel=1e-4)
+
+
+def test_fast_dropout_replaces_every_lora_dropout(trainer):
+    model = trainer.model
+    lora_modules = [m for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert lora_modules and all(type(m.lora_dropout["default"]) is torch.nn.Dropout for m in lora_modules)
+    assert use_fast_dropout(model) == len(lora_modules)
+    assert all(isinstance(m.lora_dropout["default"], FastDropout) and m.lora_dropout["default"].p == 0.1 for m in lora_modules)
+    assert use_fast_dropout(model) == 0  # idempotent
