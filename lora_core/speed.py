@@ -8,7 +8,7 @@ SDPA attention), which are already fast there.
   tokens of the default recipe), once, with plain autograd. TRL's fused head on a device without Triton
   scores every padded position in vocabulary tiles and recomputes them in backward with an fp32 cast of the
   head each tile: a third of every training step here.
-- `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (half a 32-bit draw each) instead of
+- `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (a quarter of a 64-bit draw each) instead of
   torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
   with probability 1 - p (p rounded to a multiple of 1/65536) and scaled by 1/(1 - p).
 
@@ -45,8 +45,8 @@ class FastDropout(torch.nn.Module):
         if not self.training or self.p == 0:
             return x
         n = x.numel()
-        # one 32-bit draw gives two 16-bit lanes; randint's range 2^32 - 1 keeps torch on its 32-bit generator
-        bits = torch.randint(-(2**31), 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=x.device)
+        # one 64-bit draw gives four 16-bit lanes: half the generator time of 32-bit draws, a fifth of bernoulli_'s
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
         noise = torch.where(keep, 1.0 / (1.0 - self.p), 0.0)  # saved by autograd: backward is grad * noise
         return x * (noise if noise.dtype == x.dtype else noise.to(x.dtype))
