@@ -138,7 +138,8 @@ class TrainConfig(_Part):
     load_best: bool = Field(False, description="End with the checkpoint of lowest validation loss (evaluates at every save).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Training precision; 'auto' is bfloat16 on CUDA that supports it, float32 on CPU."
+        "auto", description="Autocast precision; 'auto' is bfloat16 on CUDA that supports it and, on CPU, bfloat16 "
+        "when the frozen base is held in bfloat16 (see base_dtype), else float32."
     )
     base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Dtype of the frozen base weights in LoRA training (LoRA weights and optimizer stay float32); "

@@ -48,8 +48,8 @@ class FastDropout(torch.nn.Module):
         # one 64-bit draw gives four 16-bit lanes: half the generator time of 32-bit draws, a fifth of bernoulli_'s
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        noise = torch.where(keep, 1.0 / (1.0 - self.p), 0.0)  # saved by autograd: backward is grad * noise
-        return x * (noise if noise.dtype == x.dtype else noise.to(x.dtype))
+        scale, zero = x.new_full((), 1.0 / (1.0 - self.p)), x.new_zeros(())
+        return x * torch.where(keep, scale, zero)  # autograd keeps the mask in x's dtype: backward is grad * mask
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

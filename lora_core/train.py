@@ -52,11 +52,12 @@ def peft_config(cfg: LoraConfig):
     )
 
 
-def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool):
+def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, dtype=None):
+    """TRL's SFTConfig for `cfg`; `dtype` is the autocast dtype (default: `cfg.dtype` resolved for the device)."""
     import torch
     from trl import SFTConfig
 
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = dtype or pick_dtype(cfg.dtype, device)
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
@@ -149,6 +150,19 @@ def frozen_base_dtype(base_dtype: str, device: str):
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 
+def autocast_dtype(dtype: str, device: str, weights):
+    """`dtype` unless 'auto'. 'auto': bfloat16 on CUDA that supports it; on CPU, bfloat16 when the frozen base is
+    held in bfloat16 (LoRA on a fast-bf16 CPU, see frozen_base_dtype), so the LoRA matmuls run in bf16 like the
+    base's. Measured with bench/train_speed.py: ~5% faster than fp32 LoRA compute over a bf16 base, same loss.
+    Over an fp32 base (full fine-tuning, CPUs without fast bf16) CPU autocast would re-cast every weight on every
+    step: float32."""
+    import torch
+
+    if dtype != "auto" or device != "cpu":
+        return pick_dtype(dtype, device)
+    return torch.bfloat16 if weights == torch.bfloat16 else torch.float32
+
+
 class TrainError(LoraFlowError):
     """Training cannot start with these data and settings."""
 
@@ -188,6 +202,7 @@ def train_lora(
     """
     import datasets
     import torch
+    from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM, set_seed
 
     from lora_core.speed import CompactLossSFTTrainer, attention_implementation, use_fast_dropout
@@ -198,11 +213,11 @@ def train_lora(
         out_dir.rename(aside)
         log.info("fresh training requested: kept the previous run at %s", aside)
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     quantization = quantization_config(load_in_4bit, device)
     attention = attention_implementation(cfg.attn_implementation, device)
     set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
     tokenizer = load_tokenizer(tokenizer_dir or base_path, trust_remote_code)
+    weights = torch.float32
     if quantization is not None:
         model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, device_map={"": 0},
                                                      trust_remote_code=trust_remote_code, attn_implementation=attention)
@@ -216,7 +231,8 @@ def train_lora(
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
     check_fits(train_ds, cfg.max_length)
-    args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None)
+    dtype = autocast_dtype(cfg.dtype, device, weights)
+    args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None, dtype=dtype)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer = CompactLossSFTTrainer(
         model=model,
@@ -237,8 +253,12 @@ def train_lora(
     log.info("training %s on %d conversations, device=%s, weights %s, autocast %s, attention %s", what, len(train_ds),
              device, next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off",
              model.config._attn_implementation)
+    # Under CPU autocast, peft's cast of each LoRA input to fp32 only feeds a matmul that autocast casts back to
+    # bf16: skip it (peft's own switch). The LoRA weights, their gradients and the optimizer stay fp32.
+    skip_casts = device == "cpu" and dtype == torch.bfloat16 and cfg.method == "lora" and not lora.use_dora
     started = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=resume_from)
+    with disable_input_dtype_casting(trainer.model, active=skip_casts):
+        out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     eval_loss = None
     if val_ds is not None:
