@@ -48,20 +48,48 @@ def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
     return ids, attn, position_ids, labels
 
 
-def _target_logits(model, ids, attn, pos, keep):
+def _plain_head(model) -> bool:
+    """Whether logits are just the output embedding applied to the decoder's last hidden state."""
+    config = model.config
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
+                or not hasattr(model, "get_decoder"))
+
+
+def _target_logits(model, ids, attn, pos, keep, past=None):
     """Logits only where a target token is predicted: the LM head (vocabulary x hidden: ~20% of a 135M model's
     FLOPs per token, and a vocabulary-wide softmax) runs on those positions alone. A model whose forward
-    post-processes logits (soft-capping, scaling) takes the plain full forward instead."""
-    config = model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) or not hasattr(model, "get_decoder"):
+    post-processes logits (soft-capping, scaling) takes the plain full forward instead. `past`: the key/value
+    cache of a prefix that every row of the batch starts with (see shared_prefix)."""
+    if not _plain_head(model):
         return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1][keep]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                                 use_cache=past is not None).last_hidden_state
     return model.get_output_embeddings()(hidden[:, :-1][keep])
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
+
+
+def shared_prefix(rows: list[dict]) -> int:
+    """Length of the token prefix every row starts with (a system prompt, tool specs), stopping early enough
+    that no position inside it predicts a target token and every row keeps at least one token after it."""
+    limit = min(len(r["input_ids"]) - 1 for r in rows)
+    for r in rows:
+        if 1 in r["assistant_masks"][1:]:
+            limit = min(limit, r["assistant_masks"].index(1, 1) - 1)  # target j is predicted by position j - 1
+    first, n = rows[0]["input_ids"], 0
+    while n < limit and all(r["input_ids"][n] == first[n] for r in rows):
+        n += 1
+    return n
 
 
 def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, padding_side: str = "right", max_length: int | None = None) -> Perplexity:
     """Token-weighted corpus perplexity of `model` on encoded rows (input_ids + assistant_masks).
-    Rows are batched by length (less padding); the sum does not depend on the order."""
+    Rows are batched by length (less padding); the sum does not depend on the order. When every row starts
+    with the same tokens (a system prompt: 26% of the default recipe's tokens), the decoder runs on them once
+    and each batch continues from a copy of their key/value cache."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
@@ -72,12 +100,25 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
+    prefix = shared_prefix(rows) if _plain_head(model) else 0
     with torch.inference_mode():
+        prefix_cache = None
+        if prefix >= MIN_SHARED_PREFIX:
+            prefix_ids = torch.tensor([rows[0]["input_ids"][:prefix]], device=device)
+            prefix_cache = model.get_decoder()(input_ids=prefix_ids, use_cache=True).past_key_values
+            rows = [{k: r[k][prefix:] for k in ("input_ids", "assistant_masks")} for r in rows]
+            padding_side = "right"  # suffixes continue the prefix: padding goes after them
         for batch in _batches(rows, batch_size):
             ids, attn, pos, labels = (t.to(device) for t in pad_batch(batch, pad_id, padding_side))
+            past = None
+            if prefix_cache is not None:
+                past = copy.deepcopy(prefix_cache)
+                past.batch_repeat_interleave(len(batch))
+                attn = torch.cat([attn.new_ones(len(batch), prefix), attn], dim=1)
+                pos = pos + prefix
             targets = labels[:, 1:]  # token t predicts token t+1
             keep = targets != -100
-            logits = _target_logits(model, ids, attn, pos, keep).float()
+            logits = _target_logits(model, ids, attn, pos, keep, past).float()
             total_nll += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
             total_tokens += int(keep.sum())
     model.train(was_training)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_core.base_model import load_model
-from lora_core.evaluate import perplexity
+from lora_core.evaluate import MIN_SHARED_PREFIX, perplexity, shared_prefix
 from lora_core.formatting import encode_record
 
 
@@ -55,3 +55,49 @@ def test_batched_generation_equals_one_at_a_time(model, tiny_tokenizer):
     chats = [([{"role": "user", "content": text}], None) for text in ("What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step by step")]
     settings = GenerationSettings(max_new_tokens=6)
     assert reply_batch(model, tiny_tokenizer, chats, settings) == [reply(model, tiny_tokenizer, m, settings) for m, _ in chats]
+
+
+def per_example_perplexity(model, rows) -> float:
+    """Reference: one conversation at a time through the model's own loss, weighted by target tokens."""
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            labels = ids.clone()
+            labels[0, torch.tensor(r["assistant_masks"]) == 0] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            nll += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    return math.exp(nll / tokens)
+
+
+@pytest.fixture(scope="module")
+def system_rows(tiny_tokenizer, tutor_records):
+    system = {"role": "system", "content": "You are a patient Socratic tutor. Ask one guiding question at a time."}
+    out = []
+    for r in tutor_records[:10]:
+        e = encode_record(tiny_tokenizer, {**r, "messages": [system, *r["messages"]]})
+        out.append({"input_ids": e.input_ids, "assistant_masks": e.assistant_masks})
+    return out
+
+
+def test_shared_prefix_stops_before_any_predicted_target(system_rows):
+    n = shared_prefix(system_rows)
+    assert n >= MIN_SHARED_PREFIX
+    assert all(r["input_ids"][:n] == system_rows[0]["input_ids"][:n] for r in system_rows)
+    assert all(1 not in r["assistant_masks"][: n + 1] for r in system_rows)  # position n - 1 predicts token n
+    early = {"input_ids": system_rows[0]["input_ids"][:12], "assistant_masks": [0] * 5 + [1] * 7}
+    assert shared_prefix([*system_rows, early]) == 4
+    assert shared_prefix([system_rows[0], {**system_rows[1], "input_ids": [-1] + system_rows[1]["input_ids"][1:]}]) == 0
+
+
+def test_shared_prefix_cache_gives_the_per_example_perplexity(model, system_rows, tiny_tokenizer):
+    """Scored from a cached system-prompt prefix, base and LoRA models match their own loss one row at a time."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(load_model(model.name_or_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for m in (model, lora.eval()):
+        ref = per_example_perplexity(m, system_rows)
+        for bs in (1, 3, 10):
+            got = perplexity(m, system_rows, batch_size=bs, pad_id=tiny_tokenizer.pad_token_id)
+            assert math.isclose(got.perplexity, ref, rel_tol=1e-5), (bs, got.perplexity, ref)
