@@ -12,11 +12,17 @@ SDPA attention), which are already fast there.
   torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
   with probability 1 - p (p rounded to a multiple of 1/65536) and scaled by 1/(1 - p).
 
+- `heap_reuse`: glibc keeps freed activation buffers (0.1-30 MB, allocated and freed hundreds of times per
+  step) in its heap during training instead of unmapping and page-faulting them back: ~3% here.
+
 Imported only by train.py, when training starts (it imports torch).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 
 import torch
@@ -24,6 +30,30 @@ from trl import SFTTrainer
 from trl.trainer.utils import _use_triton
 
 log = logging.getLogger(__name__)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # bytes, both parameters' defaults
+
+
+@contextlib.contextmanager
+def heap_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20):
+    """Within the block, glibc serves allocations up to `mmap_threshold` bytes (its maximum, 32 MB) from the heap
+    and trims the heap top only past `trim_threshold`; afterwards the defaults come back and the heap is trimmed.
+    A no-op where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        yield
+        return
+    applied = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    try:
+        yield
+    finally:
+        if applied:
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+            libc.malloc_trim(0)
 
 
 def attention_implementation(choice: str, device: str) -> str | None:

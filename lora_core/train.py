@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def train_lora(
     from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM, set_seed
 
-    from lora_core.speed import CompactLossSFTTrainer, attention_implementation, use_fast_dropout
+    from lora_core.speed import CompactLossSFTTrainer, attention_implementation, heap_reuse, use_fast_dropout
 
     out_dir = Path(out_dir)
     if not resume and out_dir.exists():
@@ -257,7 +258,7 @@ def train_lora(
     # bf16: skip it (peft's own switch). The LoRA weights, their gradients and the optimizer stay fp32.
     skip_casts = device == "cpu" and dtype == torch.bfloat16 and cfg.method == "lora" and not lora.use_dora
     started = time.perf_counter()
-    with disable_input_dtype_casting(trainer.model, active=skip_casts):
+    with disable_input_dtype_casting(trainer.model, active=skip_casts), heap_reuse() if device == "cpu" else nullcontext():
         out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     eval_loss = None

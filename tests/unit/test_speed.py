@@ -90,3 +90,33 @@ def test_fast_dropout_replaces_every_lora_dropout(trainer):
     assert use_fast_dropout(model) == len(lora_modules)
     assert all(isinstance(m.lora_dropout["default"], FastDropout) and m.lora_dropout["default"].p == 0.1 for m in lora_modules)
     assert use_fast_dropout(model) == 0  # idempotent
+
+
+def test_heap_reuse_serves_large_blocks_from_the_heap_and_restores_glibc_defaults():
+    import ctypes
+    import ctypes.util
+
+    from lora_core.speed import heap_reuse
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def mmapped_by(size: int) -> int:
+        before = libc.mallinfo2().hblkhd
+        block = libc.malloc(size)
+        grew = libc.mallinfo2().hblkhd - before
+        libc.free(block)
+        return grew
+
+    with heap_reuse():
+        assert mmapped_by(20 << 20) == 0  # 20 MB from the heap
+    assert mmapped_by(20 << 20) >= 20 << 20  # defaults back: mmapped again
