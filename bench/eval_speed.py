@@ -13,7 +13,6 @@ matmul peak measured in the same run (so: how far either is from this CPU's ceil
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -21,21 +20,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def per_example(model, rows: list[dict]) -> float:
-    import torch
-
-    nll, tokens = 0.0, 0
-    with torch.inference_mode():
-        for r in rows:
-            ids = torch.tensor([r["input_ids"]])
-            labels = ids.clone()
-            labels[0, torch.tensor(r["assistant_masks"]) == 0] = -100
-            n = int((labels[0, 1:] != -100).sum())
-            nll += float(model(input_ids=ids, labels=labels).loss) * n
-            tokens += n
-    return math.exp(nll / tokens)
 
 
 def main() -> None:
@@ -50,7 +34,7 @@ def main() -> None:
     from lora_core.base_model import load_model, load_tokenizer, resolve_base
     from lora_core.config import load_recipe
     from lora_core.data import download_dataset
-    from lora_core.evaluate import perplexity
+    from lora_core.evaluate import per_example_perplexity, perplexity
     from lora_core.formatting import format_dataset
 
     cfg = load_recipe(REPO / a.recipe)
@@ -79,7 +63,7 @@ def main() -> None:
     from lora_core.evaluate import shared_prefix
 
     peak = matmul_peak("float32")
-    loop_s, loop_ppl = best(lambda: per_example(model, rows))
+    loop_s, loop_ppl = best(lambda: per_example_perplexity(model, rows))
     ours_s, ours = best(lambda: perplexity(model, rows, bs, pad))
     tokens = sum(len(r["input_ids"]) for r in rows)
     # forward matmul FLOPs: 2 per weight per token; the LM head (tied to the embedding) on every position for

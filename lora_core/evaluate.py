@@ -128,6 +128,23 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     return Perplexity(math.exp(mean), mean, total_tokens)
 
 
+def per_example_perplexity(model, rows: list[dict]) -> float:
+    """The straightforward reference: one conversation at a time through the model's own loss, weighted by its
+    target-token count. Tests and bench/eval_speed.py hold perplexity() to it."""
+    import torch
+
+    nll, tokens = 0.0, 0
+    with torch.inference_mode():
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]], device=next(model.parameters()).device)
+            labels = ids.clone()
+            labels[0, torch.tensor(r["assistant_masks"], device=ids.device) == 0] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            nll += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    return math.exp(nll / tokens)
+
+
 def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96,
                      repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
     """Greedy replies to chat prompts: (messages ending with a user turn, tools or None), `batch_size` at a time."""

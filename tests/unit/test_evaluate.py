@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_core.base_model import load_model
-from lora_core.evaluate import MIN_SHARED_PREFIX, perplexity, shared_prefix
+from lora_core.evaluate import MIN_SHARED_PREFIX, per_example_perplexity, perplexity, shared_prefix
 from lora_core.formatting import encode_record
 
 
@@ -55,20 +55,6 @@ def test_batched_generation_equals_one_at_a_time(model, tiny_tokenizer):
     chats = [([{"role": "user", "content": text}], None) for text in ("What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step by step")]
     settings = GenerationSettings(max_new_tokens=6)
     assert reply_batch(model, tiny_tokenizer, chats, settings) == [reply(model, tiny_tokenizer, m, settings) for m, _ in chats]
-
-
-def per_example_perplexity(model, rows) -> float:
-    """Reference: one conversation at a time through the model's own loss, weighted by target tokens."""
-    nll, tokens = 0.0, 0
-    with torch.no_grad():
-        for r in rows:
-            ids = torch.tensor([r["input_ids"]])
-            labels = ids.clone()
-            labels[0, torch.tensor(r["assistant_masks"]) == 0] = -100
-            n = int((labels[0, 1:] != -100).sum())
-            nll += float(model(input_ids=ids, labels=labels).loss) * n
-            tokens += n
-    return math.exp(nll / tokens)
 
 
 @pytest.fixture(scope="module")
