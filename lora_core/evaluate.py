@@ -100,7 +100,7 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    prefix = shared_prefix(rows) if _plain_head(model) else 0
+    prefix = shared_prefix(rows) if rows and _plain_head(model) else 0
     with torch.inference_mode():
         prefix_cache = None
         if prefix >= MIN_SHARED_PREFIX:
