@@ -604,30 +604,29 @@ def down(state: Path) -> dict[str, str]:
     return {name: results[name] for name in reversed(SERVICES) if name in results}
 
 
+def _server_problem(var: str, url: str, healthy, what: str, not_it: str) -> str | None:
+    """None when a `what` server answers at `url` (named by variable `var`), else the line that says what is wrong."""
+    try:
+        _http(url.rstrip("/") + "/health")
+        if not healthy(url):
+            return f"{var}={url}: answers, but not as {not_it}"
+    except (OSError, ValueError) as exc:
+        return f"{var}={url}: no {what} answers ({_reason(exc)}); start one with `lora-flow stack up` or fix the variable"
+    return None
+
+
 def env_problems(env=os.environ) -> list[str]:
     """One line per variable the pipeline reads that points at nothing that answers."""
     problems = []
     if env.get("PREFECT_API_URL"):
-        url = env["PREFECT_API_URL"]
-        try:
-            _http(url.rstrip("/") + "/health")
-            if not prefect_healthy(url):
-                problems.append(f"PREFECT_API_URL={url}: answers, but not as a Prefect API (does it end in /api?)")
-        except (OSError, ValueError) as exc:
-            problems.append(f"PREFECT_API_URL={url}: no Prefect server answers ({_reason(exc)}); "
-                            "start one with `lora-flow stack up` or fix the variable")
+        problems.append(_server_problem("PREFECT_API_URL", env["PREFECT_API_URL"], prefect_healthy, "Prefect server",
+                                        "a Prefect API (does it end in /api?)"))
     uri = env.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        try:
-            _http(uri.rstrip("/") + "/health")
-            if not mlflow_healthy(uri):
-                problems.append(f"MLFLOW_TRACKING_URI={uri}: answers, but not as an MLflow server")
-        except (OSError, ValueError) as exc:
-            problems.append(f"MLFLOW_TRACKING_URI={uri}: no MLflow server answers ({_reason(exc)}); "
-                            "start one with `lora-flow stack up` or fix the variable")
+        problems.append(_server_problem("MLFLOW_TRACKING_URI", uri, mlflow_healthy, "MLflow server", "an MLflow server"))
     elif uri and "://" not in uri and not uri.startswith(("databricks", "file:")):
         problems.append(f"MLFLOW_TRACKING_URI={uri!r}: not a tracking URI; use http://127.0.0.1:<port> or sqlite:////abs/path.db")
-    return problems
+    return [p for p in problems if p]
 
 
 def status(state: Path, env=os.environ) -> dict:

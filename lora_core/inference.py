@@ -61,8 +61,8 @@ def load_chat_model(path: str | Path, base_path: str | None = None, device: str 
     return model.eval(), tokenizer
 
 
-def _inputs(model, tokenizer, messages: list[dict], tools: list | None = None):
-    enc = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+def _inputs(model, tokenizer, messages: list[dict]):
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in enc.items()}
 
