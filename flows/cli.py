@@ -180,6 +180,8 @@ def _generation_args(p) -> None:
 
 
 def cmd_validate(args) -> int:
+    from lora_core import preflight
+
     recipes, overrides = _split_args(args.args)
     if not recipes:
         raise ConfigError("validate needs at least one recipe path")
@@ -187,15 +189,13 @@ def cmd_validate(args) -> int:
     for recipe in recipes:
         try:
             cfg = load_recipe(recipe, overrides)
-            d = cfg.data
-            records, fmt, _ = load_normalised(d.path, d.format, d.split, d.revision, d.subset, d.columns)
-            if d.validation_path:
-                load_normalised(d.validation_path, fmt, d.split, d.revision, d.subset, d.columns)
-            for src in d.mix:
-                load_normalised(src.path, src.format)
-            print(f"{recipe}: ok ({len(records)} {fmt} records in {d.path})")
-        except (ConfigError, DataError) as exc:
+        except ConfigError as exc:
             problems.append(str(exc))
+            continue
+        found = preflight.check(cfg)  # every check that needs no model weights
+        problems += [f"{recipe}: {line}" for line in found]
+        if not found:
+            print(f"{recipe}: ok (data {cfg.data.path}, model {cfg.model.base})")
     if problems:
         raise ConfigError("\n".join(problems))
     return 0

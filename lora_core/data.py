@@ -1,8 +1,8 @@
-"""Dataset loading, format detection, normalisation to chat messages, and the train/val split.
+"""Normalisation to chat messages, the train/val split, and the data stages.
 
 Every record becomes either `{"messages": [...], "tools": [...]?}` or `{"text": "..."}`.
-Problems are collected for the whole file and reported together, each naming the
-file and line (or record index) and the fix.
+Problems are collected for every source and reported together, each naming the
+file and line (or record index) and the fix. Reading files lives in sources.py.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from lora_core.errors import LoraFlowError
-from lora_core.hashing import text_sha256, tree_sha256
+from lora_core.hashing import text_sha256
+from lora_core.sources import DataError, RawRecord, is_hub_id, read_records, source_fingerprint  # noqa: F401 - public here too
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -37,111 +36,6 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 MAX_REPORTED = 20  # problems listed before "... and N more"
-
-
-class DataError(LoraFlowError):
-    """Bad training data; the message has one line per problem, each naming where and the fix."""
-
-
-@dataclass(frozen=True)
-class RawRecord:
-    where: str  # "data/x.jsonl:17" or "hub org/name record 17"
-    value: Any  # the parsed record, or None when it could not be parsed
-    error: str | None = None
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def is_hub_id(path: str) -> bool:
-    return not Path(path).exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
-
-
-def _local_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix not in LOCAL_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise DataError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files; point data.path at a data file")
-        return files
-    raise DataError(f"{path}: no such file or directory; set data.path to an existing file, directory or hub dataset id")
-
-
-def _read_file(path: Path) -> Iterator[RawRecord]:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield RawRecord(f"{path}:{n}", json.loads(line))
-                except json.JSONDecodeError as exc:
-                    yield RawRecord(f"{path}:{n}", None, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            yield RawRecord(f"{path}:{exc.lineno}", None, f"not valid JSON ({exc.msg}); fix the file")
-            return
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            yield RawRecord(str(path), None, "a .json data file must hold a list of records; use a list or JSONL")
-            return
-        for i, rec in enumerate(data):
-            yield RawRecord(f"{path} record {i}", rec)
-    else:  # .csv / .parquet through the datasets library's own readers
-        import datasets
-
-        builder = "csv" if path.suffix == ".csv" else "parquet"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        first_row = 2 if builder == "csv" else 0  # csv line 1 is the header
-        for i, rec in enumerate(ds):
-            where = f"{path}:{i + first_row}" if builder == "csv" else f"{path} row {i}"
-            yield RawRecord(where, rec)
-
-
-def read_records(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> tuple[list[RawRecord], str]:
-    """Raw records and a content hash of the source (file bytes, or the hub dataset's fingerprint)."""
-    if is_hub_id(path):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(path, subset, split=split, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the fix, chained
-            raise DataError(
-                f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "check the id, split and revision, network access, or use a local file"
-            ) from exc
-        digest = text_sha256("hub", path, subset or "", revision or "", split, ds._fingerprint)
-        return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], digest
-    local = Path(path).expanduser()
-    files = _local_files(local)
-    records = [r for f in files for r in _read_file(f)]
-    return records, tree_sha256(local)
-
-
-def source_fingerprint(cfg) -> str:
-    """Content key of the data sources, computed before reading them: file bytes, or hub id@commit."""
-    parts = []
-    for path in (cfg.path, cfg.validation_path, *(m.path for m in cfg.mix)):
-        if path is None:
-            continue
-        if is_hub_id(path):
-            try:
-                from huggingface_hub import HfApi
-
-                commit = HfApi().dataset_info(path, revision=cfg.revision).sha
-            except Exception:  # noqa: BLE001 - offline: key on the name; download reports the real error
-                commit = cfg.revision or "unresolved"
-            parts.append(f"hub:{path}/{cfg.subset}@{commit}:{cfg.split}")
-        else:
-            local = Path(path).expanduser()
-            parts.append(tree_sha256(local) if local.exists() else f"missing:{path}")
-    return text_sha256(*parts)
 
 
 # --------------------------------------------------------------------------- normalising
@@ -192,6 +86,9 @@ def _normalise_messages(raw: Any) -> tuple[list[dict] | None, str | None]:
             return None, f"message {i} is not an object with a 'role'; expected {{\"role\": ..., \"content\": ...}}"
         if m["role"] not in ROLES:
             return None, f"message {i} has role {m['role']!r}; expected one of {'/'.join(ROLES)}"
+        if m.get("content") is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+            return None, (f"message {i} ({m['role']}) has no 'content'; add \"content\": \"...\" "
+                          "(only an assistant message with tool_calls may leave it out)")
         text = _content_text(m.get("content"))
         if text is None:
             return None, f"message {i} has content of type {type(m.get('content')).__name__}; expected a string or text parts"
@@ -268,12 +165,12 @@ def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision
         raise DataError(f"{path}: dataset is empty (no records); add records or point data.path at another file")
     if fmt == "auto":
         first = next((r for r in raw if r.value is not None), None)
-        fmt = detect_format(first.value) if first else None
+        # nothing parsed: every record carries its parse error, reported below, so the format does not matter
+        fmt = detect_format(first.value) if first else "unparsed"
         if fmt is None:
-            keys = sorted(first.value) if first and isinstance(first.value, dict) else []
-            where = first.where if first else path
+            keys = sorted(first.value) if isinstance(first.value, dict) else []
             raise DataError(
-                f"{where}: cannot detect the format from keys {keys}; expected 'messages', 'conversations', "
+                f"{first.where}: cannot detect the format from keys {keys}; expected 'messages', 'conversations', "
                 "'instruction'+'output' or 'text', or set data.format"
             )
     records, problems = [], []
@@ -313,28 +210,25 @@ def record_key(record: dict) -> str:
 
 
 def split_indices(keys: list[str], val_fraction: float, val_size: int | None, seed: int) -> tuple[list[int], list[int]]:
-    """Deterministic conversation-level split; identical conversations land on the same side."""
+    """Deterministic conversation-level split; identical conversations land on the same side.
+    Sizes count distinct conversations, so duplicates can never make up the validation set alone."""
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
     order = sorted(groups)
     random.Random(seed).shuffle(order)
-    n_val = val_size if val_size is not None else max(1, round(len(keys) * val_fraction))
-    if n_val >= len(keys):
-        raise DataError(
-            f"data.val_size/val_fraction asks for {n_val} validation conversations out of {len(keys)}; "
-            "leave at least one for training (lower it, or add data)"
-        )
-    val: list[int] = []
-    for k in order:
-        if len(val) >= n_val:
-            break
-        val.extend(groups[k])
-    val_set = set(val)
+    key = "split.val_size" if val_size is not None else "split.val_fraction"
+    n_val = val_size if val_size is not None else max(1, round(len(groups) * val_fraction))
+    if n_val >= len(groups):
+        dupes = (f" distinct ones ({len(keys)} records; identical conversations stay on one side of the split)"
+                 if len(groups) < len(keys) else "")
+        limit = len(groups) - 1
+        fix = "add distinct conversations" if limit < 1 else f"set split.val_size to at most {limit}, or add data"
+        raise DataError(f"{key} asks for {n_val} validation conversations out of {len(groups)}{dupes}; "
+                        f"leave at least one for training: {fix}")
+    val_set = {i for k in order[:n_val] for i in groups[k]}
     train = [i for i in range(len(keys)) if i not in val_set]
-    if not train:
-        raise DataError("the split left no training conversations (all are duplicates of validation ones); add data")
-    return sorted(train), sorted(val)
+    return train, sorted(val_set)
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> None:
@@ -371,29 +265,62 @@ def weighted_sample(records: list[dict], weight: float, seed: int) -> list[dict]
     return records * whole + extra
 
 
-def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
-    """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
-    out_dir = Path(out_dir)
-    records, fmt, digest = load_normalised(cfg.path, cfg.format, cfg.split, cfg.revision, cfg.subset, cfg.columns)
+@dataclass(frozen=True)
+class Gathered:
+    records: list[dict]  # path's records (weighted) followed by every mix source's
+    val_records: list[dict] | None  # from data.validation_path, if given
+    format: str
+    sha256: str  # content hash of every source
+
+
+def _collect(problems: list[str], *args) -> tuple[list[dict], str, str] | None:
+    """load_normalised, its problems appended to `problems` instead of raised (so every source is checked)."""
+    try:
+        return load_normalised(*args)
+    except DataError as exc:
+        problems.extend(str(exc).splitlines())
+        return None
+
+
+def gather_records(cfg, seed: int = 0) -> Gathered:
+    """Every source of the data config read and normalised (mix sources by weight); one DataError lists all problems."""
+    problems: list[str] = []
+    main = _collect(problems, cfg.path, cfg.format, cfg.split, cfg.revision, cfg.subset, cfg.columns)
+    records, fmt, digest = main or ([], cfg.format, "")
     if cfg.mix or cfg.weight != 1.0:
         records = weighted_sample(records, cfg.weight, seed)
         for i, src in enumerate(cfg.mix):
-            more, more_fmt, more_digest = load_normalised(src.path, src.format)
-            if ("text" in more[0]) != ("text" in records[0]):
-                raise DataError(f"data.mix[{i}] {src.path}: {more_fmt} records cannot be mixed with {fmt} records; mix chats with chats, text with text")
-            records += weighted_sample(more, src.weight, seed + i + 1)
-            digest = text_sha256(digest, more_digest, str(src.weight))
+            more = _collect(problems, src.path, src.format)
+            if more is None or main is None:
+                continue
+            if (more[1] == "text") != (fmt == "text"):
+                problems.append(f"data.mix[{i}] {src.path}: {more[1]} records cannot be mixed with {fmt} records; "
+                                "mix chats with chats, text with text")
+                continue
+            records += weighted_sample(more[0], src.weight, seed + i + 1)
+            digest = text_sha256(digest, more[2], str(src.weight))
             log.info("mixed in %s x%.2f", src.path, src.weight)
-        if not records:
-            raise DataError("data.weight/data.mix sampled no records at all; raise the weights")
-    write_jsonl(records, out_dir / "records.jsonl")
-    val_path = None
+        if main and not records:
+            problems.append("data.weight/data.mix sampled no records at all; raise the weights")
+    val = None
     if cfg.validation_path:
-        val_records, val_fmt, val_digest = load_normalised(cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns)
-        digest = text_sha256(digest, val_digest)
+        val = _collect(problems, cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns)
+        digest = text_sha256(digest, val[2]) if val else digest
+    if problems:
+        raise DataError("\n".join(problems))
+    return Gathered(records, val[0] if val else None, fmt, digest)
+
+
+def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
+    """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
+    out_dir = Path(out_dir)
+    g = gather_records(cfg, seed)
+    write_jsonl(g.records, out_dir / "records.jsonl")
+    val_path = None
+    if g.val_records is not None:
         val_path = str(out_dir / "val_records.jsonl")
-        write_jsonl(val_records, val_path)
-    return DataResult(str(out_dir / "records.jsonl"), val_path, fmt, digest, len(records))
+        write_jsonl(g.val_records, val_path)
+    return DataResult(str(out_dir / "records.jsonl"), val_path, g.format, g.sha256, len(g.records))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from lora_core.config import DataConfig, SplitConfig
-from lora_core.data import DataError, detect_format, load_normalised, normalise, source_fingerprint, split_indices
+from lora_core.data import DataError, detect_format, gather_records, load_normalised, normalise, source_fingerprint, split_indices
 
 
 def jsonl(tmp_path, rows, name="d.jsonl"):
@@ -103,6 +103,71 @@ def test_duplicates_never_straddle_the_split():
 def test_split_that_leaves_no_training_data_is_refused():
     with pytest.raises(DataError, match="leave at least one for training"):
         split_indices(["a", "b"], 0.5, 2, 0)
+
+
+def test_split_sizes_count_distinct_conversations():
+    keys = ["a"] * 5 + ["b", "c", "d"]
+    for seed in range(10):  # always 2 distinct validation conversations, however many copies come along
+        train, val = split_indices(keys, 0.1, 2, seed)
+        assert len({keys[i] for i in val}) == 2 and len({keys[i] for i in train}) == 2
+    with pytest.raises(DataError) as exc:  # 6 records would allow 3, the 2 distinct conversations do not
+        split_indices(["a"] * 5 + ["b"], 0.1, 3, 0)
+    assert str(exc.value) == (
+        "split.val_size asks for 3 validation conversations out of 2 distinct ones (6 records; identical conversations "
+        "stay on one side of the split); leave at least one for training: set split.val_size to at most 1, or add data")
+    with pytest.raises(DataError, match=r"^split.val_fraction asks for 1 validation conversations out of 1 distinct .*add distinct"):
+        split_indices(["a", "a"], 0.5, None, 0)
+
+
+def test_trailing_blank_lines_and_a_utf8_byte_order_mark_are_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (json.dumps(CHAT) + "\r\n" + json.dumps(CHAT) + "\r\n\r\n  \n").encode())
+    assert len(load_normalised(str(p))[0]) == 2
+
+
+def test_blank_lines_inside_a_jsonl_file_are_one_problem_per_run(tmp_path):
+    p = jsonl(tmp_path, [CHAT, "", "  ", CHAT, "", CHAT])
+    with pytest.raises(DataError) as exc:
+        load_normalised(str(p))
+    assert [line.split(" blank")[0] for line in str(exc.value).splitlines()] == [f"{p}:2: lines 2-3 are", f"{p}:5: line 5 is"]
+
+
+def test_missing_content_is_refused_except_beside_tool_calls():
+    call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
+    ok = {"messages": [{"role": "user", "content": "1+?"}, {"role": "assistant", "tool_calls": call},
+                       {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]}
+    assert normalise(ok, "messages")[1] is None
+    for bad in ({"role": "user"}, {"role": "user", "content": None}):
+        _, err = normalise({"messages": [bad, CHAT["messages"][1]]}, "messages")
+        assert err.startswith("message 0 (user) has no 'content'; add \"content\"")
+
+
+def test_file_level_problems_name_the_file_and_the_fix(tmp_path):
+    lines = json.dumps(CHAT) + "\n" + json.dumps(CHAT) + "\n"
+    (tmp_path / "l.json").write_text(lines)
+    with pytest.raises(DataError, match=r"l.json:2: not valid JSON \(Extra data\); it looks like JSON Lines: rename it to .jsonl"):
+        load_normalised(str(tmp_path / "l.json"))
+    (tmp_path / "p.parquet").write_text(lines)
+    with pytest.raises(DataError, match=r"p.parquet: not a Parquet file \(no PAR1 header\)"):
+        load_normalised(str(tmp_path / "p.parquet"))
+    (tmp_path / "u.csv").write_bytes("instruction,output\nA,B\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"u.csv: UTF-16-LE text .* save the file as UTF-8"):
+        load_normalised(str(tmp_path / "u.csv"))
+
+
+def test_gather_reports_every_source_at_once(tmp_path):
+    good = jsonl(tmp_path, [CHAT], "good.jsonl")
+    bad = jsonl(tmp_path, [CHAT, '{"messages": [oops'], "bad.jsonl")
+    text = jsonl(tmp_path, [{"text": "plain"}], "text.jsonl")
+    cfg = DataConfig(path=str(bad), mix=[{"path": str(good)}, {"path": str(text)}], validation_path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError) as exc:
+        gather_records(cfg)
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{bad}:2: not valid JSON") and "nope.jsonl: no such file" in lines[1]
+    with pytest.raises(DataError, match=r"^data.mix\[1\] .*text.jsonl: text records cannot be mixed with messages records"):
+        gather_records(DataConfig(path=str(good), mix=[{"path": str(good)}, {"path": str(text)}]))
+    g = gather_records(DataConfig(path=str(good), mix=[{"path": str(good), "weight": 2}], validation_path=str(good)))
+    assert len(g.records) == 3 and g.val_records == [CHAT] and g.format == "messages"
 
 
 def test_split_config_bounds():

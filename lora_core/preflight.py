@@ -1,0 +1,217 @@
+"""Every check of a recipe that needs no model weights, all reported at once (`lora-flow validate`).
+
+`check(cfg)` returns one line per problem, each naming the file/line or key and the fix:
+- data: every source (data.path, data.mix, data.validation_path) reads and normalises;
+- split: split.val_size / val_fraction can be met by distinct conversations, leaving one to train on;
+- device: train.device=cuda and model.load_in_4bit (QLoRA) need a CUDA GPU (and bitsandbytes);
+- a local model folder: config.json parses and transformers reads it, a weights file exists, the tokenizer loads;
+- chat data: the tokenizer has a chat template, or template.chat_template names a template file;
+- train.max_length keeps a target (assistant) token of at least one training conversation. Exact, not
+  estimated: conversations are encoded as the format stage does (chat template + loss mask), stopping at
+  the first one that keeps a target, so a dataset that fits costs one encoding.
+The tokenizer comes from a local folder, the converted copy in cache_dir of the embedded model or of a
+.gguf file, or the HF cache; when none is on disk the tokenizer checks are skipped (and logged), never
+downloaded or converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lora_core.base_model import _COMPLETE, EMBEDDED, BaseModelError, load_tokenizer, pick_device, quantization_config
+from lora_core.config import PipelineConfig
+from lora_core.data import DataError, gather_records, inject_system_prompt, record_key, split_indices
+from lora_core.formatting import FormatError, encode_record
+from lora_core.hashing import file_sha256
+
+log = logging.getLogger(__name__)
+
+# transformers' own file names (transformers.utils): single file or sharded index, safetensors or torch
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check(cfg: PipelineConfig) -> list[str]:
+    """Every problem found without loading model weights; an empty list means the recipe should run."""
+    problems: list[str] = []
+    train_records, fmt = _data(cfg, problems)
+    problems += _device(cfg)
+    problems += _template_file(cfg)
+    folder = _tokenizer_folder(cfg, problems)
+    tokenizer = _load_tokenizer(cfg, folder, problems) if folder else None
+    if tokenizer is not None and fmt != "text":
+        problems += _chat_template(cfg, tokenizer)
+    if tokenizer is not None and train_records and (fmt == "text" or tokenizer.chat_template):
+        problems += _fits(cfg, tokenizer, train_records)
+    return problems
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- data, split, device
+
+
+def _data(cfg: PipelineConfig, problems: list[str]) -> tuple[list[dict] | None, str]:
+    """The training conversations as the format and split stages will see them, and the data format."""
+    try:
+        gathered = gather_records(cfg.data, cfg.split.seed)  # the flow seeds the mix sampling with split.seed
+    except DataError as exc:
+        problems.extend(str(exc).splitlines())
+        return None, cfg.data.format
+    records = inject_system_prompt(gathered.records, cfg.template.system_prompt)
+    if gathered.val_records is not None:  # a validation file replaces the random split
+        return records, gathered.format
+    try:
+        train, _ = split_indices([record_key(r) for r in records], cfg.split.val_fraction, cfg.split.val_size, cfg.split.seed)
+    except DataError as exc:
+        problems.append(f"{exc} (data.path {cfg.data.path})")
+        return None, gathered.format
+    return [records[i] for i in train], gathered.format
+
+
+def _device(cfg: PipelineConfig) -> list[str]:
+    try:
+        quantization_config(cfg.model.load_in_4bit, pick_device(cfg.train.device))
+    except BaseModelError as exc:
+        return [str(exc)]
+    return []
+
+
+def _template_file(cfg: PipelineConfig) -> list[str]:
+    path = cfg.template.chat_template
+    if path and not Path(path).is_file():
+        return [f"template.chat_template {path!r}: no such file; point it at a .jinja chat template (e.g. recipes/templates/chatml-tools.jinja)"]
+    return []
+
+
+# --------------------------------------------------------------------------- the model folder and tokenizer
+
+
+def _converted(cfg: PipelineConfig, name: str, sha256: str) -> Path | None:
+    """The folder base_model converts a GGUF into (`<cache_dir>/<name>-<sha256[:16]>`), if the conversion finished."""
+    folder = Path(cfg.cache_dir).expanduser() / f"{name}-{sha256[:16]}"
+    if (folder / _COMPLETE).is_file():
+        return folder
+    log.info("%s is not converted yet in %s: tokenizer checks skipped", cfg.model.base, cfg.cache_dir)
+    return None
+
+
+def _tokenizer_folder(cfg: PipelineConfig, problems: list[str]) -> Path | None:
+    """The folder the tokenizer will come from, if it is on disk (problems of a local model folder appended)."""
+    base = cfg.model.base
+    local = Path(base).expanduser()
+    if base in EMBEDDED:
+        return _converted(cfg, base, EMBEDDED[base]["sha256"])
+    if base.lower().endswith(".gguf"):  # a GGUF file is converted once, keyed by its content
+        if not local.is_file():
+            problems.append(f"model.base {base!r}: no such GGUF file; fix the path")
+            return None
+        return _converted(cfg, local.stem, file_sha256(local))
+    if base.startswith((".", "/", "~")) or local.exists():
+        found, sound = _local_model(cfg, local)
+        problems += found
+        return local if sound else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(base, "tokenizer_config.json", revision=cfg.model.revision)
+    if isinstance(cached, str):
+        return Path(cached).parent  # the snapshot folder resolve_base would download into
+    log.info("%s is not in the Hugging Face cache: tokenizer checks skipped", base)
+    return None
+
+
+def _local_model(cfg: PipelineConfig, folder: Path) -> tuple[list[str], bool]:
+    """Problems of a local model folder, and whether its config is sound enough to load the tokenizer."""
+    base, config = cfg.model.base, folder / "config.json"
+    if not config.is_file():
+        gguf = next(iter(sorted(folder.glob("*.gguf"))), None) if folder.is_dir() else None
+        hint = f" ({gguf.name} is a GGUF: lora-flow loads a transformers folder, so convert it with save_pretrained)" if gguf else ""
+        return [f"model.base {base!r}: no such model directory (need {config}){hint}; "
+                "fix the path or use 'smollm2-135m-instruct'"], False
+    try:
+        json.loads(config.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        return [f"{config}: not UTF-8 text; save the model again with save_pretrained (model.base {base!r})"], False
+    except json.JSONDecodeError as exc:
+        return [f"{config}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file or save the "
+                f"model again with save_pretrained (model.base {base!r})"], False
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:  # what transformers raises for a config it cannot read (e.g. no model_type)
+        return [f"{config}: transformers cannot read it ({_first_line(exc)}); fix the file or save the model again "
+                f"with save_pretrained (model.base {base!r})"], False
+    return _weights(base, folder), True
+
+
+def _weights(base: str, folder: Path) -> list[str]:
+    present = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not present:
+        gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
+        hint = f" ({gguf.name} is a GGUF, which is not loaded from a folder: convert it to safetensors)" if gguf else ""
+        return [f"model.base {base!r}: no weights in {folder} (need one of {', '.join(WEIGHT_FILES)}){hint}; "
+                "save the model there with save_pretrained"]
+    index = next((folder / n for n in present if n.endswith(".index.json")), None)
+    if index is not None and not any(n in present for n in ("model.safetensors", "pytorch_model.bin")):
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
+            return [f"{index}: not a weight index (JSON with a 'weight_map'); save the model again with save_pretrained"]
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            return [f"{index}: {len(missing)} of {len(shards)} weight shards are missing (first: {missing[0]}); "
+                    "copy every shard into the folder"]
+    return []
+
+
+def _load_tokenizer(cfg: PipelineConfig, folder: Path, problems: list[str]) -> Any | None:
+    try:
+        return load_tokenizer(str(folder), cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what transformers raises for missing or broken tokenizer files
+        problems.append(f"model.base {cfg.model.base!r}: the tokenizer in {folder} does not load ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); save it there with tokenizer.save_pretrained")
+        return None
+
+
+def _chat_template(cfg: PipelineConfig, tokenizer) -> list[str]:
+    """Chat data needs a template: the recipe's file replaces the tokenizer's, as in the format stage."""
+    path = cfg.template.chat_template
+    if path and Path(path).is_file():
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
+        return []
+    if not tokenizer.chat_template and not path:
+        return [f"model.base {cfg.model.base!r}: the tokenizer has no chat template, so conversations cannot be "
+                "rendered; set template.chat_template to a .jinja template file (e.g. recipes/templates/chatml-tools.jinja), "
+                "use a chat model, or use 'text' data"]
+    return []
+
+
+def _fits(cfg: PipelineConfig, tokenizer, records: list[dict]) -> list[str]:
+    """Encode training conversations until one keeps a target token within train.max_length."""
+    from jinja2 import TemplateError
+
+    max_length, assistant_only = cfg.train.max_length, cfg.template.assistant_only_loss
+    failures: dict[str, int] = {}  # problem -> first training record index showing it
+    first_targets = []  # token index of the first target of each conversation
+    for i, rec in enumerate(records):
+        try:
+            enc = encode_record(tokenizer, rec, assistant_only)
+        except (FormatError, TemplateError) as exc:
+            failures.setdefault(_first_line(exc), i)
+            continue
+        if 1 in enc.assistant_masks[:max_length]:
+            break
+        first_targets.append(enc.assistant_masks.index(1))
+    else:
+        if first_targets:
+            shortest = min(first_targets)
+            failures[f"train.max_length={max_length}: no training conversation keeps an assistant token within it "
+                     f"(the shortest prompt before a reply is {shortest} tokens); raise train.max_length above {shortest}, "
+                     "or shorten the system prompt"] = -1
+    return [msg if i < 0 else f"train record {i}: {msg}" for msg, i in failures.items()]
