@@ -156,11 +156,14 @@ class EvalConfig(_Part):
     batch_size: int = Field(8, ge=1, description="Conversations per forward pass in perplexity evaluation.")
     num_samples: int = Field(4, ge=0, description="Validation prompts answered by base and tuned model side by side.")
     max_new_tokens: int = Field(96, ge=1, description="Tokens generated per sample reply (greedy).")
-    repetition_penalty: float = Field(1.15, ge=1.0, le=2.0, description="Penalty on repeated tokens in sample replies (1.0 = none).")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description=(
+        "Penalty on repeated tokens in sample and behaviour replies; 1.0 = none (plain greedy). Above 1 it also "
+        "pushes a reply away from the words of its prompt, e.g. the tool name and argument keys a call must copy."))
     prompts_path: str | None = Field(None, description="Held-out prompts (JSONL of {prompt} or {messages}) for the behaviour metric; default: validation prompts.")
     behavior: Literal["none", "socratic", "tool_call"] = Field(
         "none", description="Behaviour metric: 'socratic' = share of replies that ask a guiding question instead of stating an answer; "
-        "'tool_call' = share of tool-call prompts answered with a well-formed call of the expected name and argument keys."
+        "'tool_call' = over held-out prompts expecting a call, shares of well-formed calls, of the expected name, with arguments valid against "
+        "the tool's JSON schema, and with the values the reference fixes; over prompts expecting none, share without a call (lora_core/behavior.py)."
     )
 
 

@@ -230,9 +230,8 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
         tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned_ppl, tuned_replies = measure(tuned)
 
-    references = [p["reference"] for p in prompts]
-    behaviour = {f"base.{k}": v for k, v in behaviour_score(cfg.behavior, base_replies, references).items()}
-    behaviour |= {f"tuned.{k}": v for k, v in behaviour_score(cfg.behavior, tuned_replies, references).items()}
+    behaviour = {f"base.{k}": v for k, v in behaviour_score(cfg.behavior, base_replies, prompts).items()}
+    behaviour |= {f"tuned.{k}": v for k, v in behaviour_score(cfg.behavior, tuned_replies, prompts).items()}
     samples = [
         {"prompt": p["messages"][-1]["content"], "reference": (p["reference"] or {}).get("content", ""), "base": b, "tuned": t}
         for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)

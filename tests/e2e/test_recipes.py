@@ -61,7 +61,8 @@ def test_recipe_specific_outputs(results):
     m = {name: run.data.metrics for name, run in runs.items()}
     # behaviour metrics, base vs tuned
     assert {"base.socratic_share", "tuned.socratic_share"} <= set(m["socratic-tutor"])
-    assert {"base.tool_call_match_share", "tuned.tool_call_match_share"} <= set(m["tool-calling"])
+    checks = ("well_formed", "right_name", "valid_arguments", "no_call")
+    assert {f"{who}.tool_call.{c}" for who in ("base", "tuned") for c in checks} <= set(m["tool-calling"])
     assert "eval_minus_train_loss" in m["tool-calling"]
     # the custom template travels with the adapter
     adapter = Path(runs["tool-calling"].data.tags["train.dir"]) / "adapter"
