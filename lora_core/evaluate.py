@@ -48,11 +48,14 @@ def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
     return ids, attn, position_ids, labels
 
 
+# Config keys by which transformers models post-process their logits (soft-capping, scaling): TRL's fused head reads the same
+LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
 def _plain_head(model) -> bool:
     """Whether logits are just the output embedding applied to the decoder's last hidden state."""
-    config = model.config
-    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)
-                or not hasattr(model, "get_decoder"))
+    config = model.config.get_text_config()
+    return hasattr(model, "get_decoder") and all(getattr(config, key, None) in (None, 1, 1.0) for key in LOGIT_KEYS)
 
 
 def _target_logits(model, ids, attn, pos, keep, past=None):

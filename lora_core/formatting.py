@@ -7,6 +7,12 @@ the characters between render(messages[:i], add_generation_prompt=True) and
 render(messages[:i+1]) are that reply plus its end-of-turn token. Tokens whose first
 character falls inside such a span are trained on. A template whose renderings are not
 prefixes of each other (e.g. one that drops earlier reasoning) is refused, not guessed.
+
+The token that closes an assistant turn is not always the tokenizer's eos_token (`<|im_end|>` in ChatML,
+`<end_of_turn>` in Gemma, `<|eot_id|>` in Llama 3). It is read from the template the same way: render an
+exchange with a known reply and take the special token written right after it, unless `template.end_of_turn`
+names it. It is a target at the end of every reply, and a stop token of every later generation
+(generation_config.json beside the saved tokenizer, then in the adapter and merged-model folders).
 """
 
 from __future__ import annotations
@@ -56,9 +62,13 @@ def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) 
     return full, spans
 
 
+NO_TEMPLATE = ("the base tokenizer has no chat template (GGUF files often carry none); set template.chat_template to a "
+               "Jinja chat-template file for this model family, or use a 'text' dataset")
+
+
 def encode_conversation(tokenizer, messages: list[dict], tools: list | None = None, assistant_only: bool = True) -> Encoded:
     if not tokenizer.chat_template:
-        raise FormatError("the base tokenizer has no chat template; use a chat model, or a 'text' dataset")
+        raise FormatError(NO_TEMPLATE)
     full, spans = assistant_spans(tokenizer, messages, tools)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -90,15 +100,61 @@ def encode_record(tokenizer, record: dict, assistant_only: bool = True) -> Encod
     return encode_conversation(tokenizer, record["messages"], record.get("tools"), assistant_only)
 
 
-def check_end_of_turn_trained(tokenizer, encoded: Encoded) -> None:
-    """The token that closes an assistant turn must be a target, or the tuned model never learns to stop."""
-    eos = tokenizer.eos_token_id
-    last_trained = [encoded.input_ids[i] for i in range(len(encoded.input_ids)) if encoded.assistant_masks[i]
-                    and (i + 1 == len(encoded.input_ids) or not encoded.assistant_masks[i + 1])]
-    if eos is not None and eos not in last_trained:
+PROBE = [{"role": "user", "content": "Probe question?"}, {"role": "assistant", "content": "Probe reply 42."}]
+
+
+def special_tokens(tokenizer) -> set[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return set(tokenizer.all_special_tokens) | {t.content for t in added if t.special}
+
+
+def token_after_reply(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant reply (whitespace skipped), or None.
+    Raises jinja2's TemplateError when the template cannot render a user/assistant exchange."""
+    reply = PROBE[-1]["content"]
+    text = _render(tokenizer, PROBE, None)
+    at = text.rfind(reply)
+    if at < 0:
+        return None
+    ids = tokenizer(text[at + len(reply):].lstrip(), add_special_tokens=False)["input_ids"]
+    token = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
+    return token if token in special_tokens(tokenizer) else None
+
+
+def end_of_turn(tokenizer, override: str | None = None) -> str:
+    """The token that closes an assistant turn: `override` (template.end_of_turn), checked against the vocabulary,
+    else the one the chat template writes after a reply. A FormatError of one line, with the fix, when neither works."""
+    from jinja2 import TemplateError
+
+    if override is not None:
+        if override not in tokenizer.get_vocab():
+            raise FormatError(f"template.end_of_turn {override!r} is not a token of the base tokenizer's vocabulary; set it "
+                              "to the token that closes an assistant turn (e.g. '<|im_end|>', '<end_of_turn>', '<|eot_id|>')")
+        return override
+    if not tokenizer.chat_template:
+        raise FormatError(NO_TEMPLATE)
+    try:
+        token = token_after_reply(tokenizer)
+    except TemplateError as exc:
+        raise FormatError(f"the chat template cannot render a user/assistant exchange ({exc}); fix it or set "
+                          "template.chat_template to one that can") from None
+    if token is None:
+        raise FormatError("the chat template writes no special token right after an assistant reply, so the token that ends a "
+                          "turn is unknown; set template.end_of_turn to it (e.g. '<|im_end|>', '<end_of_turn>', '<|eot_id|>')")
+    return token
+
+
+def check_end_of_turn_trained(tokenizer, encoded: Encoded, end_of_turn_id: int | None = None) -> None:
+    """Every trained run of tokens (a reply) must end with the end-of-turn token, or the tuned model never learns to stop.
+    `end_of_turn_id` defaults to the one the chat template writes (end_of_turn)."""
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)) if end_of_turn_id is None else end_of_turn_id
+    ids, mask = encoded.input_ids, encoded.assistant_masks
+    run_ends = [ids[i] for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
+    if not run_ends or any(t != eot for t in run_ends):
         raise FormatError(
-            f"the end-of-turn token {tokenizer.eos_token!r} is not inside the assistant loss mask; "
-            "the tuned model would not learn to stop (check the tokenizer's eos_token and chat template)"
+            f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} does not close every assistant reply inside the "
+            "loss mask, so the tuned model would not learn to stop; set template.end_of_turn to the token the chat "
+            "template writes after a reply"
         )
 
 
@@ -114,19 +170,22 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
 @dataclass(frozen=True)
 class FormatResult:
     dataset_dir: str  # datasets.save_to_disk: input_ids, assistant_masks, key, source, record
-    tokenizer_dir: str  # the tokenizer used, with its (possibly replaced) chat template
+    tokenizer_dir: str  # the tokenizer used, with its (possibly replaced) chat template and generation_config.json
     n_rows: int
     max_tokens: int
+    end_of_turn: str | None = None  # the token that closes an assistant turn (None: no conversations)
 
 
 def format_dataset(records_path: str, val_records_path: str | None, tokenizer_path: str, cfg, out_dir, trust_remote_code: bool = False) -> FormatResult:
-    """Render every conversation with the base tokenizer's chat template and build its loss mask."""
+    """Render every conversation with the base tokenizer's chat template and build its loss mask.
+    Problems of the model (no chat template, unknown end-of-turn token) are one line, raised before any record
+    is encoded; problems of records are listed by record, at most 20."""
     import json
     from pathlib import Path
 
     import datasets
 
-    from lora_core.base_model import load_tokenizer
+    from lora_core.base_model import load_tokenizer, save_generation_config
     from lora_core.data import inject_system_prompt, read_jsonl, record_key
 
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
@@ -135,21 +194,26 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
         if not template.is_file():
             raise FormatError(f"template.chat_template {cfg.chat_template!r}: no such file; point it at a .jinja chat template")
         tokenizer.chat_template = template.read_text()
+    sources = [("train", records_path)] + ([("val", val_records_path)] if val_records_path else [])
+    loaded = [(source, inject_system_prompt(read_jsonl(path), cfg.system_prompt)) for source, path in sources]
+    eot = eot_id = None
+    if cfg.end_of_turn or any("messages" in r for _, records in loaded for r in records):
+        eot = end_of_turn(tokenizer, cfg.end_of_turn)
+        eot_id = tokenizer.convert_tokens_to_ids(eot)
+        log.info("end of turn: %r (id %d), %s", eot, eot_id, "template.end_of_turn" if cfg.end_of_turn else "from the chat template")
     columns: dict[str, list] = {"input_ids": [], "assistant_masks": [], "key": [], "source": [], "record": []}
     problems = []
-    sources = [("train", records_path)] + ([("val", val_records_path)] if val_records_path else [])
     checked_eot = False
-    for source, path in sources:
-        records = inject_system_prompt(read_jsonl(path), cfg.system_prompt)
+    for source, records in loaded:
         for i, rec in enumerate(records):
             try:
                 enc = encode_record(tokenizer, rec, cfg.assistant_only_loss)
-                if cfg.assistant_only_loss and "messages" in rec and not checked_eot:
-                    check_end_of_turn_trained(tokenizer, enc)
-                    checked_eot = True
             except FormatError as exc:
                 problems.append(f"{source} record {i}: {exc}")
                 continue
+            if cfg.assistant_only_loss and "messages" in rec and not checked_eot:
+                check_end_of_turn_trained(tokenizer, enc, eot_id)  # a property of the template: checked once, raised once
+                checked_eot = True
             columns["input_ids"].append(enc.input_ids)
             columns["assistant_masks"].append(enc.assistant_masks)
             columns["key"].append(record_key(rec))
@@ -159,5 +223,8 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
         raise FormatError("\n".join(problems[:20]))
     ds = datasets.Dataset.from_dict(columns)
     ds.save_to_disk(str(Path(out_dir) / "formatted"))
-    tokenizer.save_pretrained(str(Path(out_dir) / "tokenizer"))
-    return FormatResult(str(Path(out_dir) / "formatted"), str(Path(out_dir) / "tokenizer"), len(ds), max(len(x) for x in columns["input_ids"]))
+    tokenizer_dir = Path(out_dir) / "tokenizer"
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    if eot_id is not None:
+        save_generation_config(tokenizer_path, [eot_id], tokenizer_dir, trust_remote_code)
+    return FormatResult(str(Path(out_dir) / "formatted"), str(tokenizer_dir), len(ds), max(len(x) for x in columns["input_ids"]), eot)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from lora_core.base_model import load_model, load_tokenizer, pick_device
+from lora_core.base_model import GENERATION_CONFIG, load_model, load_tokenizer, pick_device
 from lora_core.errors import LoraFlowError
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,40 @@ def load_chat_model(path: str | Path, base_path: str | None = None, device: str 
     if not base or not (Path(base) / "config.json").is_file():
         raise InferenceError(f"{adapter}: its base model {base!r} is not available locally; pass --base-model DIR")
     tokenizer = load_tokenizer(str(tok_dir if _has_tokenizer(tok_dir) else base), trust_remote_code)
-    model = PeftModel.from_pretrained(load_model(base, torch.float32, device, trust_remote_code), str(adapter))
+    base_model = load_model(base, torch.float32, device, trust_remote_code)
+    if (adapter / GENERATION_CONFIG).is_file():  # the adapter's stop tokens (with the end-of-turn token), not the base's
+        from transformers import GenerationConfig
+
+        base_model.generation_config = GenerationConfig.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(base_model, str(adapter))
     return model.eval(), tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json saved beside
+    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat template."""
+    from jinja2 import TemplateError
+    from transformers import GenerationConfig
+
+    from lora_core.formatting import token_after_reply
+
+    ids: list[int] = []
+
+    def add(eos):
+        ids.extend(i for i in ([eos] if isinstance(eos, int) else eos or []) if i not in ids)
+
+    add(model.generation_config.eos_token_id)
+    beside = Path(str(tokenizer.name_or_path))
+    if (beside / GENERATION_CONFIG).is_file():
+        add(GenerationConfig.from_pretrained(beside).eos_token_id)
+    if tokenizer.chat_template:
+        try:
+            token = token_after_reply(tokenizer)
+        except TemplateError:  # a template that cannot render a bare exchange: the saved stop tokens only
+            token = None
+        if token is not None:
+            add(tokenizer.convert_tokens_to_ids(token))
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
 
 def _inputs(model, tokenizer, messages: list[dict]):
@@ -85,7 +117,8 @@ def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], s
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     with torch.inference_mode():
-        out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop_token_ids(model, tokenizer))
     width = enc["input_ids"].shape[1]
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
@@ -99,10 +132,11 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSet
 
     enc = _inputs(model, tokenizer, messages)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(model, tokenizer)
 
     def work():
         with torch.inference_mode():
-            model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+            model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, streamer=streamer)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()

@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.base_model import load_model, load_tokenizer
+from lora_core.base_model import carry_generation_config, load_model, load_tokenizer
 from lora_core.errors import LoraFlowError
 from lora_core.evaluate import pad_batch
 
@@ -61,6 +61,7 @@ def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        carry_generation_config(adapter_dir, tmp)  # the adapter's stop tokens (eos + end-of-turn), not the base's
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

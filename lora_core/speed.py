@@ -15,6 +15,11 @@ SDPA attention), which are already fast there.
 - `heap_reuse`: glibc keeps freed activation buffers (0.1-30 MB, allocated and freed hundreds of times per
   step) in its heap during training instead of unmapping and page-faulting them back: ~3% here.
 
+None of them may change what is computed. The compact loss applies the logit post-processing the model's own
+forward applies (Cohere's `logit_scale`, Gemma's `final_logit_softcapping`) and leaves models with any other kind to
+TRL; it reads SFTTrainer internals, so a TRL outside the tested range (or without the private helper it calls) gets
+TRL's own loss and one warning. `train.fast_paths=false` turns every one of them off.
+
 Imported only by train.py, when training starts (it imports torch).
 """
 
@@ -27,9 +32,63 @@ import logging
 
 import torch
 from trl import SFTTrainer
-from trl.trainer.utils import _use_triton
 
 log = logging.getLogger(__name__)
+
+TESTED_TRL = ">=1.16,<1.17"  # the TRL releases CompactLossSFTTrainer was checked against; pyproject.toml pins the same
+
+
+def trl_use_triton(version: str | None = None):
+    """TRL's private `_use_triton(device)`, or a string saying why TRL (installed, or `version`) is not one the compact
+    loss was tested with."""
+    import trl
+    from packaging.specifiers import SpecifierSet
+
+    version = version or trl.__version__
+    if version not in SpecifierSet(TESTED_TRL):
+        return f"TRL {version} is outside the tested range {TESTED_TRL}"
+    try:
+        from trl.trainer.utils import _use_triton
+    except ImportError:
+        return f"TRL {version} has no trl.trainer.utils._use_triton"
+    return _use_triton
+
+
+def trainer_class(fast_paths: bool, trl_version: str | None = None) -> type[SFTTrainer]:
+    """CompactLossSFTTrainer where the fast paths are on and TRL (installed, or `trl_version`) is a tested one;
+    TRL's SFTTrainer otherwise, with one warning when TRL is the reason."""
+    if not fast_paths:
+        return SFTTrainer
+    use_triton = trl_use_triton(trl_version)
+    if isinstance(use_triton, str):
+        log.warning("%s: training uses TRL's own loss (the compact CPU loss reads TRL internals)", use_triton)
+        return SFTTrainer
+    return CompactLossSFTTrainer
+
+
+# Config keys by which transformers models post-process their logits (the same list TRL's fused head reads).
+# The compact loss reproduces the first two; a model using any other one gets TRL's loss.
+LOGIT_SCALE, SOFTCAP = "logit_scale", "final_logit_softcapping"
+OTHER_LOGIT_KEYS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def logit_postprocessing(config) -> tuple[float, float | None] | None:
+    """(scale, softcap) the model applies to its LM head's output, as `softcap * tanh(scale * logits / softcap)`
+    (Cohere multiplies by `logit_scale`; Gemma 2/3 soft-cap with `final_logit_softcapping`), or None when it
+    post-processes them in another way."""
+    text = config.get_text_config()
+    if any(getattr(text, key, None) not in (None, 1, 1.0) for key in OTHER_LOGIT_KEYS):
+        return None
+    scale = getattr(text, LOGIT_SCALE, None)
+    return (1.0 if scale is None else float(scale)), getattr(text, SOFTCAP, None) or None
+
+
+def postprocess_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
@@ -56,11 +115,11 @@ def heap_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20):
             libc.malloc_trim(0)
 
 
-def attention_implementation(choice: str, device: str) -> str | None:
-    """`choice` unless 'auto'; 'auto' is eager on CPU and the transformers default (None: SDPA) elsewhere."""
+def attention_implementation(choice: str, device: str, fast_paths: bool = True) -> str | None:
+    """`choice` unless 'auto'; 'auto' is eager on CPU with the fast paths on, else the transformers default (None: SDPA)."""
     if choice != "auto":
         return choice
-    return "eager" if device == "cpu" else None
+    return "eager" if device == "cpu" and fast_paths else None
 
 
 class FastDropout(torch.nn.Module):
@@ -104,14 +163,23 @@ class CompactLossSFTTrainer(SFTTrainer):
 
     The loss is TRL's (sum of target-token NLL over the tokens of the whole accumulated batch), and so are the
     logged entropy, mean token accuracy and token count. Anything this path does not cover (label smoothing, a
-    custom loss, DFT, MoE aux loss, padding-free batches) goes to TRL's own compute_loss.
+    custom loss, DFT, MoE aux loss, padding-free batches, logit post-processing other than scale and soft-cap)
+    goes to TRL's own compute_loss. Build it through trainer_class(), which checks the TRL version.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        use_triton = trl_use_triton()
+        self._use_triton = use_triton if callable(use_triton) else None  # None: an untested TRL, its own loss
+        self._logits = logit_postprocessing(self.accelerator.unwrap_model(self.model).config)
+        if self._logits is None:
+            log.info("the model post-processes its logits in a way the compact loss does not reproduce: TRL's loss")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        if (return_outputs or labels is None or _use_triton(labels.device) or self.compute_loss_func is not None
-                or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled
-                or "attention_mask" not in inputs):
+        if (return_outputs or labels is None or self._logits is None or self._use_triton is None or self._use_triton(labels.device)
+                or self.compute_loss_func is not None or self.label_smoother is not None or self.args.loss_type != "nll"
+                or self.aux_loss_enabled or "attention_mask" not in inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         causal_lm = self.accelerator.unwrap_model(model)
@@ -122,7 +190,7 @@ class CompactLossSFTTrainer(SFTTrainer):
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         with self.accelerator.autocast():
             hidden = causal_lm.base_model(**forward, use_cache=False).last_hidden_state[:, :-1][mask]
-            logits = causal_lm.get_output_embeddings()(hidden).float()
+            logits = postprocess_logits(causal_lm.get_output_embeddings()(hidden).float(), *self._logits)
         log_probs = torch.log_softmax(logits, dim=-1)
         targets = targets[mask]
         nll = -log_probs.gather(-1, targets.unsqueeze(-1)).sum()

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.base_model import load_model, load_tokenizer, pick_device, pick_dtype, quantization_config
+from lora_core.base_model import carry_generation_config, load_model, load_tokenizer, pick_device, pick_dtype, quantization_config
 from lora_core.config import LoraConfig, TrainConfig
 from lora_core.errors import LoraFlowError
 from lora_core.hashing import tree_sha256
@@ -206,7 +206,7 @@ def train_lora(
     from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM, set_seed
 
-    from lora_core.speed import CompactLossSFTTrainer, attention_implementation, heap_reuse, use_fast_dropout
+    from lora_core.speed import attention_implementation, heap_reuse, trainer_class, use_fast_dropout
 
     out_dir = Path(out_dir)
     if not resume and out_dir.exists():
@@ -215,7 +215,8 @@ def train_lora(
         log.info("fresh training requested: kept the previous run at %s", aside)
     device = pick_device(cfg.device)
     quantization = quantization_config(load_in_4bit, device)
-    attention = attention_implementation(cfg.attn_implementation, device)
+    fast = cfg.fast_paths and device == "cpu"  # the CPU fast paths of speed.py
+    attention = attention_implementation(cfg.attn_implementation, device, cfg.fast_paths)
     set_seed(cfg.seed)  # LoRA init draws from the global RNG before the Trainer seeds it
     tokenizer = load_tokenizer(tokenizer_dir or base_path, trust_remote_code)
     weights = torch.float32
@@ -235,7 +236,7 @@ def train_lora(
     dtype = autocast_dtype(cfg.dtype, device, weights)
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None, dtype=dtype)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    trainer = CompactLossSFTTrainer(
+    trainer = trainer_class(fast)(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -244,21 +245,21 @@ def train_lora(
         peft_config=peft_config(lora) if cfg.method == "lora" else None,
         callbacks=[*(callbacks or []), metrics_jsonl_callback(out_dir / "checkpoints" / "metrics.jsonl")],
     )
-    if device == "cpu":
+    if fast:
         log.info("LoRA dropout: %d modules use the fast CPU mask", use_fast_dropout(trainer.model))
     resume_from = last_checkpoint(out_dir / "checkpoints")
     resumed_from = checkpoint_step(resume_from) if resume_from else 0
     if resume_from:
         log.info("resuming training from %s (step %d)", resume_from, resumed_from)
     what = f"LoRA r={lora.r}" if cfg.method == "lora" else "all weights (full fine-tuning)"
-    log.info("training %s on %d conversations, device=%s, weights %s, autocast %s, attention %s", what, len(train_ds),
-             device, next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off",
-             model.config._attn_implementation)
+    log.info("training %s on %d conversations, device=%s, weights %s, autocast %s, attention %s, loss %s.compute_loss", what,
+             len(train_ds), device, next(model.parameters()).dtype, dtype if dtype != torch.float32 else "off",
+             model.config._attn_implementation, type(trainer).__name__)
     # Under CPU autocast, peft's cast of each LoRA input to fp32 only feeds a matmul that autocast casts back to
     # bf16: skip it (peft's own switch). The LoRA weights, their gradients and the optimizer stay fp32.
-    skip_casts = device == "cpu" and dtype == torch.bfloat16 and cfg.method == "lora" and not lora.use_dora
+    skip_casts = fast and dtype == torch.bfloat16 and cfg.method == "lora" and not lora.use_dora
     started = time.perf_counter()
-    with disable_input_dtype_casting(trainer.model, active=skip_casts), heap_reuse() if device == "cpu" else nullcontext():
+    with disable_input_dtype_casting(trainer.model, active=skip_casts), heap_reuse() if fast else nullcontext():
         out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     eval_loss = None
@@ -270,6 +271,7 @@ def train_lora(
         log.info("kept the best checkpoint by validation loss: %s (%.4f)", trainer.state.best_model_checkpoint, trainer.state.best_metric)
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # adapter (or full model) + tokenizer + chat template
+    carry_generation_config(tokenizer_dir or base_path, adapter_dir)  # stop tokens: eos + the end-of-turn token
     tokens = int(trainer.state.num_input_tokens_seen) - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     result = TrainResult(
         adapter_dir=str(adapter_dir),
