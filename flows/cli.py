@@ -37,14 +37,13 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _run_flow(recipe: str, overrides: list[str], no_cache: bool = False, refresh: list[str] | None = None) -> int:
-    load_recipe(recipe, overrides)  # every config error before Prefect or any model starts
+def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
 
     from flows.finetune import finetune
 
-    s = finetune(recipe=recipe, overrides=overrides, no_cache=no_cache, refresh=refresh or [])
+    s = finetune(config=cfg, no_cache=no_cache, refresh=refresh or [])
     resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
     registered = "(registration disabled)"
     if s["registered_version"]:
@@ -68,17 +67,18 @@ def cmd_run(args) -> int:
     recipes, overrides = _split_args(args.args)
     if len(recipes) > 1:
         raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
-    return _run_flow(recipes[0] if recipes else DEFAULT_RECIPE, overrides, args.no_cache, args.refresh)
+    cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)  # every config error before Prefect starts
+    return _run_flow(cfg, args.no_cache, args.refresh)
 
 
 def cmd_resume(args) -> int:
-    from flows import runs
+    from flows import runs, tracking
 
     row = next((r for r in runs.recent_runs(limit=50, with_prefect=False) if r["resumable"]), None)
     if row is None:
         raise ConfigError("resume: no interrupted run with a checkpoint was found; start one with `lora-flow run`")
     print(f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step {row['checkpoint_step']})")
-    return _run_flow(row["recipe"], row["overrides"])
+    return _run_flow(tracking.resolved_config(row["mlflow_run_id"]))
 
 
 def cmd_runs(args) -> int:
@@ -202,7 +202,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show_config(args) -> int:
-    if args.markdown:  # the README's recipe reference
+    if args.markdown:  # docs/recipes.md's recipe reference
         print("| key | default | meaning |\n|---|---|---|")
         for key, default, desc in describe_fields(PipelineConfig):
             cell = desc.replace("|", "\\|")
@@ -218,9 +218,7 @@ def cmd_show_config(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-flow", description="LoRA fine-tuning as a Prefect flow tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _training_commands(sub) -> None:
     p = sub.add_parser("run", help=f"run a recipe end to end (default {DEFAULT_RECIPE})")
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     p.add_argument("--no-cache", action="store_true", help="recompute every stage and train afresh (earlier outputs are kept aside)")
@@ -233,6 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states")
     p.set_defaults(fn=cmd_runs)
+    p = sub.add_parser("validate", help="check recipes, their data and their base model's tokenizer without loading weights")
+    p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("show-config", help="print the fully resolved config of a recipe")
+    p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
+    p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (docs/recipes.md's)")
+    p.set_defaults(fn=cmd_show_config)
+
+
+def _model_commands(sub) -> None:
     p = sub.add_parser("promote", help="make a registered adapter version the champion if it beats the current one")
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", help="candidate version (default: the newest)")
@@ -250,14 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", help="JSONL/JSON of strings, {prompt: ...} or {messages: [...]}")
     p.add_argument("--output", help="write [{messages, reply}, ...] as JSON here")
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("validate", help="check recipes and their data without loading any model")
-    p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
-    p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("show-config", help="print the fully resolved config of a recipe")
-    p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
-    p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (the README's)")
-    p.set_defaults(fn=cmd_show_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-flow", description="LoRA fine-tuning as a Prefect flow tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _model_commands(sub)
     stack.add_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +45,6 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
             "mlflow_run_id": r.info.run_id,
             "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
             "recipe": tags.get("recipe", "?"),
-            "overrides": json.loads(tags.get("lora_flow.overrides", "[]")),
             "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
             "resumable": status in ("FAILED", "KILLED", "DIED") and ckpt is not None,
         })

@@ -14,7 +14,6 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from transformers import TrainerCallback
 
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
@@ -118,14 +117,13 @@ def find_resumable(experiment_id: str, run_key: str):
 
 
 @contextlib.contextmanager
-def start_run(cfg: PipelineConfig, recipe_path: str, overrides: list[str], flow_run_id: str | None, run_key: str, resume: bool = True):
+def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True):
     """One MLflow run per flow run, or the continuation of an interrupted one with the same
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
     connect()
     experiment_id = ensure_experiment(cfg.tracking.experiment)
-    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": recipe_path,
-            "lora_flow.overrides": json.dumps(overrides), RUN_KEY: run_key,
+    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": cfg.name, RUN_KEY: run_key,
             "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname()}
     previous = find_resumable(experiment_id, run_key) if resume else None
     if previous is not None:
@@ -135,15 +133,9 @@ def start_run(cfg: PipelineConfig, recipe_path: str, overrides: list[str], flow_
         log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
-    client = MlflowClient()
     try:
         if previous is None:
-            params = param_items(cfg)
-            for i in range(0, len(params), BATCH):
-                client.log_batch(run.info.run_id, params=params[i : i + BATCH])
-            if Path(recipe_path).is_file():
-                mlflow.log_artifact(recipe_path, "recipe")
-            mlflow.log_dict(cfg.model_dump(mode="json"), "recipe/resolved.yaml")
+            _log_config(run.info.run_id, cfg)
         yield run
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
@@ -155,33 +147,38 @@ def start_run(cfg: PipelineConfig, recipe_path: str, overrides: list[str], flow_
         mlflow.end_run("FINISHED")
 
 
-class MetricsCallback(TrainerCallback):
-    """Streams the Trainer's logs (loss, learning_rate, grad_norm, eval_loss ...) into one run by step,
-    live while training runs. Uses an explicit run id, so it works from any thread (MLflow's
-    active run is per thread)."""
+RESOLVED = "recipe/resolved.yaml"
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
-        self.client = MlflowClient()
-        self.logged_through = 0
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        # After a resume, steps up to the last one already logged are replayed from the
-        # checkpoint: keep the first record of each step so the curve has no duplicates.
-        history = self.client.get_metric_history(self.run_id, "loss")
-        self.logged_through = max((m.step for m in history), default=0)
+def _log_config(run_id: str, cfg: PipelineConfig) -> None:
+    """Every resolved setting as a param, and the resolved recipe as an artifact (what `lora-flow resume` reloads)."""
+    client = MlflowClient()
+    params = param_items(cfg)
+    for i in range(0, len(params), BATCH):
+        client.log_batch(run_id, params=params[i : i + BATCH])
+    mlflow.log_dict(cfg.model_dump(mode="json"), RESOLVED)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.global_step <= self.logged_through:
-            return
+
+def resolved_config(run_id: str) -> PipelineConfig:
+    """The config a run was started with, from its artifact."""
+    return PipelineConfig.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/{RESOLVED}"))
+
+
+def metrics_callback(run_id: str):
+    """Streams the Trainer's logs into run `run_id` by step, live. Uses an explicit run id, so it works
+    from any thread (MLflow's active run is per thread)."""
+    from lora_core.callbacks import StepLogs
+
+    client = MlflowClient()
+
+    def sink(step: int, metrics: dict) -> None:
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, float(value), now, state.global_step)
-            for key, value in (logs or {}).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-        ]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def logged_through() -> int:
+        return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
+
+    return StepLogs(sink, logged_through)
 
 
 def log_dataset(records_path: str, digest: str, name: str, source: str, context: str) -> None:
@@ -197,3 +194,70 @@ def log_dataset(records_path: str, digest: str, name: str, source: str, context:
 def set_tags(tags: dict) -> None:
     run = mlflow.active_run()
     MlflowClient().log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+# ------------------------------------------------------------------ one helper per stage result
+
+
+def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
+    set_tags({"base_model": base.source, "base_model.identity": base.identity, "data.sha256": data.sha256, "train.dir": train_dir})
+    log_dataset(data.records_path, data.sha256, Path(cfg.data.path).name, cfg.data.path, "training")
+    mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
+                        "data.train_target_tokens": split.train_target_tokens})
+
+
+def _last_logged(metrics_path: str, key: str) -> float:
+    values = [r[key] for r in map(json.loads, Path(metrics_path).read_text().splitlines()) if key in r]
+    return float(values[-1]) if values else float("nan")
+
+
+def log_training(trained, full: bool) -> None:
+    mlflow.log_metrics({"train_loss_final": trained.train_loss, "train_tokens_per_second": trained.train_tokens_per_second,
+                        "train_runtime_s": trained.runtime_s, "global_step": trained.global_step,
+                        "train_resumed_from_step": trained.resumed_from_step})
+    if trained.eval_loss is not None:
+        mlflow.log_metrics({"eval_loss_final": trained.eval_loss,
+                            "eval_minus_train_loss": trained.eval_loss - _last_logged(trained.metrics_path, "loss")})
+    mlflow.log_artifact(trained.metrics_path, "training")
+    if trained.best_checkpoint:
+        set_tags({"train.best_checkpoint": trained.best_checkpoint})
+    mlflow.log_artifacts(trained.adapter_dir, "model" if full else "adapter")
+
+
+def log_evaluation(ev) -> None:
+    mlflow.log_metrics({"base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
+                        "perplexity_change_pct": 100 * ev.perplexity_change, "eval_runtime_s": ev.runtime_s, **ev.behaviour})
+    samples = json.loads(Path(ev.samples_path).read_text())
+    mlflow.log_table({k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}, artifact_file="samples.json")
+    mlflow.log_artifact(ev.report_path, "evaluation")
+
+
+def log_merge(merged) -> None:
+    if merged is not None:
+        mlflow.log_metric("merge_max_abs_logit_diff", merged.max_abs_logit_diff)
+        set_tags({"merge.reload_sample": merged.reload_sample[:250]})
+
+
+def log_registration(registered: dict | None) -> None:
+    if registered:
+        set_tags({"registry.model": registered["model"], "registry.version": registered["version"]})
+
+
+def log_cache_use(recomputed: list[str]) -> None:
+    """Which stages ran instead of coming from the cache (none: a retrain with nothing changed)."""
+    if recomputed:
+        log.info("recomputed: %s", ", ".join(recomputed))
+    else:
+        log.info("nothing changed: every stage came from cache, no retraining")
+    set_tags({"lora_flow.from_cache": str(not recomputed).lower(), "lora_flow.recomputed": ",".join(recomputed)})
+
+
+def summary(run_id: str, trained, ev, merged, registered: dict | None, latest: str) -> dict:
+    return {
+        "mlflow_run_id": run_id, "latest_dir": latest, "behaviour": ev.behaviour,
+        "registered_version": registered and registered["version"], "promotion": registered and registered["promotion"],
+        "tracking_uri": mlflow.get_tracking_uri(), "base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
+        "perplexity_change_pct": 100 * ev.perplexity_change, "resumed_from_step": trained.resumed_from_step,
+        "adapter_dir": trained.adapter_dir, "merged_dir": merged and merged.merged_dir, "samples_path": ev.samples_path,
+        "ui_command": ui_command(mlflow.get_tracking_uri()),
+    }

@@ -19,3 +19,24 @@ def decide(candidate_perplexity: float, champion_perplexity: float | None, margi
     if candidate_perplexity < bar:
         return Decision(True, f"perplexity {candidate_perplexity:.4f} < {bar:.4f} (champion {champion_perplexity:.4f}, margin {margin:.1%})")
     return Decision(False, f"perplexity {candidate_perplexity:.4f} >= {bar:.4f} (champion {champion_perplexity:.4f}, margin {margin:.1%})")
+
+
+def load_for_logging(model_dir: str, base_path: str | None):
+    """(model, tokenizer) on CPU in fp32 for logging to a registry: base + adapter when `base_path`
+    is given, else `model_dir` is a full model (train.method=full)."""
+    from lora_core.inference import load_chat_model
+
+    return load_chat_model(model_dir, base_path=base_path, device="cpu")
+
+
+def rescore(adapter_dir: str, base_path: str, val_dir: str, max_length: int, batch_size: int = 8) -> float:
+    """Validation perplexity of a stored adapter on another validation set (tokenised rows in `val_dir`),
+    for a fair champion/challenger comparison when the validation data changed."""
+    import datasets
+
+    from lora_core.evaluate import perplexity
+    from lora_core.inference import load_chat_model
+
+    model, tokenizer = load_chat_model(adapter_dir, base_path=base_path, device="cpu")
+    rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
+    return perplexity(model, rows, batch_size, pad_id=tokenizer.pad_token_id, max_length=max_length).perplexity

@@ -110,3 +110,53 @@ def transient_only(task, task_run, state) -> bool:
 
 TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True)
 RETRY_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+
+
+class Stages:
+    """Calls cached tasks for a flow: `fresh` names the stages to recompute; a cache hit whose files are gone
+    or altered is recomputed, never trusted; `recomputed` lists the tasks that ran instead of coming from cache."""
+
+    def __init__(self, fresh: set[str]):
+        self.fresh, self.recomputed = fresh, []
+
+    def __call__(self, stage: str, task):
+        task = task.with_options(refresh_cache=True) if stage in self.fresh else task
+
+        def call(*args, **kwargs):
+            from prefect import get_run_logger
+
+            state = task(*args, return_state=True, **kwargs)
+            result = state.result()
+            problem = stale_outputs(result)
+            if problem:
+                get_run_logger().warning("%s: cached result not trusted (%s); recomputing", task.name, problem)
+                state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+                result = state.result()
+            if state.name != "Cached":
+                self.recomputed.append(task.name)
+            return result
+
+        return call
+
+
+def run_key(cfg, source_sha256: str) -> str:
+    """What identifies "the same run" for resuming into one MLflow run: the whole config except where it is
+    tracked and registered, the data's content and the library's source."""
+    from lora_core.hashing import text_sha256
+
+    settings = cfg.model_dump(mode="json", exclude={"tracking", "retries", "registry"})
+    return text_sha256(json.dumps(settings, sort_keys=True), source_sha256, library_fingerprint())
+
+
+def point_latest(root: str, trained_dir: str, merged_dir: str | None, full: bool) -> str:
+    """`<output>/<recipe>/latest/{adapter|model, merged}`: stable links to this run's results, for the next
+    phase of progressive training (`model.base: ./outputs/<recipe>/latest/model`) or for serving."""
+    latest = Path(root) / "latest"
+    latest.mkdir(parents=True, exist_ok=True)
+    for name, target in (("model" if full else "adapter", trained_dir), ("merged", merged_dir)):
+        link = latest / name
+        if link.is_symlink():
+            link.unlink()
+        if target:
+            link.symlink_to(Path(target).resolve())
+    return str(latest)

@@ -5,10 +5,10 @@ from pathlib import Path
 from prefect import task
 
 from lora_core.base_model import BaseModelRef
-from lora_core.config import LoraConfig, TrainConfig
+from lora_core.config import LoraConfig, RetriesConfig, TrainConfig
 from lora_core.data import SplitResult
 from lora_core.train import TrainResult, train_lora
-from tasks.cache import TASK_OPTIONS, sealed, stage_dir
+from tasks.cache import TASK_OPTIONS, sealed, stage_dir, transient_only
 
 
 def train_dir(base: BaseModelRef, split: SplitResult, lora: LoraConfig, cfg: TrainConfig, data_sha256: str, output_root: str,
@@ -36,3 +36,9 @@ def train_adapter(
     out = train_dir(base, split, lora, cfg, data_sha256, output_root, load_in_4bit)
     return sealed(out, train_lora(base.path, split.train_dir, split.val_dir, lora, cfg, out, callbacks, trust_remote_code, resume,
                                   split.tokenizer_dir, load_in_4bit))
+
+
+def with_retries(task, cfg: RetriesConfig):
+    """The training task with the recipe's retries: each retry resumes from the newest complete checkpoint;
+    bad input (a LoraFlowError) is never retried."""
+    return task.with_options(retries=cfg.train, retry_delay_seconds=cfg.delay_s, retry_condition_fn=transient_only)

@@ -43,7 +43,7 @@ def results(tmp_path_factory, tiny_model_dir, prefect_harness):
     runs = {}
     for exp in client.search_experiments():
         for run in client.search_runs([exp.experiment_id]):
-            runs[run.data.tags["recipe"].split("/")[-1].removesuffix(".yaml")] = run
+            runs[run.data.tags["recipe"]] = run
     return codes, runs, client, cwd
 
 
@@ -53,7 +53,15 @@ def test_recipe_runs_end_to_end(results, recipe):
     assert codes[recipe] == 0
     run = runs[recipe]
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["tuned_perplexity"] > 0 and run.data.tags["registry.version"]
+    # two optimizer steps, each logged once, and the version registered from this very run
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    version = client.get_model_version(run.data.tags["registry.model"], run.data.tags["registry.version"])
+    assert version.run_id == run.info.run_id and version.tags["recipe"] == recipe
+    # a random tiny model predicts near-uniformly: its perplexity is close to the vocabulary size (~400), and
+    # two small steps cannot move it far; a broken mask or loss would land orders of magnitude away
+    vocab = json.loads((Path(version.tags["base_model.path"]) / "config.json").read_text())["vocab_size"]
+    for key in ("base_perplexity", "tuned_perplexity"):
+        assert 0.7 * vocab < run.data.metrics[key] < 1.3 * vocab, (key, run.data.metrics[key], vocab)
 
 
 def test_recipe_specific_outputs(results):

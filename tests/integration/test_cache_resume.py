@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, task_states  # noqa: E402
 from flows.finetune import finetune
+from lora_core.config import load_recipe
 from lora_core.train import checkpoint_step, last_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,7 @@ LONG_TRAIN = "{max_steps: 120, save_steps: 20, save_total_limit: 3, batch_size: 
 
 
 def run(recipe, *overrides, **kw) -> tuple[dict, dict]:
-    state = finetune(recipe=str(recipe), overrides=list(overrides), return_state=True, **kw)
+    state = finetune(config=load_recipe(recipe, list(overrides)), return_state=True, **kw)
     summary = state.result()
     return summary, task_states(state.state_details.flow_run_id)
 
@@ -122,7 +123,7 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, f
 
     # the same recipe uninterrupted, elsewhere: the resumed adapter matches it
     reference = make_recipe("reference", train=LONG_TRAIN)
-    summary = finetune(recipe=str(reference), overrides=["output_dir=outputs-reference"])
+    summary = finetune(config=load_recipe(reference, ["output_dir=outputs-reference"]))
     resumed = load_file(train_dir / "adapter" / "adapter_model.safetensors")
     straight = load_file(Path(summary["adapter_dir"]) / "adapter_model.safetensors")
     assert resumed.keys() == straight.keys()

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO
 from flows import stack as stk
 from flows.finetune import finetune
+from lora_core.config import load_recipe
 
 POSTGRES_URI = os.environ.get("LORA_FLOW_TEST_POSTGRES_URI")
 pytestmark = [
@@ -67,7 +68,7 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(fresh_database, prefect_
         server = f"http://127.0.0.1:{port}"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server)  # the pipeline talks to it through this, nothing else
 
-        summary = finetune(recipe=str(make_recipe("pg")))
+        summary = finetune(config=load_recipe(make_recipe("pg")))
 
         client = MlflowClient(tracking_uri=server)
         run = client.get_run(summary["mlflow_run_id"])

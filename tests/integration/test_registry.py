@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from conftest import build_tiny_model  # noqa: E402
 from flows.cli import main
 from flows.finetune import finetune
+from lora_core.config import load_recipe
 
 pytestmark = pytest.mark.slow
 TRAIN = "{{max_steps: {steps}, save_steps: 50, batch_size: 4, grad_accum: 1, learning_rate: {lr}}}"
@@ -26,7 +27,7 @@ def test_champion_moves_to_better_versions_only_and_loads_by_alias(prefect_harne
     recipe = make_recipe("tutor")
     client = MlflowClient(mlflow_store)
     runs = [("2", "1.0e-2"), ("30", "1.0e-2"), ("1", "1.0e-3")]  # short, longer (better), shortest (worse)
-    summaries = [finetune(recipe=str(recipe), overrides=[f"train={TRAIN.format(steps=s, lr=lr)}"]) for s, lr in runs]
+    summaries = [finetune(config=load_recipe(recipe, [f"train={TRAIN.format(steps=s, lr=lr)}"])) for s, lr in runs]
     ppl = [s["tuned_perplexity"] for s in summaries]
     assert ppl[1] < ppl[0] and ppl[2] > ppl[1]
     assert [s["registered_version"] for s in summaries] == ["1", "2", "3"]
@@ -76,19 +77,19 @@ def test_champion_moves_to_better_versions_only_and_loads_by_alias(prefect_harne
 
 def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_recipe, mlflow_store, tmp_path, capsys, monkeypatch):
     recipe = make_recipe("guarded")
-    finetune(recipe=str(recipe), overrides=[])
+    finetune(config=load_recipe(recipe))
     client = MlflowClient(mlflow_store)
     # a version from another base model, registered without promotion
     other = build_tiny_model(tmp_path / "other-base", ["a different corpus " * 20, "with other words"])
     recipe_other = make_recipe("guarded-other", extra="registry: {model_name: guarded, promote: false}\n")
-    finetune(recipe=str(recipe_other), overrides=[f"model.base={other}"])
+    finetune(config=load_recipe(recipe_other, [f"model.base={other}"]))
     # a version whose run failed
-    from flows.registry import register_adapter
+    from flows.registry import register
 
     mv1 = client.get_model_version("guarded", "1")
     with mlflow.start_run(experiment_id=client.get_run(mv1.run_id).info.experiment_id) as run:
         adapter = mlflow.artifacts.download_artifacts(run_id=mv1.run_id, artifact_path="adapter", dst_path=str(tmp_path / "a"))
-        register_adapter(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run")
+        register(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run")
         mlflow.end_run("FAILED")
     before = aliases(client, "guarded")
     assert before == {"champion": "1"}

@@ -1,0 +1,38 @@
+"""The register stage: the adapter becomes a version of the registered model, then the champion gate.
+
+One idempotent step keyed by the adapter's sha256 (see flows/registry.py): retried or re-run after
+a kill, it completes the same version instead of creating another or skipping the promotion.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows import registry
+from lora_core.base_model import BaseModelRef
+from lora_core.config import PipelineConfig
+from lora_core.data import DataResult, SplitResult
+from lora_core.evaluate import EvalResult
+from lora_core.train import TrainResult
+from tasks.cache import RETRY_OPTIONS
+
+
+@task(name="register", cache_policy=NO_CACHE, **RETRY_OPTIONS)
+def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, data: DataResult, split: SplitResult,
+                         trained: TrainResult, ev: EvalResult) -> dict:
+    """{"model", "version", "promotion"}: the version holding this adapter (created if none does) and,
+    when `registry.promote` is on and no decision is recorded yet, the champion decision."""
+    name = cfg.registry.model_name or cfg.name
+    mv = registry.find_version(name, trained.adapter_sha256)
+    if mv is None:
+        base_path = None if cfg.train.method == "full" else base.path
+        version = registry.register(run_id, trained.adapter_dir, base_path, name,
+                                    registry.version_tags(cfg, base, data, split, trained, ev), registry.describe(cfg, base, ev))
+    else:
+        version = mv.version
+    promotion = None
+    if cfg.registry.promote and (mv is None or registry.DECISION not in mv.tags):
+        d = registry.promote(name, version, cfg.registry.margin, current_run_id=run_id)
+        promotion = {"promoted": d.promote, "reason": d.reason}
+    return {"model": name, "version": version, "promotion": promotion}
