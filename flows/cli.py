@@ -110,26 +110,21 @@ def cmd_promote(args) -> int:
     return 0
 
 
-def _settings(args):
-    from lora_core.inference import GenerationSettings
-
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-
-
 def _load(args):
+    """(model, tokenizer, settings): a registry version's served defaults unless an option overrides them."""
     from flows.serve import resolve_model
-    from lora_core.inference import load_chat_model
+    from lora_core.inference import GenerationSettings, load_chat_model
 
-    path, base = resolve_model(args.model)
-    return load_chat_model(path, base_path=args.base_model or base)
+    path, base, defaults = resolve_model(args.model)
+    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
+    settings = GenerationSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    return *load_chat_model(path, base_path=args.base_model or base), settings
 
 
 def cmd_chat(args) -> int:
     from lora_core.inference import stream_reply
 
-    model, tokenizer = _load(args)
-    settings = _settings(args)
+    model, tokenizer, settings = _load(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message, an empty line or Ctrl-D to quit")
     while True:
@@ -153,8 +148,7 @@ def cmd_generate(args) -> int:
     if bool(args.prompt) == bool(args.input):
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
-    model, tokenizer = _load(args)
-    settings = _settings(args)
+    model, tokenizer, settings = _load(args)
     replies = [r for i in range(0, len(chats), 8)  # 8 prompts per generate call
                for r in reply_batch(model, tokenizer, [(c, None) for c in chats[i : i + 8]], settings)]
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
@@ -172,11 +166,11 @@ def cmd_generate(args) -> int:
 def _generation_args(p) -> None:
     p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, an adapter folder or a merged-model folder")
     p.add_argument("--base-model", help="local base model folder (default: the one recorded with the adapter)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--max-new-tokens", type=int, help="default: what the registry version was evaluated with, else 256")
+    p.add_argument("--temperature", type=float, help="0 = greedy (the default); above 0 samples")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float, help="default: the registry version's evaluation setting, else 1.0")
 
 
 def cmd_validate(args) -> int:

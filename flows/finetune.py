@@ -16,7 +16,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import tracking
+from flows import registry, tracking
 from lora_core.base_model import pick_device, quantization_config
 from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
@@ -50,6 +50,7 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
     with tracking.start_run(cfg, flow_run.get_id(), run_key(cfg, source_sha), resume="train" not in stage.fresh) as run:
         data = stage("download", download_data)(cfg.data, source_sha, cfg.split.seed, root)  # bad data fails before any model loads
         base = resolve_base_model(cfg.model, cfg.cache_dir)
+        registry.check_base(cfg, base)  # before training: a champion of another base model is never challenged
         formatted = stage("format", format_data)(data, base, cfg.template, file_fingerprint(cfg.template.chat_template), trust, root)
         split = stage("split", split_data)(formatted, cfg.split, data.sha256, root)
         tracking.log_data(cfg, base, data, split, str(train_dir(base, split, cfg.lora, cfg.train, data.sha256, root, cfg.model.load_in_4bit)))

@@ -13,6 +13,8 @@ and completes what is missing (the promotion decision) instead of making another
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -58,13 +60,14 @@ def find_version(name: str, adapter_sha256: str):
     return min(hits, key=lambda v: int(v.version), default=None)
 
 
-def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags: dict, description: str) -> str:
-    """Log the adapter (+ tokenizer and chat template) as an MLflow model in `run_id` and create a version of
-    `name` with every tag in the same call; returns the version. With `base_path=None`, `model_dir` is a full
-    model (train.method=full) and is logged whole."""
+def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags: dict, description: str, settings) -> str:
+    """Log the adapter (+ tokenizer and chat template, which carries the recipe's system prompt) as an MLflow
+    model in `run_id` and create a version of `name` with every tag in the same call; returns the version.
+    `settings` (the evaluation's GenerationSettings) become the served defaults: greedy unless a request asks
+    to sample. With `base_path=None`, `model_dir` is a full model (train.method=full) and is logged whole."""
     from lora_core.registry import load_for_logging
 
-    model, tokenizer = load_for_logging(model_dir, base_path)
+    model, tokenizer, defaults = load_for_logging(model_dir, base_path, settings)
     active = mlflow.active_run()
     with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
@@ -73,6 +76,7 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
             task="llm/v1/chat",  # pyfunc takes OpenAI-style {"messages": [...]} and applies the chat template
             base_model_path=base_path,
             pip_requirements=_requirements(),
+            model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
         )
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     MlflowClient().update_model_version(name, mv.version, description=description)
@@ -200,7 +204,7 @@ def list_versions(name: str) -> list[dict]:
             for v in sorted(versions, key=lambda v: int(v.version))]
 
 
-def version_tags(cfg, base, data, split, trained, ev) -> dict:
+def version_tags(cfg, base, data, split, trained, ev, settings) -> dict:
     """What a version records about how it was made: figures, data and base identity, recipe."""
     from lora_core.hashing import file_sha256, text_sha256
 
@@ -211,6 +215,7 @@ def version_tags(cfg, base, data, split, trained, ev) -> dict:
         "val.dir": split.val_dir, "base_model.source": base.source, "base_model.identity": base.identity,
         "base_model.path": base.path, "data.sha256": data.sha256, "recipe": cfg.name,
         "adapter.sha256": trained.adapter_sha256, "train.method": cfg.train.method,
+        "serving.system_prompt": cfg.template.system_prompt or "", "serving.generation": json.dumps(dataclasses.asdict(settings)),
     }
 
 
@@ -218,3 +223,14 @@ def describe(cfg, base, ev) -> str:
     what = "full fine-tune" if cfg.train.method == "full" else f"LoRA r={cfg.lora.r}"
     return (f"{cfg.name}: {what} on {base.source}; validation perplexity {ev.base_perplexity:.3f} -> "
             f"{ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)")
+
+
+def check_base(cfg, base) -> None:
+    """Refuse, before training, a run whose adapter would compete with a champion of another base model."""
+    name = cfg.registry.model_name or cfg.name
+    champ = champion(MlflowClient(), name) if cfg.registry.enabled and cfg.registry.promote else None
+    if champ is not None and champ.tags.get("base_model.identity") != base.identity:
+        raise RegistryError(
+            f"registry.model_name {name!r}: its champion (version {champ.version}) was trained on base "
+            f"{champ.tags.get('base_model.source')!r}, this run's base is {base.source!r}: perplexities are not comparable; "
+            "give this recipe its own registry.model_name (or name), or set registry.promote=false to register without promotion")

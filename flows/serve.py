@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -14,12 +15,13 @@ from lora_core.inference import InferenceError
 CACHE = Path(".cache/lora-flow/served")
 
 
-def resolve_model(ref: str) -> tuple[str, str | None]:
-    """(local folder, base model path or None). Registry and run artifacts are downloaded once into .cache."""
+def resolve_model(ref: str) -> tuple[str, str | None, dict]:
+    """(local folder, base model path or None, served generation defaults or {}). Registry and run artifacts
+    are downloaded once into .cache; a registry version serves what its evaluation decoded with."""
     if not ref.startswith(("models:/", "runs:/")):
         if not Path(ref).exists():
             raise InferenceError(f"{ref}: no such folder; pass a folder, models:/NAME@champion or runs:/RUN_ID")
-        return ref, None
+        return ref, None, {}
     tracking.connect()
     client = MlflowClient()
     try:
@@ -33,12 +35,12 @@ def resolve_model(ref: str) -> tuple[str, str | None]:
             dst = CACHE / f"{mv.name}-v{mv.version}"
             dst.mkdir(parents=True, exist_ok=True)
             path = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(dst))
-            return path, mv.tags.get("base_model.path")
+            return path, mv.tags.get("base_model.path"), json.loads(mv.tags.get("serving.generation", "{}"))
         run_id = ref.removeprefix("runs:/").strip("/")
         run = client.get_run(run_id)
         dst = CACHE / f"run-{run_id}"
         dst.mkdir(parents=True, exist_ok=True)
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst))
-        return path, run.data.tags.get("base_model.path")
+        return path, run.data.tags.get("base_model.path"), {}
     except MlflowException as exc:
         raise InferenceError(f"{ref}: {exc.message.splitlines()[0]}") from None

@@ -148,6 +148,14 @@ def per_example_perplexity(model, rows: list[dict]) -> float:
     return math.exp(nll / tokens)
 
 
+def generation_settings(cfg):
+    """The decoding the evaluation uses (greedy, eval.max_new_tokens, eval.repetition_penalty): also what a
+    registered version serves by default, so evaluated = served."""
+    from lora_core.inference import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty)
+
+
 def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96,
                      repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
     """Greedy replies to chat prompts: (messages ending with a user turn, tools or None), `batch_size` at a time."""

@@ -176,6 +176,19 @@ class FormatResult:
     end_of_turn: str | None = None  # the token that closes an assistant turn (None: no conversations)
 
 
+def with_default_system_prompt(template: str, system_prompt: str) -> str:
+    """The chat template with `system_prompt` as the system message of any conversation that has none:
+    a chat renders exactly as the training data did (template.system_prompt injected), and a request
+    that brings its own system message keeps it."""
+    import json
+
+    # a JSON string literal is a valid Jinja string literal (same escapes)
+    head = ("{%- if messages and messages[0]['role'] != 'system' -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system_prompt)}}}] + messages -%}}"
+            "{%- endif -%}\n")
+    return head + template
+
+
 def format_dataset(records_path: str, val_records_path: str | None, tokenizer_path: str, cfg, out_dir, trust_remote_code: bool = False) -> FormatResult:
     """Render every conversation with the base tokenizer's chat template and build its loss mask.
     Problems of the model (no chat template, unknown end-of-turn token) are one line, raised before any record
@@ -223,6 +236,8 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
         raise FormatError("\n".join(problems[:20]))
     ds = datasets.Dataset.from_dict(columns)
     ds.save_to_disk(str(Path(out_dir) / "formatted"))
+    if cfg.system_prompt:  # what was trained on is what every saved model folder and registry version serves
+        tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, cfg.system_prompt)
     tokenizer_dir = Path(out_dir) / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
     if eot_id is not None:

@@ -21,12 +21,15 @@ def decide(candidate_perplexity: float, champion_perplexity: float | None, margi
     return Decision(False, f"perplexity {candidate_perplexity:.4f} >= {bar:.4f} (champion {champion_perplexity:.4f}, margin {margin:.1%})")
 
 
-def load_for_logging(model_dir: str, base_path: str | None):
-    """(model, tokenizer) on CPU in fp32 for logging to a registry: base + adapter when `base_path`
-    is given, else `model_dir` is a full model (train.method=full)."""
-    from lora_core.inference import load_chat_model
+def load_for_logging(model_dir: str, base_path: str | None, settings) -> tuple:
+    """(model, tokenizer, serving defaults) on CPU in fp32 for logging to a registry: base + adapter when
+    `base_path` is given, else `model_dir` is a full model (train.method=full). The defaults are the
+    generate() kwargs of `settings` (lora_core.inference.GenerationSettings) plus the stop tokens."""
+    from lora_core.inference import load_chat_model, stop_token_ids
 
-    return load_chat_model(model_dir, base_path=base_path, device="cpu")
+    model, tokenizer = load_chat_model(model_dir, base_path=base_path, device="cpu")
+    defaults = {**settings.kwargs(), "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    return model, tokenizer, defaults
 
 
 def rescore(adapter_dir: str, base_path: str, val_dir: str, max_length: int, batch_size: int = 8) -> float:

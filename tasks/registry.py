@@ -13,7 +13,7 @@ from flows import registry
 from lora_core.base_model import BaseModelRef
 from lora_core.config import PipelineConfig
 from lora_core.data import DataResult, SplitResult
-from lora_core.evaluate import EvalResult
+from lora_core.evaluate import EvalResult, generation_settings
 from lora_core.train import TrainResult
 from tasks.cache import RETRY_OPTIONS
 
@@ -27,8 +27,9 @@ def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, d
     mv = registry.find_version(name, trained.adapter_sha256)
     if mv is None:
         base_path = None if cfg.train.method == "full" else base.path
-        version = registry.register(run_id, trained.adapter_dir, base_path, name,
-                                    registry.version_tags(cfg, base, data, split, trained, ev), registry.describe(cfg, base, ev))
+        settings = generation_settings(cfg.eval)  # what the evaluation decoded with is what the version serves
+        version = registry.register(run_id, trained.adapter_dir, base_path, name, registry.version_tags(
+            cfg, base, data, split, trained, ev, settings), registry.describe(cfg, base, ev), settings)
     else:
         version = mv.version
     promotion = None

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -85,11 +86,12 @@ def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_re
     finetune(config=load_recipe(recipe_other, [f"model.base={other}"]))
     # a version whose run failed
     from flows.registry import register
+    from lora_core.inference import GenerationSettings
 
     mv1 = client.get_model_version("guarded", "1")
     with mlflow.start_run(experiment_id=client.get_run(mv1.run_id).info.experiment_id) as run:
         adapter = mlflow.artifacts.download_artifacts(run_id=mv1.run_id, artifact_path="adapter", dst_path=str(tmp_path / "a"))
-        register(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run")
+        register(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run", GenerationSettings())
         mlflow.end_run("FAILED")
     before = aliases(client, "guarded")
     assert before == {"champion": "1"}
@@ -113,3 +115,37 @@ def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_re
     assert main(["promote", "guarded", "--list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in err[0]
+
+
+def test_the_served_version_replies_exactly_as_it_was_evaluated(prefect_harness, make_recipe, mlflow_store, in_tmp_cwd):
+    """pyfunc in a fresh process, a request without a system message and without decoding params: the recipe's
+    system prompt and the evaluation's greedy decoding apply, so the reply is the one samples.json holds."""
+    prompts = in_tmp_cwd / "heldout.jsonl"
+    prompts.write_text('{"prompt": "How do I solve 3x + 7 = 22?"}\n{"prompt": "What is half of 3/4?"}\n')
+    summary = finetune(config=load_recipe(make_recipe("served"), [f"eval.prompts_path={prompts}", "eval.batch_size=1",
+                                                                  "eval.repetition_penalty=1.3", "train.max_steps=4"]))
+    samples = json.loads(Path(summary["samples_path"]).read_text())
+    code = (
+        "import json, sys, mlflow\n"
+        "m = mlflow.pyfunc.load_model('models:/served@champion')\n"
+        "for prompt in sys.argv[1:]:\n"
+        "    for _ in range(2):\n"
+        "        out = m.predict({'messages': [{'role': 'user', 'content': prompt}]})\n"
+        "        print(json.dumps(out[0]['choices'][0]['message']['content']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *(s["prompt"] for s in samples)], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = [json.loads(line).strip() for line in proc.stdout.strip().splitlines()[-4:]]
+    assert served == [samples[0]["tuned"], samples[0]["tuned"], samples[1]["tuned"], samples[1]["tuned"]]
+
+    # the version's own chat template carries the system prompt; a request's own system message replaces it
+    from transformers import AutoTokenizer
+
+    local = mlflow.artifacts.download_artifacts("models:/served@champion", dst_path=str(in_tmp_cwd / "dl"), tracking_uri=mlflow_store)
+    tok = AutoTokenizer.from_pretrained(f"{local}/components/tokenizer")
+    user = [{"role": "user", "content": "hi"}]
+    assert "Be Socratic." in tok.apply_chat_template(user, tokenize=False)
+    assert "Be Socratic." not in tok.apply_chat_template([{"role": "system", "content": "Other."}, *user], tokenize=False)
+    tags = MlflowClient(mlflow_store).get_model_version("served", summary["registered_version"]).tags
+    assert json.loads(tags["serving.generation"])["repetition_penalty"] == 1.3 and tags["serving.system_prompt"] == "Be Socratic."
