@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -120,9 +119,9 @@ def _perplexity_on(mv, val_dir: str, max_length: int) -> float:
     """Re-evaluate a registered adapter on another validation set (the candidate's), for a fair comparison."""
     from lora_core.registry import rescore
 
-    base_path = mv.tags.get("base_model.path", "")
-    if not (Path(base_path) / "config.json").is_file():
-        raise RegistryError(f"{mv.name} version {mv.version}: its base model {base_path!r} is not available here to re-evaluate it")
+    from flows.serve import base_of
+
+    base_path = base_of(mv.tags, mv.tags.get("base_model.source"))
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp)
         return rescore(local, base_path, val_dir, max_length)

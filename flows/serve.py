@@ -10,9 +10,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows import tracking
+from lora_core.base_model import locate_base
+from lora_core.config import PipelineConfig
 from lora_core.inference import InferenceError
 
 CACHE = Path(".cache/lora-flow/served")
+
+
+def base_of(tags: dict, source: str | None) -> str | None:
+    """The base of a registered adapter on this machine, found by identity (see lora_core.base_model.locate_base)."""
+    if tags.get("train.method") == "full" or not tags.get("base_model.identity"):
+        return None  # a full model: nothing to attach to
+    cache_dir = PipelineConfig.model_fields["cache_dir"].default
+    return locate_base(source or "", tags["base_model.identity"], tags.get("base_model.path"), cache_dir)
 
 
 def resolve_model(ref: str) -> tuple[str, str | None, dict]:
@@ -35,12 +45,12 @@ def resolve_model(ref: str) -> tuple[str, str | None, dict]:
             dst = CACHE / f"{mv.name}-v{mv.version}"
             dst.mkdir(parents=True, exist_ok=True)
             path = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(dst))
-            return path, mv.tags.get("base_model.path"), json.loads(mv.tags.get("serving.generation", "{}"))
+            return path, base_of(mv.tags, mv.tags.get("base_model.source")), json.loads(mv.tags.get("serving.generation", "{}"))
         run_id = ref.removeprefix("runs:/").strip("/")
         run = client.get_run(run_id)
         dst = CACHE / f"run-{run_id}"
         dst.mkdir(parents=True, exist_ok=True)
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst))
-        return path, run.data.tags.get("base_model.path"), {}
+        return path, base_of(run.data.tags, run.data.tags.get("base_model")), {}
     except MlflowException as exc:
         raise InferenceError(f"{ref}: {exc.message.splitlines()[0]}") from None

@@ -70,6 +70,38 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
     return _from_hub(cfg)
 
 
+BASE_SEARCH_ENV = "LORA_FLOW_BASE_MODELS"  # folders (os.pathsep-separated) where local base models are looked up
+
+
+def locate_base(source: str, identity: str, recorded_path: str | None, cache_dir: str | Path) -> str:
+    """The folder of the base model a trained adapter names by identity, on this machine: the recorded path
+    when it is there, else the embedded model re-materialised from its package, a converted GGUF in
+    `cache_dir`, the hub commit from the HF cache, or a local copy (same content hash) in a folder listed in
+    LORA_FLOW_BASE_MODELS. Nothing of the training machine's paths is needed."""
+    if recorded_path and (Path(recorded_path) / "config.json").is_file():
+        return recorded_path
+    found = None
+    if source in EMBEDDED:
+        found = materialise_embedded(source, cache_dir)
+    elif identity.startswith("hub:"):
+        hub_id, _, commit = identity.removeprefix("hub:").rpartition("@")
+        found = _from_hub(ModelConfig(base=hub_id, revision=commit))
+    elif identity.startswith("gguf-sha256:"):
+        sha = identity.removeprefix("gguf-sha256:")
+        done = [p for p in Path(cache_dir).expanduser().glob(f"*-{sha[:16]}") if (p / _COMPLETE).is_file()]
+        found = BaseModelRef(str(done[0].resolve()), identity, source) if done else None
+    else:
+        roots = [Path(p).expanduser() for p in os.environ.get(BASE_SEARCH_ENV, "").split(os.pathsep) if p]
+        candidates = [d for r in roots for d in (r, *sorted(r.glob("*"))) if (d / "config.json").is_file()]
+        found = next((BaseModelRef(str(d.resolve()), identity, source) for d in candidates
+                      if f"dir-sha256:{tree_sha256(d)}" == identity), None)
+    if found is None or found.identity != identity:
+        raise BaseModelError(
+            f"base model {source!r} ({identity[:30]}...) is not on this machine; put a copy of it in a folder listed in "
+            f"{BASE_SEARCH_ENV}, or pass its folder with --base-model")
+    return found.path
+
+
 def _from_hub(cfg: ModelConfig) -> BaseModelRef:
     from huggingface_hub import snapshot_download
 

@@ -149,3 +149,22 @@ def test_the_served_version_replies_exactly_as_it_was_evaluated(prefect_harness,
     assert "Be Socratic." not in tok.apply_chat_template([{"role": "system", "content": "Other."}, *user], tokenize=False)
     tags = MlflowClient(mlflow_store).get_model_version("served", summary["registered_version"]).tags
     assert json.loads(tags["serving.generation"])["repetition_penalty"] == 1.3 and tags["serving.system_prompt"] == "Be Socratic."
+
+
+def test_a_version_loads_by_alias_after_its_base_moved(prefect_harness, make_recipe, mlflow_store, in_tmp_cwd, tiny_model_dir, tmp_path):
+    """The version names its base by identity: with the training folder of the base gone, a copy found through
+    LORA_FLOW_BASE_MODELS serves it, in a fresh process; with no copy, one line says what to do."""
+    import shutil
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "bases-at-training" / "tiny")
+    finetune(config=load_recipe(make_recipe("moved"), [f"model.base={base}"]))
+    shutil.move(base, tmp_path / "elsewhere" / "tiny")  # the training machine's path no longer exists
+    argv = [sys.executable, "-m", "flows.cli", "generate", "models:/moved@champion", "--prompt", "What is 2 + 2?", "--max-new-tokens", "4"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
+    lost = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=in_tmp_cwd)
+    assert lost.returncode == 2 and "Traceback" not in lost.stderr
+    assert "is not on this machine; put a copy of it in a folder listed in LORA_FLOW_BASE_MODELS" in lost.stderr
+    found = subprocess.run(argv, capture_output=True, text=True, env={**env, "LORA_FLOW_BASE_MODELS": str(tmp_path / "elsewhere")},
+                           cwd=in_tmp_cwd)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.strip()
