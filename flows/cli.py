@@ -1,6 +1,7 @@
 """`lora-flow`: run, validate and inspect recipes.
 
   lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
+  lora-flow sweep RECIPE [key=value ...] # Optuna trials of the recipe's `sweep:` block, best one registered
   lora-flow resume                      # continue the newest interrupted run
   lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
   lora-flow promote NAME [--version V | --to V | --list] [--margin M]
@@ -13,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import logging
 import signal
 import sys
 import textwrap
@@ -37,11 +40,29 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _UserErrorsOnce(logging.Filter):
+    """Console only: a task or flow failing on a LoraFlowError (or a Ctrl-C) prints its one line from main(), not
+    Prefect's traceback (which still reaches the flow-run logs in the Prefect API)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], (LoraFlowError, KeyboardInterrupt)))
+
+
 def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | None = None) -> int:
+    from lora_core import preflight
+
+    problems = preflight.check(cfg)  # bad data or model files: one line each, before Prefect or MLflow start
+    if problems:
+        raise ConfigError("\n".join(problems))
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
 
     from flows.finetune import finetune
+    from flows.runs import shielded_prefect_server
+
+    shielded_prefect_server()
+    for handler in logging.getLogger().handlers:  # Prefect's console handler, set up when prefect is imported
+        handler.addFilter(_UserErrorsOnce())
 
     s = finetune(config=cfg, no_cache=no_cache, refresh=refresh or [])
     resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
@@ -69,6 +90,27 @@ def cmd_run(args) -> int:
         raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
     cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)  # every config error before Prefect starts
     return _run_flow(cfg, args.no_cache, args.refresh)
+
+
+def cmd_sweep(args) -> int:
+    from lora_core import sweep as space
+
+    recipes, overrides = _split_args(args.args)
+    if len(recipes) != 1:
+        raise ConfigError(f"sweep takes one recipe with a `sweep:` block, got {recipes}; overrides look like key=value")
+    cfg = load_recipe(recipes[0], overrides)
+    space.check(cfg, recipes[0])  # every problem of the search space before Prefect starts
+    from flows.sweep import sweep
+
+    out = sweep(config=cfg)
+    keys = [k for k in out["trials"] if k not in ("trial", "state", "objective", "mlflow_run_id", "note")]
+    print(f"\n==== lora-flow sweep: study {out['study']}, MLflow run {out['mlflow_run_id']} ====")
+    print("  ".join(["trial", "state   ", f"{cfg.sweep.objective:>16}", *keys, "note"]))
+    for row in zip(*(out["trials"][k] for k in ["trial", "state", "objective", *keys, "note"])):
+        value = "-" if row[2] is None else f"{row[2]:.4f}"
+        print("  ".join([f"{row[0]:>5}", f"{row[1]:8}", f"{value:>16}", *map(str, row[3:-1]), row[-1]]))
+    print(f"best: trial {out['best_trial']} {out['best_params']} -> {out['best_value']}; registered version: {out['registered_version']}")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -218,6 +260,9 @@ def _training_commands(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute every stage and train afresh (earlier outputs are kept aside)")
     p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE", help="recompute these stages: download format split train evaluate merge")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("sweep", help="run the recipe's `sweep:` block: Optuna trials of the flow, child runs of one MLflow run")
+    p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
+    p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
     p.set_defaults(fn=cmd_resume)
     p = sub.add_parser("runs", help="list recent flow runs: state, MLflow run, last checkpoint, resumable")
@@ -270,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted: an MLflow run in progress is marked KILLED; finished stages stay cached", file=sys.stderr)
+        gc.freeze()  # exit now: the interpreter's last collections over torch/prefect/mlflow objects took 10 s under load
         return 130
 
 

@@ -1,0 +1,78 @@
+"""Faults a user meets from a terminal: a failure only visible at run time, Ctrl-C, two identical runs at once.
+
+Real `lora-flow run` subprocesses on the tiny model, a real SQLite MLflow store, Prefect's own server
+(ephemeral, as a terminal user gets it, or the session harness's)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, task_states  # noqa: E402
+
+pytestmark = pytest.mark.slow
+LONG_TRAIN = "{max_steps: 2000, save_steps: 20, save_total_limit: 3, batch_size: 2, grad_accum: 2, learning_rate: 1.0e-2, eval_steps: 40}"
+
+
+def _env(mlflow_store: str, **extra) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(REPO), **extra}
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def _start(recipe: Path, env: dict, log: Path, *overrides: str) -> subprocess.Popen:
+    # a session of its own, like a terminal's job: the test signals its whole process group
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), *overrides], cwd=recipe.parent, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _runs(mlflow_store: str, experiment: str) -> list:
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_a_failure_only_visible_at_run_time_prints_one_line(make_recipe, prefect_api_url, mlflow_store, in_tmp_cwd):
+    # preflight cannot see it: the format stage checks template.end_of_turn against the tokenizer
+    recipe = make_recipe("runtime")
+    log = in_tmp_cwd / "run.log"
+    proc = _start(recipe, _env(mlflow_store, PREFECT_API_URL=prefect_api_url), log, "template.end_of_turn=<nosuch>")
+    assert proc.wait(timeout=300) == 2
+    out = log.read_text()
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "template.end_of_turn '<nosuch>'" in errors[0], out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    (run,) = _runs(mlflow_store, "runtime")
+    assert run.info.status == "FAILED"
+
+
+def test_ctrl_c_ends_everything_cleanly(make_recipe, mlflow_store, in_tmp_cwd, tmp_path_factory):
+    """What a terminal does: SIGINT to the whole process group, here with Prefect's ephemeral server."""
+    recipe = make_recipe("ctrl-c", train=LONG_TRAIN)
+    env = _env(mlflow_store, PREFECT_API_URL=None, PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-ephemeral")),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    log = in_tmp_cwd / "run.log"
+    proc = _start(recipe, env, log)
+    deadline = time.time() + 240
+    while not any(p.stat().st_size for p in in_tmp_cwd.glob("outputs/ctrl-c/train/*/checkpoints/metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = proc.wait(timeout=60)
+    took = time.monotonic() - sent
+    out = log.read_text()
+    assert rc == 130 and took < 10, (rc, took, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]
+    assert "Flow run" in out and "Finished in state Crashed" in out  # reported to the Prefect server, not left Running
+    (run,) = _runs(mlflow_store, "ctrl-c")
+    assert run.info.status == "KILLED"
+    with pytest.raises(ProcessLookupError):  # nothing left behind: the ephemeral server stopped too
+        os.killpg(proc.pid, 0)
