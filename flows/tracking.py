@@ -126,13 +126,14 @@ def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume
     tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": cfg.name, RUN_KEY: run_key,
             "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname()}
     previous = find_resumable(experiment_id, run_key) if resume else None
+    nested = mlflow.active_run() is not None  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
     if previous is not None:
         count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
-        run = mlflow.start_run(run_id=previous.info.run_id)
+        run = mlflow.start_run(run_id=previous.info.run_id, nested=nested)
         set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
         log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags, nested=nested)
     try:
         if previous is None:
             _log_config(run.info.run_id, cfg)

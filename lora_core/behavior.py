@@ -1,7 +1,19 @@
 """Behaviour metrics on generated replies (heuristics, stated exactly so their numbers can be read).
 
-socratic: a reply counts when it asks a question ('?') and does not state a result
-          ("the answer is", "answer:", or an equals sign followed by a number).
+socratic (strict): over the held-out prompts, a reply counts when all three hold:
+    asks       it asks a question ('?');
+    no_answer  it does not give the answer away: no "the answer is" / "answer:", and
+               - when the prompt carries its final `answer` (eval.prompts_path records {"prompt", "answer"}): no
+                 number of the answer appears in the reply as a number of its own (3/4 = 0.75 = 75%; 20% also
+                 matches 20; "2x" or "x^2" hold no standalone 2), nor the answer written out ("x<4", "5:8", "10π";
+                 spaces and case ignored). A number the prompt itself contains counts only when stated: "= 5",
+                 "x is 5", or after "answer/result/solution" in the same sentence;
+               - without an answer: no equals sign followed by a number (the earlier rule);
+    on_topic   it shares a number or a math keyword (fraction, slope, median ...: _KEYWORDS) with the prompt.
+  Metrics: socratic_share with socratic_n (replies that count) over socratic_prompts_n, a 95% Wilson interval
+  socratic_ci_low / socratic_ci_high, each criterion's share (socratic_asks_share, socratic_no_answer_share,
+  socratic_on_topic_share), and socratic_loose_share: the earlier definition (asks, and no "the answer is",
+  "answer:" or "= number"), under which the figures published before the strict metric were measured.
 
 tool_call: each held-out prompt is scored against its reference assistant turn and its own `tools`.
   A call is the first `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in a reply (Hermes/Qwen style,
@@ -43,7 +55,106 @@ class BehaviourError(LoraFlowError):
 
 
 def is_socratic(reply: str) -> bool:
+    """The loose (earlier) definition: asks, and states no result by phrase or '= number'."""
     return "?" in reply and not _STATES_ANSWER.search(reply)
+
+
+_SAYS_ANSWER = re.compile(r"the answer is|answer\s*:", re.IGNORECASE)
+# A number of its own: not glued to a letter, digit, '^', '/' or '(' ("2x", "x^2", "5(x+2)" and 3/4's parts are not one).
+_NUMBER = re.compile(r"(?<![\w.^/])(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?(\s*%|\s*percent)?(?![\w^/(]|\.\d)")
+_UNICODE = str.maketrans({"−": "-", "–": "-", "≤": "<=", "≥": ">=", "÷": "/", "×": "*", "²": "^2", "³": "^3",
+                          "π": "pi", "√": "sqrt", "$": ""})
+_KEYWORDS = ("fraction", "denominator", "numerator", "percent", "ratio", "proportion", "equation", "solve", "variable",
+             "inequalit", "exponent", "power", "root", "area", "perimeter", "circumference", "radius", "diameter",
+             "triangle", "angle", "hypotenuse", "rectangle", "square", "cube", "volume", "circle", "polygon", "hexagon",
+             "octagon", "mean", "median", "mode", "average", "probabilit", "chance", "outcome", "derivative",
+             "differentiat", "slope", "tangent", "limit", "integra", "multipl", "divi", "subtract", "add", "sum",
+             "product", "factor", "prime", "simplif", "discount", "interest", "speed", "rate", "side")
+
+
+def _plain(text: str) -> str:
+    return text.translate(_UNICODE).casefold()
+
+
+def number_values(text: str) -> list[set]:
+    """Each standalone number in `text` as the set of exact values it may mean: '3/4' {3/4}, '0.75' {3/4},
+    '75%' {75, 3/4} (a percentage also matches its bare number)."""
+    from fractions import Fraction
+
+    out = []
+    for m in _NUMBER.finditer(_plain(text)):
+        value = Fraction(m.group(1)) / (Fraction(m.group(2)) if m.group(2) else 1)
+        out.append({value, value / 100} if m.group(3) else {value})
+    return out
+
+
+def states_answer(reply: str, prompt: str, answer: str | None) -> bool:
+    """Whether `reply` gives the final answer away (the rules in this module's docstring)."""
+    if _SAYS_ANSWER.search(reply):
+        return True
+    if not answer:
+        return _STATES_ANSWER.search(reply) is not None
+    expression = re.search(r"[a-z]", re.sub(r"^[a-z]\s*[<>=]+|\b(and|or|percent|x|y)\b", "", _plain(answer)))
+    written = r"\s*".join(map(re.escape, "".join(_plain(answer).split())))  # spacing is free: "x<4" = "x < 4"
+    if (expression or re.search(r"[<>=:]", answer)) and re.search(rf"(?<![\w.]){written}(?!\w|\.\d)", _plain(reply)):
+        return True
+    if expression:
+        return False  # "21x^2 - 4", "10π": its digits alone say nothing, only the written-out form
+    wanted = set().union(*number_values(answer) or [set()])
+    in_prompt = set().union(*number_values(prompt), _digit_runs(prompt))  # "6x", "5(x + 2)": 6 and 5 are the prompt's
+    for sentence in re.split(r"(?<=[.!?;\n])(?=\s|$)", reply):
+        for m, values in zip(_NUMBER.finditer(_plain(sentence)), number_values(sentence)):
+            if values & wanted and (not values & in_prompt or _stated(_plain(sentence), m.start())):
+                return True
+    return False
+
+
+def _digit_runs(text: str) -> set:
+    from fractions import Fraction
+
+    return {Fraction(d) for d in re.findall(r"\d+(?:\.\d+)?", _plain(text))}
+
+
+def _stated(sentence: str, at: int) -> bool:
+    """Whether the number starting at `at` is asserted as a result: '= 5', 'is 5', after 'answer/result/solution'."""
+    before = sentence[:at].rstrip()
+    return before.endswith(("=", " is", " equals")) or re.search(r"\b(answer|result|solution)\b", before) is not None
+
+
+def on_topic(reply: str, prompt: str) -> bool:
+    """Shares a number (any digits, '6x' included) or a math keyword with the prompt."""
+    if _digit_runs(prompt) & _digit_runs(reply):
+        return True
+    return any(re.search(rf"\b{k}", _plain(prompt)) and re.search(rf"\b{k}", _plain(reply)) for k in _KEYWORDS)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a share k/n (z = 1.96): center (p + z²/2n) / (1 + z²/n),
+    half-width z * sqrt(p(1-p)/n + z²/4n²) / (1 + z²/n). Unlike p ± z*sqrt(p(1-p)/n), it stays inside [0, 1]
+    and is not zero-width at 0/n or n/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    center, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def socratic_scores(replies: list[str], prompts: list[dict]) -> dict[str, float]:
+    """The strict socratic share with its count and Wilson interval, each criterion's share and the loose share."""
+    checks = []
+    for reply, p in zip(replies, prompts):
+        question = next((m.get("content") or "" for m in reversed(p["messages"]) if m.get("role") == "user"), "")
+        answer = None if p.get("answer") is None else str(p["answer"])  # a JSON number is an answer too
+        checks.append({"asks": "?" in reply, "no_answer": not states_answer(reply, question, answer),
+                       "on_topic": on_topic(reply, question)})
+    n = len(checks)
+    k = sum(all(c.values()) for c in checks)
+    low, high = wilson_interval(k, n)
+    out = {"socratic_share": k / max(n, 1), "socratic_n": k, "socratic_prompts_n": n, "socratic_ci_low": low, "socratic_ci_high": high}
+    for name in ("asks", "no_answer", "on_topic"):
+        out[f"socratic_{name}_share"] = sum(c[name] for c in checks) / max(n, 1)
+    out["socratic_loose_share"] = sum(map(is_socratic, replies)) / max(n, 1)
+    return out
 
 
 def parse_tool_call(reply: str) -> dict | None:
@@ -170,10 +281,11 @@ def tool_call_scores(replies: list[str], prompts: list[dict]) -> dict[str, float
 
 
 def behaviour_score(kind: str, replies: list[str], prompts: list[dict]) -> dict[str, float]:
-    """Metric name -> value for a list of replies; prompts: [{messages, tools, reference}] in the same order
-    (reference: the reference assistant message, or None for a held-out prompt without one)."""
+    """Metric name -> value for a list of replies; prompts: [{messages, tools, reference, answer}] in the same order
+    (reference: the reference assistant message, or None for a held-out prompt without one; answer: the
+    problem's final answer from the prompts file, or None)."""
     if kind == "socratic":
-        return {"socratic_share": sum(map(is_socratic, replies)) / max(len(replies), 1)}
+        return socratic_scores(replies, prompts)
     if kind == "tool_call":
         return tool_call_scores(replies, prompts)
     return {}

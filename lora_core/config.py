@@ -169,9 +169,10 @@ class EvalConfig(_Part):
     repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description=(
         "Penalty on repeated tokens in sample and behaviour replies; 1.0 = none (plain greedy). Above 1 it also "
         "pushes a reply away from the words of its prompt, e.g. the tool name and argument keys a call must copy."))
-    prompts_path: str | None = Field(None, description="Held-out prompts (JSONL of {prompt} or {messages}) for the behaviour metric; default: validation prompts.")
+    prompts_path: str | None = Field(None, description="Held-out prompts (JSONL of {prompt} or {messages}, optionally with the problem's final `answer`) for the behaviour metric; default: validation prompts.")
     behavior: Literal["none", "socratic", "tool_call"] = Field(
-        "none", description="Behaviour metric: 'socratic' = share of replies that ask a guiding question instead of stating an answer; "
+        "none", description="Behaviour metric: 'socratic' = share of replies that ask a question, do not give the final answer away (checked against the "
+        "prompt's `answer` when the prompts file has one) and stay on the problem, with a 95% Wilson interval; "
         "'tool_call' = over held-out prompts expecting a call, shares of well-formed calls, of the expected name, with arguments valid against "
         "the tool's JSON schema, and with the values the reference fixes; over prompts expecting none, share without a call (lora_core/behavior.py)."
     )
@@ -199,6 +200,27 @@ class TrackingConfig(_Part):
     run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name.")
 
 
+class SweepRange(_Part):
+    low: int | float = Field(..., description="Smallest value (integers when low and high both are).")
+    high: int | float = Field(..., description="Largest value.")
+    log: bool = Field(False, description="Sample on a log scale (learning rates).")
+
+
+class SweepConfig(_Part):
+    params: dict[str, list[Any] | SweepRange] = Field(..., min_length=1, description=(
+        "Dotted key -> a list of values (grid or categorical) or {low, high, log} (sampled), e.g. "
+        "{train.learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}, lora.r: [4, 8, 16]}."))
+    trials: int = Field(8, ge=1, le=1000, description="Trials in the study; a rerun of an interrupted sweep runs only the missing ones.")
+    objective: str = Field("tuned_perplexity", description=(
+        "What the sweep optimises: tuned_perplexity (minimised) or a behaviour metric such as "
+        "tuned.socratic_share (maximised; any metric without 'perplexity' or 'loss' in its name is maximised)."))
+    max_perplexity: float | None = Field(None, gt=0, description=(
+        "Ceiling on tuned_perplexity: a trial above it is recorded as pruned, never best (guards a behaviour objective)."))
+    sampler: Literal["grid", "tpe"] = Field("tpe", description="'grid' tries every combination of listed values; 'tpe' samples (Optuna TPE).")
+    seed: int = Field(42, description="Seed of the sampler.")
+    concurrency: int = Field(1, ge=1, le=1, description="Trials run at once; 1 (trials share the CPU/GPU and the stage cache).")
+
+
 class PipelineConfig(_Part):
     name: str = Field("run", min_length=1, description="Recipe name; names the output folder and the MLflow run.")
     output_dir: str = Field("outputs", description="Root folder for every stage's outputs.")
@@ -214,6 +236,7 @@ class PipelineConfig(_Part):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry.")
     retries: RetriesConfig = Field(default_factory=RetriesConfig, description="Task retries.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    sweep: SweepConfig | None = Field(None, description="Hyperparameter sweep run by `lora-flow sweep` (lora_core/sweep.py); ignored by `run`.")
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -181,7 +181,8 @@ class EvalResult:
 
 
 def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list[dict]:
-    """[{messages, tools, reference}] from held-out prompts (eval.prompts_path) or the validation conversations."""
+    """[{messages, tools, reference, answer}] from held-out prompts (eval.prompts_path; `answer`: a record's final
+    answer, which the socratic metric checks a reply does not give away) or the validation conversations."""
     from lora_core.data import inject_system_prompt, read_jsonl
     from lora_core.formatting import prompt_messages
 
@@ -189,13 +190,15 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
         from lora_core.inference import read_prompts
 
         chats = inject_system_prompt([{"messages": m} for m in read_prompts(cfg.prompts_path)], system_prompt)
-        return [{"messages": c["messages"], "tools": None, "reference": None} for c in chats]
+        answers = [r.get("answer") if isinstance(r, dict) else None for r in read_jsonl(cfg.prompts_path)] \
+            if cfg.prompts_path.endswith(".jsonl") else [None] * len(chats)
+        return [{"messages": c["messages"], "tools": None, "reference": None, "answer": a} for c, a in zip(chats, answers)]
     out = []
     for r in read_jsonl(val_records_path):
         if "messages" in r:
             prompt, _ = prompt_messages(r["messages"])
             reference = r["messages"][len(prompt)]
-            out.append({"messages": prompt, "tools": r.get("tools"), "reference": reference})
+            out.append({"messages": prompt, "tools": r.get("tools"), "reference": reference, "answer": None})
     return out
 
 
