@@ -108,7 +108,7 @@ def cmd_sweep(args) -> int:
     print("  ".join(["trial", "state   ", f"{cfg.sweep.objective:>16}", *keys, "note"]))
     for row in zip(*(out["trials"][k] for k in ["trial", "state", "objective", *keys, "note"])):
         value = "-" if row[2] is None else f"{row[2]:.4f}"
-        print("  ".join([f"{row[0]:>5}", f"{row[1]:8}", f"{value:>16}", *map(str, row[3:-1]), row[-1]]))
+        print("  ".join([f"{row[0]:>5}", f"{row[1]:8}", f"{value:>16}", *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[3:-1]), row[-1]]))
     print(f"best: trial {out['best_trial']} {out['best_params']} -> {out['best_value']}; registered version: {out['registered_version']}")
     return 0
 
@@ -229,6 +229,10 @@ def cmd_validate(args) -> int:
             problems.append(str(exc))
             continue
         found = preflight.check(cfg)  # every check that needs no model weights
+        if not found:
+            from flows.registry import base_problems
+
+            found = base_problems(cfg)  # what `run` refuses before training: a champion of another base
         problems += [f"{recipe}: {line}" for line in found]
         if not found:
             print(f"{recipe}: ok (data {cfg.data.path}, model {cfg.model.base})")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -224,12 +225,30 @@ def describe(cfg, base, ev) -> str:
             f"{ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)")
 
 
-def check_base(cfg, base) -> None:
+def check_base(cfg, identity: str | None) -> None:
     """Refuse, before training, a run whose adapter would compete with a champion of another base model."""
     name = cfg.registry.model_name or cfg.name
-    champ = champion(MlflowClient(), name) if cfg.registry.enabled and cfg.registry.promote else None
-    if champ is not None and champ.tags.get("base_model.identity") != base.identity:
+    champ = champion(MlflowClient(), name) if cfg.registry.enabled and cfg.registry.promote and identity else None
+    if champ is not None and champ.tags.get("base_model.identity") != identity:
         raise RegistryError(
             f"registry.model_name {name!r}: its champion (version {champ.version}) was trained on base "
-            f"{champ.tags.get('base_model.source')!r}, this run's base is {base.source!r}: perplexities are not comparable; "
+            f"{champ.tags.get('base_model.source')!r}, this run's base is {cfg.model.base!r}: perplexities are not comparable; "
             "give this recipe its own registry.model_name (or name), or set registry.promote=false to register without promotion")
+
+
+def base_problems(cfg) -> list[str]:
+    """`check_base` for `lora-flow validate`, with the base's identity computed without loading it (a hub base's
+    commit is known only once resolved: checked at run time). A local store that does not exist yet has no champion."""
+    from lora_core.base_model import identity_of
+
+    from flows import tracking
+
+    uri = tracking.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    tracking.connect()
+    try:
+        check_base(cfg, identity_of(cfg.model))
+    except RegistryError as exc:
+        return [str(exc)]
+    return []

@@ -73,6 +73,17 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
 BASE_SEARCH_ENV = "LORA_FLOW_BASE_MODELS"  # folders (os.pathsep-separated) where local base models are looked up
 
 
+def identity_of(cfg: ModelConfig) -> str | None:
+    """The identity `resolve_base` will give, computed without fetching or converting anything
+    (None for a hub id, whose commit is known only once resolved, and for a path that does not exist)."""
+    local = Path(cfg.base).expanduser()
+    if cfg.base in EMBEDDED:
+        return f"gguf-sha256:{EMBEDDED[cfg.base]['sha256']}"
+    if cfg.base.lower().endswith(".gguf"):
+        return f"gguf-sha256:{file_sha256(local)}" if local.is_file() else None
+    return f"dir-sha256:{tree_sha256(local)}" if (local / "config.json").is_file() else None
+
+
 def locate_base(source: str, identity: str, recorded_path: str | None, cache_dir: str | Path) -> str:
     """The folder of the base model a trained adapter names by identity, on this machine: the recorded path
     when it is there, else the embedded model re-materialised from its package, a converted GGUF in

@@ -111,6 +111,16 @@ def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_re
         assert len(err) == 1 and re.search(pattern, err[0]), (argv, err)
         assert aliases(client, "guarded") == before
 
+    # validate, and run before training, refuse to challenge that champion with an adapter of another base
+    challenger = make_recipe("guarded-challenger", extra="registry: {model_name: guarded}\n")
+    for command in ("validate", "run"):
+        capsys.readouterr()
+        assert main([command, str(challenger), f"model.base={other}"]) == 2, command
+        err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+        assert len(err) == 1 and "its champion (version 1) was trained on base" in err[0], (command, err)
+    assert not (challenger.parent / "outputs" / "guarded-challenger" / "train").exists()
+    assert aliases(client, "guarded") == before and len(client.search_model_versions("name = 'guarded'")) == 3
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
     assert main(["promote", "guarded", "--list"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
