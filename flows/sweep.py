@@ -40,6 +40,7 @@ def _trial(cfg: PipelineConfig, trial: optuna.Trial) -> float:
         trial.set_user_attr("note", f"{type(exc).__name__}: {exc}"[:300])
         raise
     trial.set_user_attr("mlflow_run_id", s["mlflow_run_id"])
+    trial.set_user_attr("tuned_perplexity", s["tuned_perplexity"])  # the table shows it beside any objective
     MlflowClient().set_tag(s["mlflow_run_id"], "lora_flow.sweep.trial", str(trial.number))
     ceiling = cfg.sweep.max_perplexity
     if ceiling is not None and s["tuned_perplexity"] > ceiling:

@@ -133,6 +133,7 @@ def trials_table(study) -> dict[str, list]:
     keys = sorted({k for t in trials for k in t.params})
     return {"trial": [t.number for t in trials], "state": [t.state.name for t in trials],
             "objective": [t.value for t in trials], **{k: [t.params.get(k) for t in trials] for k in keys},
+            "tuned_perplexity": [t.user_attrs.get("tuned_perplexity") for t in trials],
             "mlflow_run_id": [t.user_attrs.get("mlflow_run_id") for t in trials],
             "note": [t.user_attrs.get("note", "") for t in trials]}
 

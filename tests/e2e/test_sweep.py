@@ -66,6 +66,7 @@ def test_sweep_shares_stages_registers_the_best_and_continues_after_an_interrupt
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert [(r["trial"], r["state"]) for r in rows] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "COMPLETE")]
     assert {r["mlflow_run_id"]: r["objective"] for r in rows} == pytest.approx({r.info.run_id: r.data.metrics["tuned_perplexity"] for r in trials})
+    assert all(r["tuned_perplexity"] == r["objective"] for r in rows)
     assert parent.data.metrics["trials_complete"] == 3
     assert sum(v for k, v in parent.data.metrics.items() if k.startswith("importance.")) == pytest.approx(1.0)
 
