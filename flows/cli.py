@@ -100,6 +100,8 @@ def cmd_sweep(args) -> int:
         raise ConfigError(f"sweep takes one recipe with a `sweep:` block, got {recipes}; overrides look like key=value")
     cfg = load_recipe(recipes[0], overrides)
     space.check(cfg, recipes[0])  # every problem of the search space before Prefect starts
+    signal.signal(signal.SIGTERM, _terminate)  # as for run: the trial's MLflow run ends KILLED, its Optuna trial is redone
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.sweep import sweep
 
     out = sweep(config=cfg)
