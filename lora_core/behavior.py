@@ -9,7 +9,8 @@ socratic (strict): over the held-out prompts, a reply counts when all three hold
                  spaces and case ignored). A number the prompt itself contains counts only when stated: "= 5",
                  "x is 5", or after "answer/result/solution" in the same sentence;
                - without an answer: no equals sign followed by a number (the earlier rule);
-    on_topic   it shares a number or a math keyword (fraction, slope, median ...: _KEYWORDS) with the prompt.
+    on_topic   it shares a number or a math concept with the prompt: concepts are named by words or symbols
+               (_CONCEPTS: "multiplication" and "4 × 3", "thirds" and "1/3", "both sides" and "x + 2 = 5").
   Metrics: socratic_share with socratic_n (replies that count) over socratic_prompts_n, a 95% Wilson interval
   socratic_ci_low / socratic_ci_high, each criterion's share (socratic_asks_share, socratic_no_answer_share,
   socratic_on_topic_share), and socratic_loose_share: the earlier definition (asks, and no "the answer is",
@@ -64,12 +65,28 @@ _SAYS_ANSWER = re.compile(r"the answer is|answer\s*:", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.^/])(-?\d+(?:\.\d+)?)(?:\s*/\s*(\d+(?:\.\d+)?))?(\s*%|\s*percent)?(?![\w^/(]|\.\d)")
 _UNICODE = str.maketrans({"−": "-", "–": "-", "≤": "<=", "≥": ">=", "÷": "/", "×": "*", "²": "^2", "³": "^3",
                           "π": "pi", "√": "sqrt", "$": ""})
-_KEYWORDS = ("fraction", "denominator", "numerator", "percent", "ratio", "proportion", "equation", "solve", "variable",
-             "inequalit", "exponent", "power", "root", "area", "perimeter", "circumference", "radius", "diameter",
-             "triangle", "angle", "hypotenuse", "rectangle", "square", "cube", "volume", "circle", "polygon", "hexagon",
-             "octagon", "mean", "median", "mode", "average", "probabilit", "chance", "outcome", "derivative",
-             "differentiat", "slope", "tangent", "limit", "integra", "multipl", "divi", "subtract", "add", "sum",
-             "product", "factor", "prime", "simplif", "discount", "interest", "speed", "rate", "side")
+# Math concepts by the words and symbols that name them (on _plain text: "×" is "*", "÷" "/"): a reply stays on the
+# problem when it shares a concept with the prompt ("multiplication" with "4 × 3", "thirds" with "1/3 + 1/3").
+_CONCEPTS = {
+    "multiply": r"\bmultipl|\btimes\b|\bproduct|\d\s*\*\s*\d|\bexpand",
+    "add": r"\badd|\bsum\b|\bplus\b|\d\s*\+\s*\d|\btotal|\baltogether|\bcombined",
+    "subtract": r"\bsubtract|\bminus\b|\bdifference|\btake\b.*\baway|\d\s*-\s*\(?-?\d",
+    "divide": r"\bdivi|\bquotient|\d\s*/\s*\d|\bper\b|\bsplit|\bshare",
+    "fraction": r"\bfraction|\bnumerator|\bdenominator|\b(half|halves|thirds?|quarters?|fourths?|fifths?|sixths?|eighths?|tenths?)\b|\d/\d",
+    "percent": r"percent|%|\bdiscount|\bmarkup|\bincrease|\bdecrease|\binterest",
+    "ratio": r"\bratio|\bparts?\b|\bproportion|\d\s*:\s*\d",
+    "equation": r"\bequation|\bsolv|\bboth sides|=|\bisolat|\bvariable|\bunknown|(?<![a-z])[xy](?![a-z])",
+    "inequality": r"[<>]|\binequalit|\bgreater\b|\bless than|\bat (least|most)\b",
+    "negative": r"\bnegative|(?<![\w)])-\s*\d",
+    "decimal": r"\bdecimal|\bdigit|\bround|\d\.\d|\bplace value",
+    "power": r"\bpower|\bexponent|\bsquared?\b|\bcubed?\b|\^|\broot|sqrt|\bind(ex|ices)\b",
+    "geometry": r"\barea|\bperimeter|\bcircumference|\bradius|\bdiameter|\btriangle|\bangle|\bhypotenuse|\brectangle|"
+                r"\bcube|\bvolume|\bcircle|\bpolygon|\bhexagon|\boctagon|\bsides?\b|\blength|\bwidth|\bheight|\bdegrees?\b",
+    "statistics": r"\bmean\b|\bmedian|\bmode\b|\baverage|\bprobabilit|\bchance|\boutcome|\bevents?\b|\bdice?\b|\bcoins?\b",
+    "calculus": r"\bderivative|\bdifferentiat|\bslope|\btangent|\blimit|\bintegra|\bgradient|\brate of change|\bapproach",
+    "rate": r"\bspeed|\bhours?\b|\bkm\b|\bminutes?\b|\brate\b|\bcosts?\b|\bprice|\bworkers?\b|\bdays?\b|\bpeople\b",
+    "order": r"\border of operations|\bbrackets?\b|\bparenthes|\bbidmas|\bpemdas",
+}
 
 
 def _plain(text: str) -> str:
@@ -121,11 +138,14 @@ def _stated(sentence: str, at: int) -> bool:
     return before.endswith(("=", " is", " equals")) or re.search(r"\b(answer|result|solution)\b", before) is not None
 
 
+def concepts(text: str) -> set[str]:
+    plain = _plain(text)
+    return {name for name, pattern in _CONCEPTS.items() if re.search(pattern, plain)}
+
+
 def on_topic(reply: str, prompt: str) -> bool:
-    """Shares a number (any digits, '6x' included) or a math keyword with the prompt."""
-    if _digit_runs(prompt) & _digit_runs(reply):
-        return True
-    return any(re.search(rf"\b{k}", _plain(prompt)) and re.search(rf"\b{k}", _plain(reply)) for k in _KEYWORDS)
+    """Shares a number (any digits, '6x' included) or a math concept (_CONCEPTS) with the prompt."""
+    return bool(_digit_runs(prompt) & _digit_runs(reply)) or bool(concepts(prompt) & concepts(reply))
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
