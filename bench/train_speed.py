@@ -1,6 +1,7 @@
 """Training speed: this pipeline's training task vs a plain TRL SFTTrainer script, in one invocation.
 
     .venv/bin/python bench/train_speed.py [--steps 12] [--repeat 2] [--recipe recipes/socratic-tutor.yaml] [--pipeline key=value ...]
+    .venv/bin/python bench/train_speed.py --processes 1 2      # the pipeline on 1 and on 2 training processes
 
 Same model (the recipe's base), same data (its training split, system prompt injected), same LoRA
 settings, batch size, accumulation and number of optimizer steps. Each side runs in its own
@@ -10,6 +11,9 @@ per second of training), the ratio, peak RSS, the validation loss after training
 the validation split's assistant tokens, the same function for both), and achieved FLOP/s
 (~4 x parameters per token for LoRA: forward 2N, backward through frozen weights 2N) against
 matmul peaks measured here. `--pipeline train.base_dtype=bfloat16` tries a variant.
+`--processes 1 2` runs the pipeline side only, once per process count (`accelerate launch` above 1), with the
+same global batch: grad_accum is divided by the count. Its tokens/s counts every rank's tokens over the main
+rank's training time (model loading and the launch excluded).
 """
 
 from __future__ import annotations
@@ -100,8 +104,14 @@ def worker_pipeline(job: dict) -> dict:
     from lora_core.train import train_lora
 
     cfg = TrainConfig(**{**job["cfg"], "max_steps": job["steps"], "save_steps": 10_000})
-    result = train_lora(job["base"], job["train_dir"], None, LoraConfig(**job["lora"]), cfg, job["out"],
-                        tokenizer_dir=job["tokenizer_dir"])
+    if cfg.num_processes > 1:
+        from lora_core.launch import train_on_ranks
+
+        result = train_on_ranks("lora_core.launch", cfg, base_path=job["base"], train_dir=job["train_dir"], val_dir=None,
+                                lora=LoraConfig(**job["lora"]), out_dir=job["out"], tokenizer_dir=job["tokenizer_dir"])
+    else:
+        result = train_lora(job["base"], job["train_dir"], None, LoraConfig(**job["lora"]), cfg, job["out"],
+                            tokenizer_dir=job["tokenizer_dir"])
     model = PeftModel.from_pretrained(load_model(job["base"], torch.float32), result.adapter_dir).eval()
     pad = load_tokenizer(job["tokenizer_dir"]).pad_token_id
     return {"tokens": result.train_tokens, "runtime_s": result.runtime_s,
@@ -117,6 +127,16 @@ def run_worker(kind: str, job: dict, work: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def per_process(recipe: str, overrides: list[str], n: int):
+    """The recipe on `n` training processes with the same global batch (grad_accum divided by n)."""
+    from lora_core.config import load_recipe
+
+    cfg = load_recipe(REPO / recipe, overrides)
+    if cfg.train.grad_accum % n:
+        sys.exit(f"--processes {n}: train.grad_accum={cfg.train.grad_accum} is not a multiple of it (same global batch)")
+    return load_recipe(REPO / recipe, [*overrides, f"train.num_processes={n}", f"train.grad_accum={cfg.train.grad_accum // n}"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/socratic-tutor.yaml")
@@ -124,6 +144,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="runs of each side, alternating; the fastest of each is kept")
     p.add_argument("--pipeline", nargs="*", default=[], help="recipe overrides for the pipeline side only")
     p.add_argument("--skip-baseline", action="store_true", help="explore pipeline variants only (no ratio)")
+    p.add_argument("--processes", type=int, nargs="+", help="pipeline only, on each of these numbers of training processes")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -146,6 +167,8 @@ def main() -> None:
     n_params = sum(t.numel() for t in load_file(Path(paths["base"]) / "model.safetensors").values())
     results, runs = {}, {}
     sides = (("pipeline", piped),) if a.skip_baseline else (("baseline", cfg), ("pipeline", piped))
+    if a.processes:
+        sides = tuple((f"pipeline-{n}p", per_process(a.recipe, a.pipeline, n)) for n in a.processes)
     for i in range(a.repeat):
         for kind, c in sides:
             job = {**paths, "steps": a.steps, "out": str(work / f"{kind}-{i}"), "lora": c.lora.model_dump(),
@@ -164,7 +187,7 @@ def main() -> None:
         flops = 4 * n_params * r["tok_s"]
         print(f"{kind:10} {r['tok_s']:9.1f} {r['val_loss']:9.4f} {r['peak_rss_mb']:8.0f}MB {flops / 1e9:8.1f} "
               f"{100 * flops / peaks['float32']:10.0f}%")
-    if not a.skip_baseline:
+    if "baseline" in results:
         b, q = results["baseline"], results["pipeline"]
         print(f"speed-up: {q['tok_s'] / b['tok_s']:.2f}x (goal >= 3x); val loss {q['val_loss']:.4f} vs {b['val_loss']:.4f} "
               f"({100 * (q['val_loss'] - b['val_loss']) / b['val_loss']:+.2f}%, goal <= +1%)")

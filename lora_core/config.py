@@ -160,6 +160,10 @@ class TrainConfig(_Part):
     fast_paths: bool = Field(
         True, description="CPU fast paths of lora_core/speed.py (eager attention for attn_implementation=auto, compact LM-head loss, "
         "fast LoRA dropout, heap reuse, no peft input casts under bf16 autocast); off = the libraries' own code paths.")
+    num_processes: int = Field(1, ge=1, le=1024, description="Training processes (data parallel, one per GPU; on CPU they share the cores). "
+        "Above 1 the train task runs `accelerate launch` with this many ranks; the global batch is batch_size x grad_accum x num_processes.")
+    accelerate_config: str | None = Field(None, description="An `accelerate config` YAML (FSDP, DeepSpeed, several machines) passed to "
+        "`accelerate launch --config_file`; set, training always goes through `accelerate launch`.")
 
 
 class EvalConfig(_Part):
