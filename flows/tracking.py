@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
+from tasks.cache import Stages
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,46 @@ def connect() -> str:
     return uri
 
 
-def ui_command(uri: str) -> str:
+def ui_url(uri: str) -> str:
+    """Where the MLflow UI of `uri` is: the server itself, or the `mlflow ui` that ui_command starts."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def experiment_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The experiment's training-runs table with the perplexity columns (the shared view), or one run's page.
+    MLflow 3.17's UI takes the GenAI-or-training choice from `workflowType` (URL, else the browser's last choice,
+    default GenAI), not from the experiment tag: the link carries it."""
+    page = f"runs/{run_id}?" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&"
+    return f"{ui_url(uri)}/#/experiments/{experiment_id}/{page}workflowType=machine_learning"
+
+
+def ui_command(uri: str, experiment_id: str) -> str:
+    link = experiment_link(uri, experiment_id)
     if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri} --port 5000"
-    return f"open {uri} in a browser"
+        return f"mlflow ui --backend-store-uri {uri} --port 5000, then open {link}"
+    return f"open {link}"
+
+
+VIEW_KEY = "lora-flow"  # the runs table's columns: the UI loads an experiment tag mlflow.sharedViewState.<key>
+RUNS_VIEW = {"selectedColumns": [f"metrics.`{m}`" for m in ("base_perplexity", "tuned_perplexity", "perplexity_change_pct",
+                                                            "eval_loss_final", "train_tokens_per_second")],
+             "orderByKey": "attributes.start_time", "orderByAsc": False}
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # the UI's own kind selector writes this tag
+                   f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(RUNS_VIEW)}
 
 
 def ensure_experiment(name: str) -> str:
+    """The experiment, created if new; tagged as model training with the runs view (a kind chosen in the UI is kept)."""
     exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = None
-    if mlflow.get_tracking_uri().startswith("sqlite:"):
-        artifacts = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    if exp is None:
+        artifacts = None
+        if mlflow.get_tracking_uri().startswith("sqlite:"):
+            artifacts = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in exp.tags or key.startswith("mlflow.sharedViewState."):
+            MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def git_commit() -> str:
@@ -129,11 +156,12 @@ def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume
     nested = mlflow.active_run() is not None  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
     if previous is not None:
         count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
-        run = mlflow.start_run(run_id=previous.info.run_id, nested=nested)
+        run = mlflow.start_run(run_id=previous.info.run_id, nested=nested, log_system_metrics=True)
         set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
         log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags, nested=nested)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags, nested=nested,
+                               log_system_metrics=True)  # CPU, memory, disk, network; GPUs too where pynvml is installed
     try:
         if previous is None:
             _log_config(run.info.run_id, cfg)
@@ -170,11 +198,16 @@ def metrics_callback(run_id: str):
     from any thread (MLflow's active run is per thread)."""
     from lora_core.callbacks import StepLogs
 
-    client = MlflowClient()
+    client, last_step = MlflowClient(), {}
 
     def sink(step: int, metrics: dict) -> None:
+        # once per step: the Trainer repeats epoch / num_input_tokens_seen in its eval and final logs at the last step;
+        # its own train_tokens_per_second (a different count) would hide the flow's summary figure of that name
+        fresh = {k: v for k, v in metrics.items() if k not in SUMMARY_METRICS and last_step.get(k, -1) < step}
+        last_step.update(dict.fromkeys(fresh, step))
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        if fresh:
+            client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
 
     def logged_through() -> int:
         return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)
@@ -182,14 +215,22 @@ def metrics_callback(run_id: str):
     return StepLogs(sink, logged_through)
 
 
-def log_dataset(records_path: str, digest: str, name: str, source: str, context: str) -> None:
+SUMMARY_METRICS = {"train_tokens_per_second"}  # logged by log_training, from the TrainResult
+
+
+def log_dataset(records_path: str, name: str, context: str) -> None:
+    """The records a split holds, as a dataset input of the run (context 'training' or 'validation')."""
     import pandas as pd
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from lora_core.hashing import file_sha256
 
     df = pd.read_json(records_path, lines=True)
     for col in df.columns:  # nested lists/dicts are shown as JSON text in the UI
         df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
-    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:20])
-    mlflow.log_input(dataset, context=context)
+    # an explicit source: a plain path string makes MLflow guess among source types (and warn that it can)
+    source = LocalArtifactDatasetSource(str(Path(records_path).resolve()))
+    mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=name, digest=file_sha256(records_path)[:20]), context=context)
 
 
 def set_tags(tags: dict) -> None:
@@ -202,7 +243,9 @@ def set_tags(tags: dict) -> None:
 
 def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
     set_tags({"base_model": base.source, "base_model.identity": base.identity, "data.sha256": data.sha256, "train.dir": train_dir})
-    log_dataset(data.records_path, data.sha256, Path(cfg.data.path).name, cfg.data.path, "training")
+    name = Path(cfg.data.path).stem
+    log_dataset(str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training")
+    log_dataset(split.val_records_path, f"{name}-validation", "validation")
     mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
                         "data.train_target_tokens": split.train_target_tokens})
 
@@ -254,11 +297,34 @@ def log_cache_use(recomputed: list[str]) -> None:
 
 
 def summary(run_id: str, trained, ev, merged, registered: dict | None, latest: str) -> dict:
+    uri, experiment_id = mlflow.get_tracking_uri(), MlflowClient().get_run(run_id).info.experiment_id
+    model, version = (registered["model"], registered["version"]) if registered else (None, None)
     return {
         "mlflow_run_id": run_id, "latest_dir": latest, "behaviour": ev.behaviour,
-        "registered_version": registered and registered["version"], "promotion": registered and registered["promotion"],
-        "tracking_uri": mlflow.get_tracking_uri(), "base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
+        "registered_model": model, "registered_version": version, "promotion": registered and registered["promotion"],
+        "tracking_uri": uri, "base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
         "perplexity_change_pct": 100 * ev.perplexity_change, "resumed_from_step": trained.resumed_from_step,
+        "train_tokens_per_second": trained.train_tokens_per_second,  # the figure logged under that name
         "adapter_dir": trained.adapter_dir, "merged_dir": merged and merged.merged_dir, "samples_path": ev.samples_path,
-        "ui_command": ui_command(mlflow.get_tracking_uri()),
+        "ui_command": ui_command(uri, experiment_id), "run_url": experiment_link(uri, experiment_id, run_id),
+        "version_url": version and f"{ui_url(uri)}/#/models/{model}/versions/{version}",
     }
+
+
+class TimedStages(Stages):
+    """Stages whose calls log their wall time when they end (a cache hit takes well under a second)."""
+
+    def __call__(self, stage: str, task):
+        return timed(super().__call__(stage, task), task.name)
+
+
+def timed(call, name: str | None = None):
+    """`call`, logging '<name> finished in N s' when it returns."""
+
+    def run(*args, **kwargs):
+        started = time.perf_counter()
+        result = call(*args, **kwargs)
+        log.info("%s finished in %.1f s", name or call.name, time.perf_counter() - started)
+        return result
+
+    return run

@@ -160,10 +160,20 @@ class TrainConfig(_Part):
     fast_paths: bool = Field(
         True, description="CPU fast paths of lora_core/speed.py (eager attention for attn_implementation=auto, compact LM-head loss, "
         "fast LoRA dropout, heap reuse, no peft input casts under bf16 autocast); off = the libraries' own code paths.")
+    trainer_args: dict[str, Any] = Field({}, description=(
+        "More settings for TRL's SFTConfig as TRL spells them, e.g. {optim: adafactor, max_grad_norm: 0.5, neftune_noise_alpha: 5}; "
+        "a setting that has a key here is refused, naming it (lora_core/trainer_args.py)."))
     num_processes: int = Field(1, ge=1, le=1024, description="Training processes (data parallel, one per GPU; on CPU they share the cores). "
         "Above 1 the train task runs `accelerate launch` with this many ranks; the global batch is batch_size x grad_accum x num_processes.")
     accelerate_config: str | None = Field(None, description="An `accelerate config` YAML (FSDP, DeepSpeed, several machines) passed to "
         "`accelerate launch --config_file`; set, training always goes through `accelerate launch`.")
+
+    @field_validator("trainer_args")
+    @classmethod
+    def _known_trainer_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from lora_core.trainer_args import check  # imports TRL (seconds), only when there is something to check
+
+        return check(v) if v else v
 
 
 class EvalConfig(_Part):

@@ -55,11 +55,18 @@ def peft_config(cfg: LoraConfig):
 
 
 def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, dtype=None):
-    """TRL's SFTConfig for `cfg`; `dtype` is the autocast dtype (default: `cfg.dtype` resolved for the device)."""
+    """TRL's SFTConfig for `cfg`; `dtype` is the autocast dtype (default: `cfg.dtype` resolved for the device).
+    `cfg.trainer_args` come on top of the defaults below (the keys the recipe sets elsewhere were refused at validation)."""
     import torch
     from trl import SFTConfig
 
     dtype = dtype or pick_dtype(cfg.dtype, device)
+    defaults = dict(
+        report_to="none",  # the flow logs to MLflow through a callback with an explicit run id
+        packing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
     return SFTConfig(
         output_dir=output_dir,
         num_train_epochs=cfg.epochs,
@@ -85,17 +92,14 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, d
         load_best_model_at_end=cfg.load_best and has_eval,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name; the old one warns (FutureWarning)
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",
-        report_to="none",  # the flow logs to MLflow through a callback with an explicit run id
         include_num_input_tokens_seen="non_padding",
         assistant_only_loss=False,  # the mask already comes in the `assistant_masks` column
-        packing=False,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        **{**defaults, **cfg.trainer_args},
     )
 
 
