@@ -120,7 +120,9 @@ def cmd_resume(args) -> int:
 
     row = next((r for r in runs.recent_runs(limit=50, with_prefect=False) if r["resumable"]), None)
     if row is None:
-        raise ConfigError("resume: no interrupted run with a checkpoint was found; start one with `lora-flow run`")
+        print("nothing to resume: no interrupted run with a checkpoint whose config has not completed since "
+              "(`lora-flow runs` lists them); start one with `lora-flow run`")
+        return 0
     print(f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step {row['checkpoint_step']})")
     return _run_flow(tracking.resolved_config(row["mlflow_run_id"]))
 

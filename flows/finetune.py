@@ -62,7 +62,8 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
         ev = stage("evaluate", evaluate)(base, split, trained.adapter_dir, trained.adapter_sha256, cfg.eval, cfg.train.max_length, full,
                                          cfg.template.system_prompt, file_fingerprint(cfg.eval.prompts_path), trust, root)
         tracking.log_evaluation(ev)
-        merged = stage("merge", merge)(base, trained.adapter_dir, trained.adapter_sha256, split, cfg.merge, trust, root) \
+        merged = stage("merge", merge)(base, trained.adapter_dir, trained.adapter_sha256, split, cfg.merge, trust, root,
+                                                 cfg.train.max_length) \
             if cfg.merge.enabled and not full else None  # a full fine-tune has no adapter to merge
         tracking.log_merge(merged)
         registered = tracking.timed(register_and_promote)(cfg, run.info.run_id, base, data, split, trained, ev) if cfg.registry.enabled else None

@@ -52,7 +52,7 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
     runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.RUN_KEY}` != ''",
                               order_by=["attributes.start_time DESC"], max_results=limit) if experiments else []
     states = _prefect_states([r.data.tags.get("prefect.flow_run_id") for r in runs]) if with_prefect else {}
-    rows = []
+    rows, completed_since = [], set()  # run keys with a FINISHED run newer than the row at hand (runs come newest first)
     for r in runs:
         tags = r.data.tags
         ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None
@@ -67,6 +67,9 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
             "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
             "recipe": tags.get("recipe", "?"),
             "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
-            "resumable": status in ("FAILED", "KILLED", "DIED") and ckpt is not None,
+            # a config that has completed since (a later run of the same run key) has nothing left to resume
+            "resumable": status in ("FAILED", "KILLED", "DIED") and ckpt is not None and tags.get(tracking.RUN_KEY) not in completed_since,
         })
+        if status == "FINISHED":
+            completed_since.add(tags.get(tracking.RUN_KEY))
     return rows

@@ -88,9 +88,14 @@ def reload_and_generate(model_dir: str | Path, row: dict, trust_remote_code: boo
     return text
 
 
-def merge_from_dirs(base_path: str, adapter_dir: str, val_dir: str, cfg, out_dir, trust_remote_code: bool = False, check_rows: int = 4) -> MergeResult:
-    """merge_adapter with the equivalence check run on the first validation conversations."""
+def merge_from_dirs(base_path: str, adapter_dir: str, val_dir: str, cfg, out_dir, trust_remote_code: bool = False, check_rows: int = 4,
+                    max_length: int | None = None) -> MergeResult:
+    """merge_adapter with the equivalence check run on the first `check_rows` validation conversations, cut to
+    `max_length` tokens like training's (train.max_length): one very long reply cannot make the check run for minutes."""
     import datasets
 
-    rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()[:check_rows]
+    val = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"])
+    rows = val.select(range(min(check_rows, len(val)))).to_list()
+    if max_length:
+        rows = [{k: v[:max_length] for k, v in r.items()} for r in rows]
     return merge_adapter(base_path, adapter_dir, rows, out_dir, cfg.atol, trust_remote_code)

@@ -128,11 +128,27 @@ def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
     return None
 
 
+def _logged_before(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line belongs to the training up to `step` (not its end summary, not a line cut by a kill)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return entry.get("step", 0) <= step and "train_loss" not in entry  # train_loss: only in the end summary
+
+
 def metrics_jsonl_callback(path: Path):
-    """A TrainerCallback appending every log line (loss, lr, grad norm, eval loss ...) with its step to `path`."""
+    """A TrainerCallback appending every log line (loss, lr, grad norm, eval loss ...) with its step to `path`.
+    A resumed training starts again at its checkpoint's step: what the interrupted one logged after that step is
+    dropped first, so each step appears once."""
     from transformers import TrainerCallback
 
     class MetricsJsonl(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and path.is_file():
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _logged_before(line, state.global_step)]
+                path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 with open(path, "a", encoding="utf-8") as f:
@@ -169,10 +185,6 @@ def autocast_dtype(dtype: str, device: str, weights):
     return torch.bfloat16 if weights == torch.bfloat16 else torch.float32
 
 
-class TrainError(LoraFlowError):
-    """Training cannot start with these data and settings."""
-
-
 def set_aside(out_dir: Path) -> None:
     """Fresh training: move an existing `out_dir` to `<out_dir>.replaced-<unix time>`, never delete it."""
     if out_dir.exists():
@@ -194,6 +206,10 @@ def world_size() -> int:
 def rank_device(device: str) -> str:
     """Each rank loads the model straight onto its own GPU (the Trainer would move it there, after a detour through GPU 0)."""
     return f"cuda:{local_rank()}" if device == "cuda" and "LOCAL_RANK" in os.environ else device
+
+
+class TrainError(LoraFlowError):
+    """Training cannot start with these data and settings."""
 
 
 def check_fits(train_ds, max_length: int) -> None:

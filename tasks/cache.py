@@ -7,14 +7,20 @@ among their inputs, and the key also covers a fingerprint of lora_core's source 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import socket
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.transactions import IsolationLevel
 from pydantic import BaseModel
 
 import lora_core
@@ -33,8 +39,85 @@ def library_fingerprint() -> str:
     return h.hexdigest()
 
 
+class ProcessLocks(FileSystemLockManager):
+    """Prefect's file locks (`<key>.lock` under the result storage folder, so shared by every process of this
+    machine) that die with the process holding them: a run killed by SIGKILL or a power cut would otherwise
+    leave its lock behind and make every later run with that key wait forever."""
+
+    def __init__(self):
+        super().__init__(Path("."))
+
+    @property
+    def lock_files_directory(self) -> Path:  # read when used: PREFECT_HOME may be set after this module is imported
+        from prefect.settings import get_current_settings
+
+        return Path(get_current_settings().results.local_storage_path).expanduser().resolve() / "locks"
+
+    @lock_files_directory.setter
+    def lock_files_directory(self, _):
+        pass
+
+    @staticmethod
+    def _ours(holder: str) -> str:
+        return holder if "@" in holder else f"{holder}@{socket.gethostname()}:{os.getpid()}"
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        return super().acquire_lock(key, self._ours(holder), acquire_timeout, hold_timeout)
+
+    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        return await super().aacquire_lock(key, self._ours(holder), acquire_timeout, hold_timeout)
+
+    def release_lock(self, key, holder) -> None:
+        super().release_lock(key, self._ours(holder))
+
+    def is_lock_holder(self, key, holder) -> bool:
+        return super().is_lock_holder(key, self._ours(holder))
+
+    def is_locked(self, key, use_cache=False) -> bool:
+        try:
+            info = self._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # created but not yet written by another process, this very instant
+            return True
+        host, _, pid = (info or {}).get("holder", "").rpartition("@")[2].partition(":")
+        if info and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            Path(info["path"]).unlink(missing_ok=True)  # its holder is gone
+            self._locks.pop(key, None)
+            return False
+        return super().is_locked(key, use_cache)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+LOCKS = ProcessLocks()
+
+
+@contextlib.contextmanager
+def one_writer(key: str):
+    """Hold the lock on `key` (processes of this machine queue behind each other), for a step that is not cached."""
+    holder = str(uuid.uuid4())
+    LOCKS.acquire_lock(key, holder)
+    try:
+        yield
+    finally:
+        LOCKS.release_lock(key, holder)
+
+
 @dataclasses.dataclass
 class LibraryVersion(CachePolicy):
+    """Keys on lora_core's source, and makes any policy it is added to SERIALIZABLE on LOCKS: one writer per key.
+    Two identical runs at once would share one output folder; the second waits, then reads the first's result."""
+
+    isolation_level: IsolationLevel | None = IsolationLevel.SERIALIZABLE
+    lock_manager: ProcessLocks | None = dataclasses.field(default_factory=lambda: LOCKS)
+
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         return library_fingerprint()
 
@@ -108,7 +191,9 @@ def transient_only(task, task_run, state) -> bool:
     return True
 
 
-TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True)
+# results are small frozen dataclasses of paths, hashes and figures: stored as readable JSON (class name + fields),
+# which Prefect's JSON serializer rebuilds through pydantic, instead of pickles
+TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True, result_serializer="json")
 RETRY_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 
 
@@ -155,8 +240,12 @@ def point_latest(root: str, trained_dir: str, merged_dir: str | None, full: bool
     latest.mkdir(parents=True, exist_ok=True)
     for name, target in (("model" if full else "adapter", trained_dir), ("merged", merged_dir)):
         link = latest / name
-        if link.is_symlink():
-            link.unlink()
-        if target:
-            link.symlink_to(Path(target).resolve())
+        if not target:
+            if link.is_symlink():
+                link.unlink()
+            continue
+        tmp = latest / f".{name}-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(Path(target).resolve())
+        os.replace(tmp, link)  # atomic: two runs finishing at once both leave a valid link
     return str(latest)

@@ -11,7 +11,9 @@ from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 @task(name="merge", **TASK_OPTIONS)
 def merge(base: BaseModelRef, adapter_dir: str, adapter_sha256: str, split: SplitResult, cfg: MergeConfig, trust_remote_code: bool,
-          output_root: str) -> MergeResult:
-    """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol."""
+          output_root: str, max_length: int | None = None) -> MergeResult:
+    """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol (checked on a few
+    validation rows cut to `max_length`, training's truncation)."""
     out = stage_dir(output_root, "merge", base.identity, adapter_sha256, cfg)
-    return sealed(out, merge_from_dirs(base.path, adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code))
+    return sealed(out, merge_from_dirs(base.path, adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code,
+                                       max_length=max_length))

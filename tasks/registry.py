@@ -15,7 +15,7 @@ from lora_core.config import PipelineConfig
 from lora_core.data import DataResult, SplitResult
 from lora_core.evaluate import EvalResult, generation_settings
 from lora_core.train import TrainResult
-from tasks.cache import RETRY_OPTIONS
+from tasks.cache import RETRY_OPTIONS, one_writer
 
 
 @task(name="register", cache_policy=NO_CACHE, **RETRY_OPTIONS)
@@ -24,16 +24,17 @@ def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, d
     """{"model", "version", "promotion"}: the version holding this adapter (created if none does) and,
     when `registry.promote` is on and no decision is recorded yet, the champion decision."""
     name = cfg.registry.model_name or cfg.name
-    mv = registry.find_version(name, trained.adapter_sha256)
-    if mv is None:
-        base_path = None if cfg.train.method == "full" else base.path
-        settings = generation_settings(cfg.eval)  # what the evaluation decoded with is what the version serves
-        version = registry.register(run_id, trained.adapter_dir, base_path, name, registry.version_tags(
-            cfg, base, data, split, trained, ev, settings), registry.describe(cfg, base, ev), settings)
-    else:
-        version = mv.version
-    promotion = None
-    if cfg.registry.promote and (mv is None or registry.DECISION not in mv.tags):
-        d = registry.promote(name, version, cfg.registry.margin, current_run_id=run_id)
-        promotion = {"promoted": d.promote, "reason": d.reason}
+    with one_writer(f"register-{trained.adapter_sha256}"):  # two identical runs at once make one version
+        mv = registry.find_version(name, trained.adapter_sha256)
+        if mv is None:
+            base_path = None if cfg.train.method == "full" else base.path
+            settings = generation_settings(cfg.eval)  # what the evaluation decoded with is what the version serves
+            version = registry.register(run_id, trained.adapter_dir, base_path, name, registry.version_tags(
+                cfg, base, data, split, trained, ev, settings), registry.describe(cfg, base, ev), settings)
+        else:
+            version = mv.version
+        promotion = None
+        if cfg.registry.promote and (mv is None or registry.DECISION not in mv.tags):
+            d = registry.promote(name, version, cfg.registry.margin, current_run_id=run_id)
+            promotion = {"promoted": d.promote, "reason": d.reason}
     return {"model": name, "version": version, "promotion": promotion}

@@ -76,3 +76,64 @@ def test_ctrl_c_ends_everything_cleanly(make_recipe, mlflow_store, in_tmp_cwd, t
     assert run.info.status == "KILLED"
     with pytest.raises(ProcessLookupError):  # nothing left behind: the ephemeral server stopped too
         os.killpg(proc.pid, 0)
+
+
+def test_two_identical_runs_at_once_train_once(make_recipe, prefect_api_url, mlflow_store, in_tmp_cwd):
+    recipe = make_recipe("twins")
+    from flows.tracking import ensure_experiment
+
+    mlflow.set_tracking_uri(mlflow_store)
+    ensure_experiment("twins")  # the schema and the experiment once: two processes creating either at once collide
+    env = _env(mlflow_store, PREFECT_API_URL=prefect_api_url)
+    first = _start(recipe, env, in_tmp_cwd / "run1.log")
+    # the second starts while the first trains (started at the very same instant, both log the same dataset to
+    # MLflow at once, and MLflow's SQLite store refuses the second insert: a separate issue)
+    deadline = time.time() + 240
+    while not list(in_tmp_cwd.glob("outputs/twins/train/*/checkpoints")):
+        assert first.poll() is None and time.time() < deadline, (in_tmp_cwd / "run1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs = [first, _start(recipe, env, in_tmp_cwd / "run2.log")]
+    for i, proc in enumerate(procs, 1):
+        assert proc.wait(timeout=600) == 0, (in_tmp_cwd / f"run{i}.log").read_text()[-3000:]
+    runs = _runs(mlflow_store, "twins")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    trains = sorted(task_states(r.data.tags["prefect.flow_run_id"])["train-lora"] for r in runs)
+    assert trains == ["Cached", "Completed"]
+    versions = MlflowClient().search_model_versions("name = 'twins'")
+    assert len(versions) == 1
+    (metrics,) = in_tmp_cwd.glob("outputs/twins/train/*/checkpoints/metrics.jsonl")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each step once
+
+
+def test_resume_skips_a_config_that_completed_since(mlflow_store, tmp_path, capsys):
+    from flows import runs, tracking
+    from flows.cli import main
+    from lora_core.train import CHECKPOINT_FILES
+
+    ckpt = tmp_path / "train" / "checkpoints" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    for name in CHECKPOINT_FILES:
+        (ckpt / name).write_text("{}")
+    mlflow.set_tracking_uri(mlflow_store)
+    client = MlflowClient()
+    exp = client.create_experiment("resume-pick")
+
+    def mlflow_run(key: str, status: str) -> str:
+        time.sleep(0.01)  # distinct start times (ms)
+        r = client.create_run(exp, tags={tracking.RUN_KEY: key, "train.dir": str(tmp_path / "train"), "recipe": "r"})
+        client.set_terminated(r.info.run_id, status)
+        return r.info.run_id
+
+    failed, killed = mlflow_run("config-a", "FAILED"), mlflow_run("config-b", "KILLED")
+    resumable = {r["mlflow_run_id"]: r["resumable"] for r in runs.recent_runs(with_prefect=False)}
+    assert resumable == {failed: True, killed: True}
+
+    mlflow_run("config-a", "FINISHED")  # config a completed since (e.g. a later `lora-flow run`)
+    resumable = {r["mlflow_run_id"]: r["resumable"] for r in runs.recent_runs(with_prefect=False)}
+    assert resumable[failed] is False and resumable[killed] is True
+
+    mlflow_run("config-b", "FINISHED")
+    assert main(["resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
