@@ -1,27 +1,32 @@
 """The local stack for real: `stack up` starts a Prefect server, a process worker and an MLflow
 server on loopback; `prefect deploy --all` deploys prefect.yaml; the worker runs deployment runs
-of the tiny model, tracked in that MLflow server; unchanged data finishes from cache; two flows
-at once both complete; bad input fails in one line and leaves nothing behind; `stack down`
-stops everything that was started (checked process by process)."""
+of the tiny model (the flow's one typed `config` parameter), tracked in that MLflow server; a wrong
+type is refused when the run is created; unchanged data finishes from cache; two flows at once both
+complete; bad input fails in one line and leaves nothing behind; a database password is on no
+command line; `stack down` stops everything that was started (checked process by process)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
 from flows import stack as stk
+from lora_core.config import PipelineConfig, load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +75,13 @@ def write_recipe(folder: Path, name: str, model_dir: Path, records: list[dict]) 
     return recipe
 
 
+def prefect_yaml_config(deployment: str) -> dict:
+    """The `config` parameter a deployment of prefect.yaml carries, as `prefect deploy` reads it."""
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == deployment]
+    return dep["parameters"]["config"]
+
+
 @dataclass
 class Stack:
     root: Path
@@ -83,14 +95,15 @@ class Stack:
         return Path(self.env["LORA_FLOW_STACK_DIR"])
 
     def get(self, path: str, body: dict | None = None):
-        status, text = stk._http(self.api + path, body=body, timeout=15)
+        status, text = stk.http(self.api + path, body=body, timeout=15)  # retries 503 and dropped connections
         assert status in (200, 201), (path, status, text[:500])
         return json.loads(text)
 
-    def trigger(self, deployment: str, recipe: Path, overrides: list[str] | None = None) -> str:
+    def trigger(self, deployment: str, recipe: Path) -> str:
+        """A run of the deployment with the recipe's resolved config as the flow's `config` parameter."""
         dep = self.get(f"/deployments/name/{deployment}")
         run = self.get(f"/deployments/{dep['id']}/create_flow_run",
-                       {"parameters": {"recipe": str(recipe), "overrides": overrides or []}})
+                       {"parameters": {"config": load_recipe(recipe).model_dump(mode="json")}})
         return run["id"]
 
     def logs(self, flow_run_id: str) -> list[str]:
@@ -132,6 +145,7 @@ def stack(tmp_path_factory):
                     PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
                     MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
                     PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10
+                    PREFECT_SERVER_LOGGING_LEVEL="INFO",  # the server logs from its start: it must survive writing them
                     PWD=str(REPO))  # prefect.yaml runs flows from "{{ $PWD }}"
     s = Stack(root, env, env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"])
     try:
@@ -159,7 +173,31 @@ def test_up_is_idempotent_and_every_service_answers(stack):
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already running") == 3
     assert {p.name: p.read_text() for p in stack.state.glob("*.pid")} == pid_files  # nothing restarted
-    assert stk.mlflow_healthy(stack.mlflow) and stk.prefect_healthy(stack.api)
+    assert stk.healthy({"name": "mlflow", "url": stack.mlflow}) and stk.healthy({"name": "prefect", "url": stack.api})
+    assert stk.healthy(json.loads(pid_files["worker.pid"]))  # the worker's heartbeat, since it started
+
+
+def test_the_prefect_server_log_is_kept_and_the_server_survives_writing_it(stack):
+    """`prefect server start --background` (Prefect 3.8.8) hands the server a pipe that its CLI stops reading
+    when it exits: the server's log is lost, and the server exits on its first log line (Rich turns the
+    broken pipe into SystemExit). The stack runs `prefect server start` with its output in prefect.log."""
+    port = stack.api.split(":")[2].split("/")[0]
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in (stack.state / "prefect.log").read_text()
+    assert stk.healthy({"name": "prefect", "url": stack.api})
+
+
+def test_the_prefect_ui_calls_the_api_on_the_stack_port(stack):
+    """Issue #15: on any port but 4200 the UI said "Can't connect to Server API at http://127.0.0.1:4200/api"."""
+    assert not stack.api.endswith(":4200/api")
+    ui = json.loads(stk.http(stack.api.removesuffix("/api") + "/ui-settings")[1])
+    assert ui["api_url"] == stack.api
+
+
+def test_prefect_yaml_deploys_the_socratic_tutor_recipe_as_the_flow_config():
+    """prefect.yaml spells the recipe out (deployments carry a config, not a path): the two cannot drift."""
+    recipe = load_recipe(REPO / "recipes" / "socratic-tutor.yaml")
+    assert PipelineConfig.model_validate(prefect_yaml_config("socratic-tutor-nightly")) == recipe
+    assert PipelineConfig.model_validate(prefect_yaml_config("finetune-on-demand")) == recipe
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +219,18 @@ def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightl
     dep = stack.get(f"/deployments/name/{NIGHTLY}")
     (schedule,) = dep["schedules"]
     assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
-    assert dep["work_pool_name"] == "local" and dep["parameters"] == {"recipe": "recipes/socratic-tutor.yaml", "overrides": []}
+    assert dep["work_pool_name"] == "local" and dep["enforce_parameter_schema"]
+    assert dep["parameters"] == {"config": prefect_yaml_config("socratic-tutor-nightly")}
+    assert PipelineConfig.model_validate(dep["parameters"]["config"]) == load_recipe(REPO / "recipes" / "socratic-tutor.yaml")
     assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert dep["global_concurrency_limit"]["limit"] == 1
-    assert stack.get(f"/deployments/name/{ON_DEMAND}")["schedules"] == []
+    on_demand = stack.get(f"/deployments/name/{ON_DEMAND}")
+    assert on_demand["schedules"] == [] and on_demand["parameters"] == dep["parameters"]
     assert stack.get("/deployments/name/lora-promote/promote")["parameters"] == {"model_name": "socratic-tutor"}
 
     run = nightly["run"]
-    assert run["state_name"] == "Completed" and run["parameters"]["recipe"] == str(nightly["recipe"])
+    assert run["state_name"] == "Completed"
+    assert run["parameters"]["config"] == load_recipe(nightly["recipe"]).model_dump(mode="json")
     worker = json.loads((stack.state / "worker.pid").read_text())
     assert worker["worker_name"] in (stack.state / "worker.log").read_text()
 
@@ -203,24 +245,35 @@ def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightl
     assert list((stack.root / "artifacts").rglob("adapter_model.safetensors"))
 
 
+def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly):
+    """enforce_parameter_schema: the server checks the parameters against the flow's schema, so a
+    wrong type never becomes a flow run (no task, no worker, no MLflow run)."""
+    dep = stack.get(f"/deployments/name/{ON_DEMAND}")
+    query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
+    before = stack.get("/flow_runs/filter", query)
+    status, text = stk.http(f"{stack.api}/deployments/{dep['id']}/create_flow_run",
+                                {"parameters": {"config": {"lora": {"r": "sixteen"}}}}, timeout=15)
+    assert status in (409, 422), (status, text[:500])
+    assert "sixteen" in text and "integer" in text, text[:500]
+    assert stack.get("/flow_runs/filter", query) == before
+
+
 def test_the_scheduler_creates_the_nightly_runs(stack, nightly):
     """Prefect 3.8.8's scheduler cannot insert runs under SQLAlchemy 2.1 ("Can't evaluate bulk DML
-    statement", in the server log): schedules are registered but never fire. SQLAlchemy 2.0.x works."""
+    statement"): schedules are registered but never fire. SQLAlchemy 2.0.x works."""
     dep = stack.get(f"/deployments/name/{NIGHTLY}")
     query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
     deadline = time.monotonic() + 20  # the recent-deployments scheduler runs every 5 s
     while not (scheduled := stack.get("/flow_runs/filter", query)) and time.monotonic() < deadline:
         time.sleep(1)
-    server_log = (stack.state / "prefect.log").read_text()
-    assert scheduled, ("the scheduler created no runs for the nightly schedule"
-                       + ("; SQLAlchemy 2.1 breaks Prefect 3.8.8's scheduler: pin SQLAlchemy==2.0.58"
-                          if "Can't evaluate bulk DML statement" in server_log else ""))
+    assert scheduled, (f"the scheduler created no runs for the nightly schedule (prefect {version('prefect')}, "
+                       f"SQLAlchemy {version('sqlalchemy')}: 2.1 breaks Prefect 3.8.8's scheduler, pin SQLAlchemy==2.0.58)")
     assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in scheduled)
 
 
 def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly):
     """Needs flows/finetune.py to tag `lora_flow.from_cache` / `lora_flow.recomputed` and log
-    "nothing changed: every stage came from cache" or "recomputed: ..." (see the README)."""
+    "nothing changed: every stage came from cache" or "recomputed: ..." (see docs/operations.md)."""
     recipe = nightly["recipe"]
     _, first = stack.mlflow_run(nightly["run_id"], "nightly")
     assert first.data.tags["lora_flow.from_cache"] == "false"
@@ -276,6 +329,8 @@ def test_stack_deploy_checks_and_replaces_the_schedule(stack, nightly):
     (schedule,) = stack.get(f"/deployments/name/{NIGHTLY}")["schedules"]
     assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("15 4 * * 1-5", "Europe/Paris")
     assert stack.get(f"/deployments/name/{ON_DEMAND}")["schedules"] == []  # unscheduled ones stay so
+    # the rewritten copy keeps the config: the deployment still runs the recipe
+    assert stack.get(f"/deployments/name/{NIGHTLY}")["parameters"] == {"config": prefect_yaml_config("socratic-tutor-nightly")}
 
 
 # ---------------------------------------------------------------- bad input
@@ -313,8 +368,9 @@ def test_a_port_already_taken_is_named_and_nothing_starts(tmp_path):
     (["deploy", "--cron", "every night"], {}, "--cron 'every night' is not a valid cron", 2),
     (["deploy", "--cron", "0 2 * * *", "--timezone", "Mars/Olympus"], {}, "--timezone 'Mars/Olympus' is not a valid timezone", 2),
     (["deploy", "--prefect-file", "{bad_yaml}"], {}, "bad.yaml: deployment 'nightly': cron 'nightly at 2' is not a valid cron", 2),
-    (["up", "--backend-store-uri", "sqlite:///{tmp}"], {}, "--backend-store-uri sqlite:///{tmp}: {tmp} is a folder", 2),
-    (["up", "--backend-store-uri", "postgresql+psycopg://nobody:secret@127.0.0.1:{free}/mlflow"], {},
+    (["up", "--backend-store-uri", "sqlite:///{tmp}"], {},
+     "--backend-store-uri sqlite:///{tmp}: cannot connect (unable to open database file)", 2),
+    (["up", "--backend-store-uri", "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"], {},
      "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect", 2),
 ])
 def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected, code):
@@ -328,6 +384,7 @@ def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected,
     out = stack_cli(*map(fill, command), env=env, timeout=60)
     assert out.returncode == code, out.stdout + out.stderr
     assert fill(expected) in one_error_line(out)
+    assert "s3cret-pw" not in out.stdout + out.stderr  # a password never reaches the screen
     assert not list((tmp_path / "state").glob("*.pid"))
 
 
@@ -356,6 +413,61 @@ def _processes_mentioning(*needles: str) -> list[str]:
     return found
 
 
+def test_the_backend_password_is_on_no_command_line(tmp_path):
+    """Issue #13: serve.sh (what `stack up` runs) hands the backend URI to `mlflow server` in the
+    environment. MLflow retries an unreachable database for ~100 s: long enough to read every
+    command line of the server's session while it runs."""
+    (port, db_port) = free_ports(2)
+    env = {**clean_env(), "PORT": str(port), "ARTIFACTS": str(tmp_path / "artifacts"),
+           "BACKEND": f"postgresql+psycopg://mlflow:s3cret-pw@127.0.0.1:{db_port}/mlflow"}
+    server = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve.sh")], env=env, cwd=REPO, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "server" not in " ".join(psutil.Process(server.pid).cmdline()) and time.monotonic() < deadline:
+            time.sleep(0.2)  # bash execs mlflow: the same pid, a new command line
+        assert server.poll() is None, server.stdout.read()
+        cmdlines = [" ".join(p.cmdline()) for p in psutil.process_iter() if _in_session(p, server.pid)]
+        assert any(f"mlflow server --host 127.0.0.1 --port {port}" in c for c in cmdlines), cmdlines
+        assert not [c for c in cmdlines if "s3cret-pw" in c]
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    bad = subprocess.run(["bash", str(REPO / "mlflow" / "serve.sh")], env={**env, "BACKEND": "mongodb://u:s3cret-pw@h/db"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "mongodb://u:***@h/db is not a SQL database URI" in bad.stderr
+    assert "s3cret-pw" not in bad.stderr
+
+
+def _in_session(proc: psutil.Process, sid: int) -> bool:
+    try:
+        return os.getsid(proc.pid) == sid
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.environ.get("LORA_FLOW_TEST_POSTGRES_URI"), reason="LORA_FLOW_TEST_POSTGRES_URI is not set "
+                    "(.ci/run starts a PostgreSQL on loopback and sets it)")
+def test_a_postgres_password_stays_out_of_command_lines_and_state(tmp_path):
+    uri = os.environ["LORA_FLOW_TEST_POSTGRES_URI"]
+    password = uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    (port,) = free_ports(1)
+    env = clean_env(LORA_FLOW_STACK_DIR=str(tmp_path / "state"))
+    up = stack_cli("up", "--mlflow-only", "--mlflow-port", str(port), "--backend-store-uri", uri,
+                   "--artifacts-destination", str(tmp_path / "artifacts"), env=env, timeout=240)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        leader = psutil.Process(json.loads((tmp_path / "state" / "mlflow.pid").read_text())["pid"])
+        cmdlines = [" ".join(p.cmdline()) for p in [leader, *leader.children(recursive=True)]]
+        assert len(cmdlines) >= 2 and not [c for c in cmdlines if password in c]
+        for path in (tmp_path / "state").iterdir():
+            if path.suffix != ".log":  # the state files; the server's log is MLflow's own
+                assert password not in path.read_text(), path
+        assert password not in up.stdout + up.stderr
+    finally:
+        assert stack_cli("down", env=env).returncode == 0
+
+
 def test_down_never_kills_a_process_it_did_not_start(tmp_path):
     bystander = subprocess.Popen(["sleep", "120"])
     try:
@@ -364,10 +476,10 @@ def test_down_never_kills_a_process_it_did_not_start(tmp_path):
         created = psutil.Process(bystander.pid).create_time()
         # a pid file naming a live process whose command line is not the worker's
         (state / "worker.pid").write_text(json.dumps({"name": "worker", "pid": bystander.pid, "create_time": created,
-                                                      "signatures": [["prefect", "worker start"]]}))
+                                                      "match": ["worker start"]}))
         # and one naming the same pid with another start time: a reused pid
         (state / "prefect.pid").write_text(json.dumps({"name": "prefect", "pid": bystander.pid, "create_time": created - 100,
-                                                       "signatures": [["sleep"]]}))
+                                                       "match": ["sleep"]}))
         out = stack_cli("down", env=clean_env(LORA_FLOW_STACK_DIR=str(state)), timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("left alone") == 2
