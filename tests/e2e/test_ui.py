@@ -143,6 +143,7 @@ def test_mlflow_ui_opens_on_training_runs_with_perplexities_charts_and_system_me
     experiment = page.url.split("/experiments/")[1].split("/")[0]
     page.goto(f"{url}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
     page.get_by_role("tab", name="Model metrics").click(timeout=90_000)
+    page.get_by_placeholder("Search metric charts").fill("loss")  # ~30 charts, drawn lazily: bring the loss ones first
     loss = page.get_by_text("loss", exact=True).first  # the chart's title
     loss.wait_for(timeout=60_000)
     loss.scroll_into_view_if_needed()  # charts draw only once scrolled into view

@@ -17,9 +17,11 @@ def test_trainer_args_reach_sft_config_and_defaults_stay(tmp_path):
         args = sft_config(cfg, str(tmp_path), "cpu", has_eval=False)
     assert args.max_grad_norm == 0.25 and args.optim == "adafactor" and args.neftune_noise_alpha == 5.0
     assert args.learning_rate == cfg.learning_rate and args.activation_checkpointing is False
-    assert args.report_to == [] or args.report_to == "none" or args.report_to == ["none"]  # untouched default: no reporters
+    assert args.report_to == []  # a default the recipe did not override: no reporters (the flow logs to MLflow itself)
     plain = sft_config(TrainConfig(), str(tmp_path), "cpu", has_eval=False)
     assert plain.max_grad_norm == 1.0 and plain.packing is False
+    reporting = sft_config(TrainConfig(trainer_args={"report_to": "tensorboard", "packing": True}), str(tmp_path), "cpu", has_eval=False)
+    assert reporting.report_to == ["tensorboard"] and reporting.packing is True  # our defaults give way to trainer_args
 
 
 def test_a_misspelt_trainer_arg_is_refused_with_the_closest_name():
