@@ -254,6 +254,9 @@ def cmd_show_config(args) -> int:
         return 0
     recipes, overrides = _split_args(args.args)
     cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)
+    if args.json:  # the flow's `config` parameter, e.g. for `prefect deployment run --params`
+        print(json.dumps(cfg.model_dump(mode="json")))
+        return 0
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
     if args.describe:
         print("\n# field reference")
@@ -285,6 +288,7 @@ def _training_commands(sub) -> None:
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
     p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (docs/recipes.md's)")
+    p.add_argument("--json", action="store_true", help="print the resolved config as JSON (the fine-tune flow's `config` parameter)")
     p.set_defaults(fn=cmd_show_config)
 
 

@@ -71,3 +71,13 @@ def test_flatten_keeps_every_leaf():
     flat = flatten(PipelineConfig())
     assert flat["lora.target_modules"] == '["q_proj", "k_proj", "v_proj", "o_proj"]'
     assert set(flat) == {k for k, _, _ in describe_fields()}
+
+
+def test_show_config_json_is_the_flow_parameter(capsys):
+    import json
+
+    from flows.cli import main
+
+    assert main(["show-config", "recipes/minimal-lora.yaml", "train.max_steps=200", "--json"]) == 0
+    sent = json.loads(capsys.readouterr().out)
+    assert PipelineConfig.model_validate(sent) == load_recipe("recipes/minimal-lora.yaml", ["train.max_steps=200"])
