@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from lora_core.config import PipelineConfig, flatten
@@ -92,7 +93,12 @@ def ensure_experiment(name: str) -> str:
         artifacts = None
         if mlflow.get_tracking_uri().startswith("sqlite:"):
             artifacts = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
-        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+        except MlflowException as exc:  # another run created it a moment ago (two runs started at once)
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" or mlflow.get_experiment_by_name(name) is None:
+                raise
+            return mlflow.get_experiment_by_name(name).experiment_id
     for key, value in EXPERIMENT_TAGS.items():
         if key not in exp.tags or key.startswith("mlflow.sharedViewState."):
             MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
