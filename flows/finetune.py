@@ -63,8 +63,7 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
                                          cfg.template.system_prompt, file_fingerprint(cfg.eval.prompts_path), trust, root)
         tracking.log_evaluation(ev)
         merged = stage("merge", merge)(base, trained.adapter_dir, trained.adapter_sha256, split, cfg.merge, trust, root,
-                                                 cfg.train.max_length) \
-            if cfg.merge.enabled and not full else None  # a full fine-tune has no adapter to merge
+                                       cfg.train.max_length) if cfg.merge.enabled and not full else None  # full: nothing to merge
         tracking.log_merge(merged)
         registered = tracking.timed(register_and_promote)(cfg, run.info.run_id, base, data, split, trained, ev) if cfg.registry.enabled else None
         tracking.log_registration(registered)
