@@ -67,9 +67,13 @@ def accelerate_command(num_processes: int, config_file: str | None, cuda: bool, 
 
 
 def failure_line(tail: list[str]) -> str:
-    """The line that says why a launch failed: a rank's exception (`SomeError: ...`), else torchrun's report of a
-    signal or an exit code, else the last line printed."""
+    """The line that says why a launch failed: torchrun's report of a rank killed by a signal (the other ranks'
+    errors are then only its consequence: a peer's connection reset), else a rank's exception
+    (`SomeError: ...`), else torchrun's report of an exit code, else the last line printed."""
     lines = [line.strip() for line in tail if line.strip()]
+    killed = [line for line in lines if re.search(r"Signal \d+|exitcode\s*:\s*-\d+", line)]
+    if killed:
+        return killed[-1]
     errors = [line for line in lines if re.search(r"(^|[\s\]:])[\w.]+(Error|Exception|Interrupt): ", line + " ")
               and "ChildFailedError" not in line]
     if errors:

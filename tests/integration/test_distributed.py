@@ -128,3 +128,9 @@ def test_the_failure_line_is_the_rank_error_not_the_launcher_noise():
             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "tasks.launch FAILED", ""]
     assert failure_line(tail) == "[rank1]: MemoryError: out of memory"
     assert failure_line(["  exitcode  : -9 (pid: 12)", "  error_file: <N/A>"]) == "exitcode  : -9 (pid: 12)"
+    # a killed rank is the cause; the survivor's gloo "Connection reset by peer" is its consequence
+    both = ["[rank0]: RuntimeError: [pair.cc:537] Read error [127.0.0.1]:29096: Connection reset by peer.",
+            "failed (exitcode: -9) local_rank: 1 (pid: 20172) of binary: python",
+            "traceback : Signal 9 (SIGKILL) received by PID 20172"]
+    assert failure_line(both) == "traceback : Signal 9 (SIGKILL) received by PID 20172"
+    assert failure_line(both[:2]) == "failed (exitcode: -9) local_rank: 1 (pid: 20172) of binary: python"
