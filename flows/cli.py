@@ -25,7 +25,6 @@ import yaml
 
 from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
-from lora_core.data import DataError, load_normalised
 from lora_core.errors import LoraFlowError
 
 
