@@ -25,6 +25,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from lora_core.errors import LoraFlowError
+from lora_core.faults import failpoint
 from lora_core.registry import Decision, decide
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def find_version(name: str, adapter_sha256: str):
     return min(hits, key=lambda v: int(v.version), default=None)
 
 
-def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags: dict, description: str, settings) -> str:
+def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags: dict, settings) -> str:
     """Log the adapter (+ tokenizer and chat template, which carries the recipe's system prompt) as an MLflow
     model in `run_id` and create a version of `name` with every tag in the same call; returns the version.
     `settings` (the evaluation's GenerationSettings) become the served defaults: greedy unless a request asks
@@ -79,9 +80,16 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
             model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
         )
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    MlflowClient().update_model_version(name, mv.version, description=description)
+    failpoint("register.created")
     log.info("registered %s version %s (run %s)", name, mv.version, run_id)
     return str(mv.version)
+
+
+def ensure_description(name: str, version: str, description: str) -> None:
+    """Describe the version unless it is already: a run killed right after creating it left it without."""
+    client = MlflowClient()
+    if not client.get_model_version(name, version).description:
+        client.update_model_version(name, version, description=description)
 
 
 def _version(client: MlflowClient, name: str, version: str):
@@ -143,8 +151,9 @@ def _champion_perplexity(champ, cand) -> float:
 
 def promote(name: str, version: str, margin: float, current_run_id: str | None = None) -> Decision:
     """Compare `version` with the champion on the candidate's validation set; move `champion` if it wins.
-    The alias moves before the decision is written, so a version without a decision tag is one whose
-    promotion may not have finished: running this again completes it."""
+    Crash-safe order: the decision's details are tagged first, then the alias moves, then `promotion.decision`
+    is written last, as the mark of a finished promotion. A version without it is one whose promotion may not
+    have finished: running this again completes it (and keeps the details the interrupted run wrote)."""
     client = MlflowClient()
     cand = _version(client, name, version)
     _check_usable(client, cand, allow_running_run=current_run_id)
@@ -154,20 +163,21 @@ def promote(name: str, version: str, margin: float, current_run_id: str | None =
         if DECISION in cand.tags:
             return Decision(False, "already champion")
         # the alias moved, then the run was interrupted before the decision was written
-        decision, champ, champ_ppl = Decision(True, "promoted (the decision is recorded after an interruption)"), None, None
-    else:
-        champ_ppl = None if champ is None else _champion_perplexity(champ, cand)
-        decision = decide(cand_ppl, champ_ppl, margin)
-        if decision.promote:
-            _move_champion(client, name, cand.version, champ)
+        client.set_model_version_tag(name, cand.version, DECISION, "promoted")
+        return Decision(True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)")
+    champ_ppl = None if champ is None else _champion_perplexity(champ, cand)
+    decision = decide(cand_ppl, champ_ppl, margin)
     for key, value in {
-        DECISION: "promoted" if decision.promote else "kept-champion",
         "promotion.reason": decision.reason,
         "promotion.candidate_perplexity": cand_ppl,
         "promotion.champion_perplexity": "" if champ_ppl is None else champ_ppl,
         "promotion.champion_version": "" if champ is None else champ.version,
     }.items():
         client.set_model_version_tag(name, cand.version, key, str(value))
+        failpoint("register.tagging")  # after the first of the decision's tags
+    if decision.promote:
+        _move_champion(client, name, cand.version, champ)
+    client.set_model_version_tag(name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion")
     log.info("%s v%s: %s", name, cand.version, decision.reason)
     return decision
 

@@ -6,6 +6,8 @@ from typing import Callable
 
 from transformers import TrainerCallback
 
+from lora_core.faults import failpoint
+
 
 class StepLogs(TrainerCallback):
     """Calls `sink(step, {name: value})` for each log of the Trainer (loss, learning_rate, grad_norm,
@@ -18,6 +20,9 @@ class StepLogs(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = self.logged_through()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        failpoint("train.step", state.global_step)  # before this step's checkpoint is saved, as a crash would
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -6,6 +6,7 @@ from lora_core.base_model import BaseModelRef
 from lora_core.config import EvalConfig
 from lora_core.data import SplitResult
 from lora_core.evaluate import EvalResult, evaluate_adapter
+from lora_core.faults import failpoint
 from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
@@ -17,5 +18,7 @@ def evaluate(base: BaseModelRef, split: SplitResult, adapter_dir: str, adapter_s
     `prompts_sha256` (content of eval.prompts_path) keys the cache."""
     out = stage_dir(output_root, "evaluate", base.identity, split, adapter_sha256, cfg, max_length, full_model, system_prompt,
                     prompts_sha256)
-    return sealed(out, evaluate_adapter(base.path, adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out,
-                                        trust_remote_code, split.tokenizer_dir, full_model, system_prompt))
+    result = evaluate_adapter(base.path, adapter_dir, split.val_dir, split.val_records_path, cfg, max_length, out,
+                                        trust_remote_code, split.tokenizer_dir, full_model, system_prompt)
+    failpoint("evaluate.written")  # outputs on disk, not yet sealed: a re-run must not trust them
+    return sealed(out, result)

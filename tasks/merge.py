@@ -6,6 +6,7 @@ from lora_core.base_model import BaseModelRef
 from lora_core.config import MergeConfig
 from lora_core.data import SplitResult
 from lora_core.merge import MergeResult, merge_from_dirs
+from lora_core.faults import failpoint
 from tasks.cache import TASK_OPTIONS, sealed, stage_dir
 
 
@@ -15,5 +16,7 @@ def merge(base: BaseModelRef, adapter_dir: str, adapter_sha256: str, split: Spli
     """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol (checked on a few
     validation rows cut to `max_length`, training's truncation)."""
     out = stage_dir(output_root, "merge", base.identity, adapter_sha256, cfg)
-    return sealed(out, merge_from_dirs(base.path, adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code,
-                                       max_length=max_length))
+    result = merge_from_dirs(base.path, adapter_dir, split.val_dir, cfg, out / "merged", trust_remote_code,
+                                       max_length=max_length)
+    failpoint("merge.written")  # the merged folder on disk, not yet sealed
+    return sealed(out, result)

@@ -15,6 +15,7 @@ from lora_core.config import PipelineConfig
 from lora_core.data import DataResult, SplitResult
 from lora_core.evaluate import EvalResult, generation_settings
 from lora_core.train import TrainResult
+from lora_core.faults import failpoint
 from tasks.cache import RETRY_OPTIONS, one_writer
 
 
@@ -30,10 +31,12 @@ def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, d
             base_path = None if cfg.train.method == "full" else base.path
             settings = generation_settings(cfg.eval)  # what the evaluation decoded with is what the version serves
             version = registry.register(run_id, trained.adapter_dir, base_path, name, registry.version_tags(
-                cfg, base, data, split, trained, ev, settings), registry.describe(cfg, base, ev), settings)
+                cfg, base, data, split, trained, ev, settings), settings)
         else:
             version = mv.version
+        registry.ensure_description(name, version, registry.describe(cfg, base, ev))
         promotion = None
+        failpoint("register.before-promote")
         if cfg.registry.promote and (mv is None or registry.DECISION not in mv.tags):
             d = registry.promote(name, version, cfg.registry.margin, current_run_id=run_id)
             promotion = {"promoted": d.promote, "reason": d.reason}
