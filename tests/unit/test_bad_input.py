@@ -167,3 +167,16 @@ def test_cli_validate_prints_one_error_line_per_problem_and_exits_2(tmp_path, ti
         assert line.startswith(f"error: {path}: ") and all(w in line for w in want), line
     good = run_validate(recipe(tmp_path, "good", tiny_model_dir))
     assert good.returncode == 0 and good.stdout.strip().endswith(f"ok (data {GOOD_DATA}, model {tiny_model_dir})"), good
+
+
+def test_cli_run_refuses_every_bad_input_in_one_line_and_starts_nothing(tmp_path, tiny_model_dir, mlflow_store, capsys):
+    """`lora-flow run` makes the same checks before Prefect or MLflow start: one line, exit 2, no run, no retry."""
+    from flows.cli import main
+
+    for name, (path, want) in bad_recipes(tmp_path, tiny_model_dir).items():
+        assert main(["run", str(path)]) == 2, name
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and all(w in errors[0] for w in want), (name, captured.err)
+        assert "Traceback" not in captured.err + captured.out and "Retrying" not in captured.err + captured.out, name
+    assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()  # MLflow never started: no store, no run
