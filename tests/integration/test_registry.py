@@ -91,7 +91,7 @@ def test_bad_promotions_fail_cleanly_and_change_nothing(prefect_harness, make_re
     mv1 = client.get_model_version("guarded", "1")
     with mlflow.start_run(experiment_id=client.get_run(mv1.run_id).info.experiment_id) as run:
         adapter = mlflow.artifacts.download_artifacts(run_id=mv1.run_id, artifact_path="adapter", dst_path=str(tmp_path / "a"))
-        register(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), "broken run", GenerationSettings())
+        register(run.info.run_id, adapter, mv1.tags["base_model.path"], "guarded", dict(mv1.tags), GenerationSettings())
         mlflow.end_run("FAILED")
     before = aliases(client, "guarded")
     assert before == {"champion": "1"}
