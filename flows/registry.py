@@ -1,7 +1,9 @@
 """The MLflow Model Registry: register adapters, compare with the champion, move aliases.
 
 Versions hold the adapter only (MLflow's transformers flavor with `base_model_path`, so
-the base is referenced, not copied; see mlflow#23761 for why the path must be given).
+the base is referenced, not copied; see mlflow#23761 for why the path must be given); their
+python_function loader (flows/lora_flow_pyfunc.py, shipped in the version) finds that base by
+identity where the version is loaded, so no path of the training machine is needed.
 Aliases: `champion` is what downstream code loads (`models:/NAME@champion`),
 `previous-champion` keeps the one it replaced reachable. Nothing is ever deleted.
 
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from flows import lora_flow_pyfunc
 from lora_core.errors import LoraFlowError
 from lora_core.faults import failpoint
 from lora_core.registry import Decision, decide
@@ -70,15 +74,19 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
 
     model, tokenizer, defaults = load_for_logging(model_dir, base_path, settings)
     active = mlflow.active_run()
+    kwargs = dict(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        task="llm/v1/chat",  # pyfunc takes OpenAI-style {"messages": [...]} and applies the chat template
+        pip_requirements=_requirements(),
+        model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
+    )
     with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer},
-            name="model",
-            task="llm/v1/chat",  # pyfunc takes OpenAI-style {"messages": [...]} and applies the chat template
-            base_model_path=base_path,
-            pip_requirements=_requirements(),
-            model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
-        )
+        if base_path is None:
+            info = mlflow.transformers.log_model(name="model", **kwargs)
+        else:  # the adapter only; its pyfunc finds the base by identity wherever it is loaded (flows/lora_flow_pyfunc.py)
+            base = {"source": tags["base_model.source"], "identity": tags["base_model.identity"], "path": base_path}
+            info = Model.log(artifact_path=None, name="model", flavor=lora_flow_pyfunc, base=base, base_model_path=base_path,
+                             validate_serving_input=False, **kwargs)
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     failpoint("register.created")
     log.info("registered %s version %s (run %s)", name, mv.version, run_id)

@@ -178,3 +178,20 @@ def test_a_version_loads_by_alias_after_its_base_moved(prefect_harness, make_rec
                            cwd=in_tmp_cwd)
     assert found.returncode == 0, found.stderr[-2000:]
     assert found.stdout.strip()
+
+    # MLflow's own loader, as a user of the registry calls it, in a fresh process: by alias, and from a copy of the
+    # version taken to another folder (what moves to a serving machine); the version's own code finds the base
+    local = mlflow.artifacts.download_artifacts("models:/moved@champion", dst_path=str(tmp_path / "copied"), tracking_uri=mlflow_store)
+    assert "loader_module: lora_flow_pyfunc" in (Path(local) / "MLmodel").read_text()
+    code = ("import json, sys, mlflow\n"
+            "for uri in sys.argv[1:]:\n"
+            "    m = mlflow.pyfunc.load_model(uri)\n"
+            "    out = m.predict({'messages': [{'role': 'user', 'content': 'What is 2 + 2?'}], 'max_tokens': 4})\n"
+            "    print(json.dumps(out[0]['choices'][0]['message']['content']))\n")
+    served = subprocess.run([sys.executable, "-c", code, "models:/moved@champion", local], capture_output=True, text=True,
+                            env={**env, "LORA_FLOW_BASE_MODELS": str(tmp_path / "elsewhere")}, cwd=tmp_path / "elsewhere")
+    assert served.returncode == 0, served.stderr[-2000:]
+    replies = [json.loads(line) for line in served.stdout.strip().splitlines()[-2:]]
+    assert len(replies) == 2 and replies[0] == replies[1]  # greedy: the same reply from the registry and from the copy
+    lost = subprocess.run([sys.executable, "-c", code, local], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert lost.returncode != 0 and "put a copy of it in a folder listed in LORA_FLOW_BASE_MODELS" in lost.stderr
