@@ -21,6 +21,7 @@ from flows import registry, report, tracking
 from lora_core.base_model import pick_device, quantization_config
 from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
+from lora_core.evaluate import generation_settings
 from tasks.base_model import resolve_base_model
 from tasks.cache import file_fingerprint, point_latest, run_key
 from tasks.data import download_data, split_data
@@ -63,7 +64,7 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
                                          cfg.template.system_prompt, file_fingerprint(cfg.eval.prompts_path), trust, root)
         tracking.log_evaluation(ev)
         merged = stage("merge", merge)(base, trained.adapter_dir, trained.adapter_sha256, split, cfg.merge, trust, root,
-                                       cfg.train.max_length) if cfg.merge.enabled and not full else None  # full: nothing to merge
+                                       cfg.train.max_length, generation_settings(cfg.eval)) if cfg.merge.enabled and not full else None
         tracking.log_merge(merged)
         registered = tracking.timed(register_and_promote)(cfg, run.info.run_id, base, data, split, trained, ev) if cfg.registry.enabled else None
         tracking.log_registration(registered)

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from flows import tracking
 from lora_core.base_model import locate_base
 from lora_core.config import PipelineConfig
-from lora_core.inference import InferenceError
+from lora_core.inference import InferenceError, generation_defaults
 
 CACHE = Path(".cache/lora-flow/served")
 
@@ -31,7 +31,7 @@ def resolve_model(ref: str) -> tuple[str, str | None, dict]:
     if not ref.startswith(("models:/", "runs:/")):
         if not Path(ref).exists():
             raise InferenceError(f"{ref}: no such folder; pass a folder, models:/NAME@champion or runs:/RUN_ID")
-        return ref, None, {}
+        return ref, None, generation_defaults(ref)  # a merged folder decodes as it was evaluated
     tracking.connect()
     client = MlflowClient()
     try:

@@ -33,6 +33,35 @@ class GenerationSettings:
                 "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
 
 
+def write_generation_defaults(folder: str | Path, settings: GenerationSettings) -> None:
+    """Write `settings` as the defaults of `folder`'s generation_config.json (kept: its stop tokens), so that a plain
+    transformers `generate()` on the folder decodes as the evaluation did: greedy unless asked to sample."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig.from_pretrained(folder)
+    sample = settings.temperature > 0
+    gen.update(do_sample=sample, max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
+               temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
+               top_k=settings.top_k if sample else None)
+    gen.save_pretrained(folder)
+
+
+def generation_defaults(folder: str | Path) -> dict:
+    """The GenerationSettings fields a model folder's generation_config.json sets (write_generation_defaults), or {}."""
+    from lora_core.base_model import GENERATION_CONFIG
+
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    gen = json.loads(path.read_text())
+    out = {k: gen[k] for k in ("max_new_tokens", "repetition_penalty") if gen.get(k) is not None}
+    if gen.get("do_sample"):
+        out.update({k: gen[k] for k in ("temperature", "top_p", "top_k") if gen.get(k) is not None})
+    elif "do_sample" in gen:
+        out["temperature"] = 0.0
+    return out
+
+
 def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 

@@ -38,8 +38,10 @@ def max_logit_diff(model_a, model_b, rows: list[dict], pad_id: int) -> float:
     return float((a[keep] - b[keep]).abs().max())
 
 
-def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_dir: str | Path, atol: float = 1e-3, trust_remote_code: bool = False) -> MergeResult:
-    """Load base (fp32) + adapter, merge_and_unload, save model + tokenizer + generation config.
+def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_dir: str | Path, atol: float = 1e-3, trust_remote_code: bool = False,
+                  settings=None) -> MergeResult:
+    """Load base (fp32) + adapter, merge_and_unload, save model + tokenizer + generation config (with `settings`,
+    the evaluation's GenerationSettings, as its decoding defaults when given).
 
     `check_rows` (encoded validation rows) are run through both the adapter model and the
     merged model; a logit difference above `atol` raises MergeMismatch and nothing is saved.
@@ -62,6 +64,10 @@ def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         carry_generation_config(adapter_dir, tmp)  # the adapter's stop tokens (eos + end-of-turn), not the base's
+        if settings is not None:
+            from lora_core.inference import write_generation_defaults
+
+            write_generation_defaults(tmp, settings)  # decodes as it was evaluated (a base's own defaults may sample)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -89,7 +95,7 @@ def reload_and_generate(model_dir: str | Path, row: dict, trust_remote_code: boo
 
 
 def merge_from_dirs(base_path: str, adapter_dir: str, val_dir: str, cfg, out_dir, trust_remote_code: bool = False, check_rows: int = 4,
-                    max_length: int | None = None) -> MergeResult:
+                    max_length: int | None = None, settings=None) -> MergeResult:
     """merge_adapter with the equivalence check run on the first `check_rows` validation conversations, cut to
     `max_length` tokens like training's (train.max_length): one very long reply cannot make the check run for minutes."""
     import datasets
@@ -98,4 +104,4 @@ def merge_from_dirs(base_path: str, adapter_dir: str, val_dir: str, cfg, out_dir
     rows = val.select(range(min(check_rows, len(val)))).to_list()
     if max_length:
         rows = [{k: v[:max_length] for k, v in r.items()} for r in rows]
-    return merge_adapter(base_path, adapter_dir, rows, out_dir, cfg.atol, trust_remote_code)
+    return merge_adapter(base_path, adapter_dir, rows, out_dir, cfg.atol, trust_remote_code, settings)

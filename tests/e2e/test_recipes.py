@@ -91,6 +91,10 @@ def test_recipe_specific_outputs(results):
     assert runs["full-finetune-phase2"].data.tags["base_model"] == "./outputs/full-finetune/latest/model"
     # minimal flow: the merged model reloaded from disk generated text
     assert "merge.reload_sample" in runs["minimal-lora"].data.tags
+    # ... and decodes by itself as the evaluation did (greedy, eval.max_new_tokens), what `lora-flow generate DIR` uses
+    gen = json.loads((cwd / "outputs/minimal-lora/latest/merged/generation_config.json").read_text())
+    evaluated = json.loads(runs["minimal-lora"].data.params["eval.max_new_tokens"])
+    assert gen["do_sample"] is False and gen["max_new_tokens"] == evaluated
 
 
 def test_qlora_is_refused_on_cpu_with_the_fix(results, tiny_model_dir, capsys):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,31 @@ def test_merged_logits_equal_adapter_logits(trained, tiny_model_dir):
         assert (tmp / "merged" / name).is_file(), name
     reloaded = load_model(str(tmp / "merged"))
     assert not any("lora" in k for k in reloaded.state_dict())
+
+
+def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, tiny_model_dir):
+    """A base whose generation_config samples (as many hub chat models' do): the merged folder's own defaults are the
+    evaluation's greedy decoding, max tokens and repetition penalty; its stop tokens are kept."""
+    import shutil
+
+    import torch
+    from transformers import GenerationConfig
+
+    from lora_core.inference import GenerationSettings, generation_defaults
+
+    tmp, split, result = trained
+    adapter = Path(shutil.copytree(result.adapter_dir, tmp / "sampling-adapter"))
+    GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, eos_token_id=[2, 5]).save_pretrained(adapter)
+    settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.3)
+    merge_from_dirs(str(tiny_model_dir), str(adapter), split.val_dir, MergeConfig(), tmp / "served", settings=settings)
+    gen = GenerationConfig.from_pretrained(tmp / "served")
+    assert (gen.do_sample, gen.max_new_tokens, gen.repetition_penalty, gen.eos_token_id) == (False, 12, 1.3, [2, 5])
+    assert generation_defaults(tmp / "served") == {"max_new_tokens": 12, "repetition_penalty": 1.3, "temperature": 0.0}
+    model = load_model(str(tmp / "served"))
+    prompt = torch.tensor([[1, 7, 9, 11]])
+    plain = [model.generate(prompt, attention_mask=torch.ones_like(prompt)) for _ in range(2)]  # the folder's defaults only
+    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12, repetition_penalty=1.3)
+    assert plain[0].tolist() == plain[1].tolist() == greedy.tolist()
 
 
 def test_merge_refuses_to_save_when_logits_drift(trained, tiny_model_dir):
