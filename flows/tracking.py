@@ -280,6 +280,9 @@ def log_evaluation(ev) -> None:
     samples = json.loads(Path(ev.samples_path).read_text())
     mlflow.log_table({k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}, artifact_file="samples.json")
     mlflow.log_artifact(ev.report_path, "evaluation")
+    replies = Path(ev.report_path).with_name("behaviour.json")
+    if replies.exists():  # every scored reply with its checks
+        mlflow.log_artifact(str(replies), "evaluation")
 
 
 def log_merge(merged) -> None:

@@ -159,14 +159,16 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def socratic_checks(reply: str, prompt: dict) -> dict[str, bool]:
+    """One reply's strict checks: asks a question, does not give the answer away, stays on the problem."""
+    question = next((m.get("content") or "" for m in reversed(prompt["messages"]) if m.get("role") == "user"), "")
+    answer = None if prompt.get("answer") is None else str(prompt["answer"])  # a JSON number is an answer too
+    return {"asks": "?" in reply, "no_answer": not states_answer(reply, question, answer), "on_topic": on_topic(reply, question)}
+
+
 def socratic_scores(replies: list[str], prompts: list[dict]) -> dict[str, float]:
     """The strict socratic share with its count and Wilson interval, each criterion's share and the loose share."""
-    checks = []
-    for reply, p in zip(replies, prompts):
-        question = next((m.get("content") or "" for m in reversed(p["messages"]) if m.get("role") == "user"), "")
-        answer = None if p.get("answer") is None else str(p["answer"])  # a JSON number is an answer too
-        checks.append({"asks": "?" in reply, "no_answer": not states_answer(reply, question, answer),
-                       "on_topic": on_topic(reply, question)})
+    checks = [socratic_checks(reply, p) for reply, p in zip(replies, prompts)]
     n = len(checks)
     k = sum(all(c.values()) for c in checks)
     low, high = wilson_interval(k, n)
@@ -298,6 +300,16 @@ def tool_call_scores(replies: list[str], prompts: list[dict]) -> dict[str, float
         if out[f"tool_call.{denominator}"]:
             out[f"tool_call.{check}"] = passed / out[f"tool_call.{denominator}"]
     return out
+
+
+def behaviour_checks(kind: str, replies: list[str], prompts: list[dict]) -> list[dict[str, bool]]:
+    """Each reply's pass/fail per check of `kind` (what behaviour_score aggregates), for reading one by one."""
+    if kind == "socratic":
+        return [socratic_checks(r, p) for r, p in zip(replies, prompts)]
+    if kind == "tool_call":
+        return [score_tool_call(r, p, f"held-out prompt {i + 1}") if p.get("reference") is not None else {}
+                for i, (r, p) in enumerate(zip(replies, prompts))]
+    return [{} for _ in replies]
 
 
 def behaviour_score(kind: str, replies: list[str], prompts: list[dict]) -> dict[str, float]:

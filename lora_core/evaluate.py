@@ -202,6 +202,16 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
     return out
 
 
+def behaviour_replies(kind: str, prompts: list[dict], base: list[str], tuned: list[str]) -> list[dict]:
+    """[{prompt, answer, base, tuned, base_checks, tuned_checks}] per scored prompt (evaluation/behaviour.json)."""
+    from lora_core.behavior import behaviour_checks
+
+    return [{"prompt": p["messages"][-1]["content"], "answer": p.get("answer"), "base": b, "tuned": t, "base_checks": bc,
+             "tuned_checks": tc}
+            for p, b, t, bc, tc in zip(prompts, base, tuned, behaviour_checks(kind, base, prompts),
+                                       behaviour_checks(kind, tuned, prompts))]
+
+
 def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records_path: str, cfg, max_length: int, out_dir,
                      trust_remote_code: bool = False, tokenizer_dir: str | None = None, full_model: bool = False,
                      system_prompt: str | None = None) -> EvalResult:
@@ -252,6 +262,9 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     ]
     samples_path = out_dir / "samples.json"
     samples_path.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    if cfg.behavior != "none":  # every scored reply with its checks, so a share can be read reply by reply
+        (out_dir / "behaviour.json").write_text(json.dumps(behaviour_replies(cfg.behavior, prompts, base_replies, tuned_replies),
+                                                           indent=2, ensure_ascii=False))
     change = (tuned_ppl.perplexity - base_ppl.perplexity) / base_ppl.perplexity
     report = {
         "base_perplexity": base_ppl.perplexity,

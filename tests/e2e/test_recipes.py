@@ -69,6 +69,12 @@ def test_recipe_specific_outputs(results):
     m = {name: run.data.metrics for name, run in runs.items()}
     # behaviour metrics, base vs tuned
     assert {"base.socratic_share", "tuned.socratic_share"} <= set(m["socratic-tutor"])
+    # ... and every scored reply with its checks, next to the report
+    tutor = runs["socratic-tutor"].info.run_id
+    assert {a.path for a in client.list_artifacts(tutor, "evaluation")} >= {"evaluation/report.json", "evaluation/behaviour.json"}
+    replies = json.loads(Path(client.download_artifacts(tutor, "evaluation/behaviour.json")).read_text())
+    passed = sum(all(r["tuned_checks"].values()) for r in replies)
+    assert (len(replies), passed) == (m["socratic-tutor"]["tuned.socratic_prompts_n"], m["socratic-tutor"]["tuned.socratic_n"])
     checks = ("well_formed", "right_name", "valid_arguments", "no_call")
     assert {f"{who}.tool_call.{c}" for who in ("base", "tuned") for c in checks} <= set(m["tool-calling"])
     assert "eval_minus_train_loss" in m["tool-calling"]

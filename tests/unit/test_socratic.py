@@ -2,7 +2,7 @@
 
 import pytest
 
-from lora_core.behavior import behaviour_score, on_topic, states_answer, wilson_interval
+from lora_core.behavior import behaviour_checks, behaviour_score, on_topic, states_answer, wilson_interval
 
 LINEAR = "I'm trying to solve 5(x + 2) = 35 and I keep getting stuck."
 FRACTION = "What do I get if I multiply 4/5 by 15/16?"
@@ -49,6 +49,9 @@ def test_socratic_share_counts_only_replies_passing_all_three():
     assert (m["socratic_ci_low"], m["socratic_ci_high"]) == pytest.approx(wilson_interval(1, 5))
     assert m["socratic_asks_share"] == 0.8 and m["socratic_no_answer_share"] == 0.6 and m["socratic_on_topic_share"] == 0.8
     assert m["socratic_loose_share"] == 0.6  # the earlier rule lets the off-topic and the 3/4 reply count
+    # reply by reply (evaluation/behaviour.json): which check each one failed
+    failed = [[k for k, ok in c.items() if not ok] for c in behaviour_checks("socratic", replies, prompts)]
+    assert failed == [[], ["no_answer"], ["on_topic"], ["asks"], ["no_answer"]]
 
 
 def test_wilson_interval():
