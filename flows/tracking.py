@@ -90,9 +90,9 @@ def ensure_experiment(name: str) -> str:
     """The experiment, created if new; tagged as model training with the runs view (a kind chosen in the UI is kept)."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        artifacts = None
-        if mlflow.get_tracking_uri().startswith("sqlite:"):
-            artifacts = (DEFAULT_STORE_DIR / "artifacts").resolve().as_uri()
+        artifacts, uri = None, mlflow.get_tracking_uri()
+        if uri.startswith("sqlite:///") and ":memory:" not in uri:  # artifacts beside the database file
+            artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
         try:
             return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
         except MlflowException as exc:  # another run created it a moment ago (two runs started at once)

@@ -28,7 +28,7 @@ def test_flow_runs_a_few_steps_on_the_embedded_model(prefect_harness, in_tmp_cwd
     code = main([
         "run", "recipes/socratic-tutor.yaml", f"cache_dir={CACHE}",
         "train.max_steps=3", "train.max_length=192", "train.batch_size=4", "train.grad_accum=1", "train.learning_rate=1e-3",
-        "split.val_size=4", "eval.num_samples=1", "eval.max_new_tokens=24", "merge.enabled=false",
+        "split.val_size=4", "eval.num_samples=1", "eval.max_new_tokens=24", "eval.behavior=none", "merge.enabled=false",
     ])
     assert code == 0
     out = capsys.readouterr().out

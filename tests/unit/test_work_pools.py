@@ -149,7 +149,7 @@ def test_the_build_context_has_the_code_and_data_and_leaves_out_the_local_state(
     patterns = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
     sent = exclude_paths(str(REPO), patterns, dockerfile="Dockerfile")
     needed = {"Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "lora_core/launch.py", "tasks/launch.py",
-              "flows/finetune.py", "data/socratic_tutor.jsonl", "data/socratic_tutor_heldout_prompts.jsonl",
+              "flows/finetune.py", "data/socratic_tutor.jsonl", "data/socratic_tutor_more.jsonl", "data/socratic_tutor_heldout.jsonl",
               "recipes/socratic-tutor.yaml", "mlflow/serve.sh"}
     assert needed <= sent
     assert not any(p.startswith((".venv/", ".git/", "outputs/", "tests/")) or p.endswith(".db") for p in sent)
