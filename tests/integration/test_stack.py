@@ -245,6 +245,35 @@ def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightl
     assert list((stack.root / "artifacts").rglob("adapter_model.safetensors"))
 
 
+def test_the_gpu_file_deploys_every_deployment_onto_its_pools(stack, tmp_path):
+    """deploy/prefect-gpu.yaml as written, minus its image build and push (no Docker daemon here): `prefect deploy
+    --all` against the stack's server, onto a Docker pool and a Kubernetes pool made with the commands its header
+    gives, accepts both deployments with their GPU job variables."""
+    prefect = str(Path(sys.executable).parent / "prefect")
+    pools = [["work-pool", "create", "gpu-docker", "--type", "docker"],
+             ["work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template", "deploy/kubernetes-gpu.json"]]
+    for args in pools:
+        made = subprocess.run([prefect, *args, "--overwrite"], cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stdout + made.stderr
+    spec = yaml.safe_load((REPO / "deploy" / "prefect-gpu.yaml").read_text())
+    image = f"{spec['build'][0]['prefect_docker.deployments.steps.build_docker_image']['image_name']}:latest"
+    text = (REPO / "deploy" / "prefect-gpu.yaml").read_text().replace("{{ build-image.image }}", image)
+    derived = yaml.safe_load(text)
+    derived["build"], derived["push"] = None, None  # the one step that needs a Docker daemon and a registry
+    (tmp_path / "prefect-gpu.yaml").write_text(yaml.safe_dump(derived, sort_keys=False))
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect-gpu.yaml")],
+                              cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    for name, pool in (("socratic-tutor-nightly-docker", "gpu-docker"), ("socratic-tutor-nightly-k8s", "gpu-k8s")):
+        dep = stack.get(f"/deployments/name/lora-finetune/{name}")
+        assert dep["work_pool_name"] == pool and dep["job_variables"]["image"] == image
+        config = PipelineConfig.model_validate(dep["parameters"]["config"])
+        assert config.train.num_processes == 2 and config == load_recipe(REPO / "recipes" / "socratic-tutor.yaml", ["train.num_processes=2"])
+    k8s = stack.get("/deployments/name/lora-finetune/socratic-tutor-nightly-k8s")["job_variables"]
+    docker = stack.get("/deployments/name/lora-finetune/socratic-tutor-nightly-docker")["job_variables"]
+    assert k8s["gpus"] == 2 and docker["container_create_kwargs"]["device_requests"][0]["count"] == 2
+
+
 def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly):
     """enforce_parameter_schema: the server checks the parameters against the flow's schema, so a
     wrong type never becomes a flow run (no task, no worker, no MLflow run)."""
