@@ -18,7 +18,7 @@ def test_every_recipe_validates_and_starts_with_its_command(recipe):
     cfg = load_recipe(recipe)
     assert isinstance(cfg, PipelineConfig)
     first = recipe.read_text().splitlines()[0]
-    assert first.startswith("# lora-flow run") and recipe.name in first
+    assert first.startswith(("# lora-flow run", "# lora-flow sweep")) and recipe.name in first
 
 
 def test_overrides_apply_on_top_with_yaml_types(tmp_path):
