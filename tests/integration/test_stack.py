@@ -425,7 +425,9 @@ def test_a_service_that_does_not_come_up_takes_the_others_down_with_it(tmp_path)
                     "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=env, timeout=120)
     assert out.returncode == 2
     line = one_error_line(out)
-    assert "did not answer on http://127.0.0.1:" in line and "within 1 s" in line and ".log" in line
+    # on a loaded machine a server may also die before its first answer: either way one line naming its log
+    assert ("did not answer on http://127.0.0.1:" in line and "within 1 s" in line) or "exited before answering" in line, line
+    assert ".log" in line
     # both servers had been started: both are gone -- no pid file, ports free, no process
     assert sorted(p.name for p in (tmp_path / "state").glob("*.log")) == ["mlflow.log", "prefect.log"]
     assert not list((tmp_path / "state").glob("*.pid"))
