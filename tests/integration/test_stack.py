@@ -255,23 +255,23 @@ def test_the_gpu_file_deploys_every_deployment_onto_its_pools(stack, tmp_path):
     for args in pools:
         made = subprocess.run([prefect, *args, "--overwrite"], cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
         assert made.returncode == 0, made.stdout + made.stderr
-    spec = yaml.safe_load((REPO / "deploy" / "prefect-gpu.yaml").read_text())
-    image = f"{spec['build'][0]['prefect_docker.deployments.steps.build_docker_image']['image_name']}:latest"
-    text = (REPO / "deploy" / "prefect-gpu.yaml").read_text().replace("{{ build-image.image }}", image)
-    derived = yaml.safe_load(text)
+    text = (REPO / "deploy" / "prefect-gpu.yaml").read_text()
+    image = f"{yaml.safe_load(text)['build'][0]['prefect_docker.deployments.steps.build_docker_image']['image_name']}:latest"
+    derived = yaml.safe_load(text.replace("{{ build-image.image }}", image))
     derived["build"], derived["push"] = None, None  # the one step that needs a Docker daemon and a registry
     (tmp_path / "prefect-gpu.yaml").write_text(yaml.safe_dump(derived, sort_keys=False))
     deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect-gpu.yaml")],
                               cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    recipe = load_recipe(REPO / "recipes" / "socratic-tutor.yaml", ["train.num_processes=2"])
+    jobs = {}
     for name, pool in (("socratic-tutor-nightly-docker", "gpu-docker"), ("socratic-tutor-nightly-k8s", "gpu-k8s")):
         dep = stack.get(f"/deployments/name/lora-finetune/{name}")
         assert dep["work_pool_name"] == pool and dep["job_variables"]["image"] == image
         config = PipelineConfig.model_validate(dep["parameters"]["config"])
-        assert config.train.num_processes == 2 and config == load_recipe(REPO / "recipes" / "socratic-tutor.yaml", ["train.num_processes=2"])
-    k8s = stack.get("/deployments/name/lora-finetune/socratic-tutor-nightly-k8s")["job_variables"]
-    docker = stack.get("/deployments/name/lora-finetune/socratic-tutor-nightly-docker")["job_variables"]
-    assert k8s["gpus"] == 2 and docker["container_create_kwargs"]["device_requests"][0]["count"] == 2
+        assert config.train.num_processes == 2 and config == recipe
+        jobs[pool] = dep["job_variables"]
+    assert jobs["gpu-k8s"]["gpus"] == 2 and jobs["gpu-docker"]["container_create_kwargs"]["device_requests"][0]["count"] == 2
 
 
 def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly):
