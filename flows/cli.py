@@ -231,14 +231,16 @@ def cmd_validate(args) -> int:
         except ConfigError as exc:
             problems.append(str(exc))
             continue
-        found = preflight.check(cfg)  # every check that needs no model weights
+        checked = preflight.review(cfg)  # every check that needs no model weights, and what went unchecked
+        found = checked.problems
         if not found:
             from flows.registry import base_problems
 
             found = base_problems(cfg)  # what `run` refuses before training: a champion of another base
         problems += [f"{recipe}: {line}" for line in found]
         if not found:
-            print(f"{recipe}: ok (data {cfg.data.path}, model {cfg.model.base})")
+            unchecked = "".join(f", except {note}" for note in checked.notes)
+            print(f"{recipe}: ok (data {cfg.data.path}, model {cfg.model.base}){unchecked}")
     if problems:
         raise ConfigError("\n".join(problems))
     return 0

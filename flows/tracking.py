@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -196,7 +197,8 @@ def _log_config(run_id: str, cfg: PipelineConfig) -> None:
 
 def resolved_config(run_id: str) -> PipelineConfig:
     """The config a run was started with, from its artifact."""
-    return PipelineConfig.model_validate(mlflow.artifacts.load_dict(f"runs:/{run_id}/{RESOLVED}"))
+    # logged as YAML (log_dict picks the format from the name); mlflow.artifacts.load_dict reads JSON only
+    return PipelineConfig.model_validate(yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RESOLVED}")))
 
 
 def metrics_callback(run_id: str):
@@ -264,7 +266,8 @@ def _last_logged(metrics_path: str, key: str) -> float:
 def log_training(trained, full: bool) -> None:
     mlflow.log_metrics({"train_loss_final": trained.train_loss, "train_tokens_per_second": trained.train_tokens_per_second,
                         "train_runtime_s": trained.runtime_s, "global_step": trained.global_step,
-                        "train_resumed_from_step": trained.resumed_from_step})
+                        "train_resumed_from_step": trained.resumed_from_step,
+                        "train_truncated_conversations": trained.truncated_conversations})
     if trained.eval_loss is not None:
         mlflow.log_metrics({"eval_loss_final": trained.eval_loss,
                             "eval_minus_train_loss": trained.eval_loss - _last_logged(trained.metrics_path, "loss")})

@@ -36,6 +36,13 @@ SHAREGPT_ROLES = {
     "observation": "tool",
 }
 MAX_REPORTED = 20  # problems listed before "... and N more"
+# what each format looks like, for the line that says a file's records are in another format than the one set
+SHAPES = {
+    "messages": 'OpenAI messages ({"messages": [{"role", "content"}, ...]})',
+    "sharegpt": 'ShareGPT ({"conversations": [{"from", "value"}, ...]})',
+    "alpaca": 'Alpaca ({"instruction", "output"})',
+    "text": 'plain text ({"text"})',
+}
 
 
 # --------------------------------------------------------------------------- normalising
@@ -154,15 +161,18 @@ def normalise(record: Any, fmt: str) -> tuple[dict | None, str | None]:
 
 
 def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision: str | None = None,
-                    subset: str | None = None, columns: dict[str, str] | None = None) -> tuple[list[dict], str, str]:
+                    subset: str | None = None, columns: dict[str, str] | None = None,
+                    key: str | None = "data.format") -> tuple[list[dict], str, str]:
     """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every problem.
-    `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"})."""
+    `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"}). `key` is the
+    recipe key that sets `fmt`, named in the fix when the records are in another format (None: `fmt` is data.path's)."""
     raw, digest = read_records(path, split=split, revision=revision, subset=subset)
     if columns:
         raw = [RawRecord(r.where, {columns.get(k, k): v for k, v in r.value.items()} if isinstance(r.value, dict) else r.value, r.error)
                for r in raw]
     if not raw:
         raise DataError(f"{path}: dataset is empty (no records); add records or point data.path at another file")
+    auto = fmt == "auto" or key is None  # the format was read from a record, not set for this file
     if fmt == "auto":
         first = next((r for r in raw if r.value is not None), None)
         # nothing parsed: every record carries its parse error, reported below, so the format does not matter
@@ -174,20 +184,40 @@ def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision
                 "'instruction'+'output' or 'text', or set data.format"
             )
     records, problems = [], []
+    misfits: dict[str, list[str]] = {}  # another format -> where its records are: one line each, not one per record
     for r in raw:
         if r.error:
             problems.append(f"{r.where}: {r.error}")
             continue
         rec, err = normalise(r.value, fmt)
-        if err:
+        other = detect_format(r.value) if err else None
+        if other not in (None, fmt):
+            misfits.setdefault(other, []).append(r.where)
+        elif err:
             problems.append(f"{r.where}: {err}")
         else:
             records.append(rec)
+    parsed = sum(r.error is None for r in raw)
+    problems += [_misfit_line(path, fmt, other, wheres, parsed, key, auto) for other, wheres in misfits.items()]
     if problems:
         more = f"\n... and {len(problems) - MAX_REPORTED} more problems" if len(problems) > MAX_REPORTED else ""
         raise DataError("\n".join(problems[:MAX_REPORTED]) + more)
     log.info("loaded %d %s records from %s (sha256 %s)", len(records), fmt, path, digest[:12])
     return records, fmt, digest
+
+
+def _misfit_line(path: str, fmt: str, other: str, wheres: list[str], total: int, key: str | None, auto: bool) -> str:
+    """One line, with the fix, for the records of `path` that are in format `other`, not `fmt`."""
+    if len(wheres) == total and not auto:  # the whole file: the format setting is what is wrong
+        return (f"{path}: all {total} records look like {SHAPES[other]}, not {key} '{fmt}'; "
+                f"set {key}: {other} (or auto)")
+    these = f"this record and {len(wheres) - 1} more of {total} look" if len(wheres) > 1 else "this record looks"
+    if key is None:
+        return (f"{wheres[0]}: {these} like {SHAPES[other]}, not '{fmt}' like data.path's records; convert them to "
+                f"'{fmt}' (data.validation_path is read in data.path's format)")
+    like = f"'{fmt}' like the first record (data.format auto)" if auto else f"{key} '{fmt}'"
+    return (f"{wheres[0]}: {these} like {SHAPES[other]}, not {like}; convert them to '{fmt}', "
+            f"or move them to a file of their own in data.mix with format: {other}")
 
 
 def inject_system_prompt(records: list[dict], system_prompt: str | None) -> list[dict]:
@@ -273,10 +303,10 @@ class Gathered:
     sha256: str  # content hash of every source
 
 
-def _collect(problems: list[str], *args) -> tuple[list[dict], str, str] | None:
+def _collect(problems: list[str], *args, **kwargs) -> tuple[list[dict], str, str] | None:
     """load_normalised, its problems appended to `problems` instead of raised (so every source is checked)."""
     try:
-        return load_normalised(*args)
+        return load_normalised(*args, **kwargs)
     except DataError as exc:
         problems.extend(str(exc).splitlines())
         return None
@@ -290,7 +320,7 @@ def gather_records(cfg, seed: int = 0) -> Gathered:
     if cfg.mix or cfg.weight != 1.0:
         records = weighted_sample(records, cfg.weight, seed)
         for i, src in enumerate(cfg.mix):
-            more = _collect(problems, src.path, src.format)
+            more = _collect(problems, src.path, src.format, key=f"data.mix[{i}].format")
             if more is None or main is None:
                 continue
             if (more[1] == "text") != (fmt == "text"):
@@ -304,7 +334,7 @@ def gather_records(cfg, seed: int = 0) -> Gathered:
             problems.append("data.weight/data.mix sampled no records at all; raise the weights")
     val = None
     if cfg.validation_path:
-        val = _collect(problems, cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns)
+        val = _collect(problems, cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns, key=None)
         digest = text_sha256(digest, val[2]) if val else digest
     if problems:
         raise DataError("\n".join(problems))

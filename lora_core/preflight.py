@@ -11,13 +11,16 @@
   the first one that keeps a target, so a dataset that fits costs one encoding.
 The tokenizer comes from a local folder, the converted copy in cache_dir of the embedded model or of a
 .gguf file, or the HF cache; when none is on disk the tokenizer checks are skipped (and logged), never
-downloaded or converted.
+downloaded or converted. A hub id not in the HF cache is looked up on the hub (model_info, at most ~10 s):
+a repository or revision the hub says does not exist is a problem; offline (HF_HUB_OFFLINE) or when the
+hub does not answer, it is a note (`review`), since a run elsewhere, online and logged in, may still fetch it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +36,34 @@ log = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+HUB_TIMEOUT_S = 10  # a hub that has not answered model_info by then leaves model.base "not checked", not refused
+
+
+@dataclass(frozen=True)
+class Review:
+    problems: list[str] = field(default_factory=list)  # one line each, with the fix: run and validate refuse
+    notes: list[str] = field(default_factory=list)  # what could not be checked here (a hub id, offline): no refusal
+
+
 def check(cfg: PipelineConfig) -> list[str]:
     """Every problem found without loading model weights; an empty list means the recipe should run."""
-    problems: list[str] = []
+    return review(cfg).problems
+
+
+def review(cfg: PipelineConfig) -> Review:
+    """`check`'s problems, and notes naming what could not be checked."""
+    found = Review()
+    problems = found.problems
     train_records, fmt = _data(cfg, problems)
     problems += _device(cfg)
     problems += _template_file(cfg)
-    folder = _tokenizer_folder(cfg, problems)
+    folder = _tokenizer_folder(cfg, found)
     tokenizer = _load_tokenizer(cfg, folder, problems) if folder else None
     if tokenizer is not None and fmt != "text":
         problems += _chat_template(cfg, tokenizer)
     if tokenizer is not None and train_records and (fmt == "text" or tokenizer.chat_template):
         problems += _fits(cfg, tokenizer, train_records)
-    return problems
+    return found
 
 
 def _first_line(exc: BaseException) -> str:
@@ -101,9 +119,9 @@ def _converted(cfg: PipelineConfig, name: str, sha256: str) -> Path | None:
     return None
 
 
-def _tokenizer_folder(cfg: PipelineConfig, problems: list[str]) -> Path | None:
-    """The folder the tokenizer will come from, if it is on disk (problems of a local model folder appended)."""
-    base = cfg.model.base
+def _tokenizer_folder(cfg: PipelineConfig, found: Review) -> Path | None:
+    """The folder the tokenizer will come from, if it is on disk (problems of a local folder or hub id appended)."""
+    problems, base = found.problems, cfg.model.base
     local = Path(base).expanduser()
     if base in EMBEDDED:
         return _converted(cfg, base, EMBEDDED[base]["sha256"])
@@ -113,8 +131,8 @@ def _tokenizer_folder(cfg: PipelineConfig, problems: list[str]) -> Path | None:
             return None
         return _converted(cfg, local.stem, file_sha256(local))
     if base.startswith((".", "/", "~")) or local.exists():
-        found, sound = _local_model(cfg, local)
-        problems += found
+        bad, sound = _local_model(cfg, local)
+        problems += bad
         return local if sound else None
     from huggingface_hub import try_to_load_from_cache
 
@@ -122,7 +140,39 @@ def _tokenizer_folder(cfg: PipelineConfig, problems: list[str]) -> Path | None:
     if isinstance(cached, str):
         return Path(cached).parent  # the snapshot folder resolve_base would download into
     log.info("%s is not in the Hugging Face cache: tokenizer checks skipped", base)
+    _on_the_hub(cfg, found)
     return None
+
+
+def _on_the_hub(cfg: PipelineConfig, found: Review) -> None:
+    """Ask the hub whether model.base (at model.revision) exists: huggingface_hub's model_info, with the saved token."""
+    import httpx2  # huggingface_hub's HTTP client: its transport errors mean the hub was not reached
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    base, revision = cfg.model.base, cfg.model.revision
+    if constants.is_offline_mode():
+        found.notes.append(f"model.base {base!r} not checked: offline (HF_HUB_OFFLINE=1) and not in the local "
+                           "Hugging Face cache")
+        return
+    try:
+        model_info(base, revision=revision, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:  # before RepositoryNotFoundError, its base class
+        found.problems.append(f"model.base {base!r}: a gated repository your Hugging Face token cannot read; "
+                              "accept its terms on its hub page and log in (`hf auth login`), or use a local folder")
+    except RepositoryNotFoundError:
+        found.problems.append(f"model.base {base!r}: no such model on the Hugging Face hub ({constants.ENDPOINT}); "
+                              "check the id, log in (`hf auth login`) for a gated or private repository, "
+                              "or use a local folder")
+    except RevisionNotFoundError:
+        found.problems.append(f"model.revision {revision!r}: {base!r} has no such branch, tag or commit on the hub; "
+                              "fix model.revision or leave it out")
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "error"
+        found.notes.append(f"model.base {base!r} not checked: the hub ({constants.ENDPOINT}) answered HTTP {status}")
+    except (httpx2.TransportError, OSError) as exc:  # timeout, no route, DNS, TLS
+        found.notes.append(f"model.base {base!r} not checked: the hub ({constants.ENDPOINT}) cannot be reached "
+                           f"({type(exc).__name__})")
 
 
 def _local_model(cfg: PipelineConfig, folder: Path) -> tuple[list[str], bool]:

@@ -37,6 +37,7 @@ class TrainResult:
     runtime_s: float
     metrics_path: str = ""  # every logged metric as JSONL
     best_checkpoint: str | None = None  # with train.load_best
+    truncated_conversations: int = 0  # training rows cut by train.max_length, losing reply tokens (check_fits)
 
 
 def peft_config(cfg: LoraConfig):
@@ -212,17 +213,25 @@ class TrainError(LoraFlowError):
     """Training cannot start with these data and settings."""
 
 
-def check_fits(train_ds, max_length: int) -> None:
-    """TRL truncates to max_length and silently drops rows left with no target: say so, or refuse if none is left."""
-    kept = sum(1 in masks[:max_length] for masks in train_ds["assistant_masks"])
+def check_fits(train_ds, max_length: int) -> int:
+    """TRL truncates to max_length (keeping the start) and silently drops rows left with no target: refuse if none
+    is left, else say in one line how many conversations lose reply tokens to the cut. Returns that count."""
+    cut, kept, longest = 0, 0, 0
+    for masks in train_ds["assistant_masks"]:
+        kept += 1 in masks[:max_length]
+        if 1 in masks[max_length:]:  # a trailing non-target token (a newline after end-of-turn) cut off loses nothing
+            cut, longest = cut + 1, max(longest, len(masks))
     if kept == 0:
         raise TrainError(
             f"train.max_length={max_length}: every training conversation has its first assistant token beyond it "
             "(prompt, system message or tool specs alone are longer); raise train.max_length"
         )
-    if kept < len(train_ds):
-        log.warning("%d of %d training conversations have no assistant token within train.max_length=%d and are skipped",
-                    len(train_ds) - kept, len(train_ds), max_length)
+    if cut:
+        skipped = f", {len(train_ds) - kept} of them keep no reply token and are skipped" if kept < len(train_ds) else ""
+        log.warning("train.max_length=%d cuts %d of %d training conversations, losing the end of their replies (longest: "
+                    "%d tokens)%s; raise train.max_length to %d to train on every reply whole",
+                    max_length, cut, len(train_ds), longest, skipped, longest)
+    return cut
 
 
 def train_lora(
@@ -274,7 +283,7 @@ def train_lora(
     # in memory: TRL's .map() caches must not be written into the split stage's (sealed) folder
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
-    check_fits(train_ds, cfg.max_length)
+    truncated = check_fits(train_ds, cfg.max_length)
     dtype = autocast_dtype(cfg.dtype, device, weights)
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None, dtype=dtype)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -332,6 +341,7 @@ def train_lora(
         runtime_s=runtime,
         metrics_path=str(out_dir / "checkpoints" / "metrics.jsonl"),
         best_checkpoint=trainer.state.best_model_checkpoint if cfg.load_best else None,
+        truncated_conversations=truncated,
     )
     del trainer, model
     return result

@@ -134,20 +134,34 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, f
     assert diff < 1e-5, diff
 
 
-def test_ctrl_c_ends_the_mlflow_run_killed_and_keeps_checkpoints(make_recipe, flow_env, in_tmp_cwd, mlflow_store):
-    recipe = make_recipe("interrupt", train=LONG_TRAIN.replace("max_steps: 120", "max_steps: 2000"))
+def test_ctrl_c_then_lora_flow_resume_completes_the_same_run(make_recipe, flow_env, in_tmp_cwd, mlflow_store):
+    """The user's path: Ctrl-C after a checkpoint (the MLflow run ends KILLED, checkpoints stay), then
+    `lora-flow resume` finishes the same MLflow run from that checkpoint, each step once."""
+    recipe = make_recipe("interrupt", train=LONG_TRAIN)
     proc = _flow_process(recipe, flow_env, in_tmp_cwd / "run.log")
     _wait_for_checkpoint(in_tmp_cwd, 20, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
+    assert "interrupted" in (in_tmp_cwd / "run.log").read_text()
     mlflow.set_tracking_uri(mlflow_store)
     client = MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name("interrupt").experiment_id])
+    experiment = client.get_experiment_by_name("interrupt").experiment_id
+    (run,) = client.search_runs([experiment])
     assert run.info.status == "KILLED"
     (train_dir,) = in_tmp_cwd.glob("outputs/interrupt/train/*")
     ckpt = last_checkpoint(train_dir / "checkpoints")
     assert ckpt and load_file(Path(ckpt) / "adapter_model.safetensors")  # intact and loadable
-    assert "interrupted" in (in_tmp_cwd / "run.log").read_text()
+
+    resume = subprocess.run([sys.executable, "-m", "flows.cli", "resume"], cwd=in_tmp_cwd, env=flow_env,
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
+    assert f"resuming MLflow run {run.info.run_id}" in resume.stdout
+    assert f"(resumed from step {checkpoint_step(ckpt)})" in resume.stdout, (ckpt, resume.stdout[-2000:])
+    assert "Traceback" not in resume.stdout + resume.stderr
+    (after,) = client.search_runs([experiment])  # the same run, finished
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    assert after.data.metrics["train_resumed_from_step"] == checkpoint_step(ckpt)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 121))
 
 
 def test_half_written_checkpoint_is_skipped(tmp_path):
