@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import tempfile
@@ -31,6 +32,7 @@ from flows import lora_flow_pyfunc
 from lora_core.errors import LoraFlowError
 from lora_core.faults import failpoint
 from lora_core.registry import Decision, decide
+from tasks.cache import one_writer
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +159,22 @@ def _champion_perplexity(champ, cand) -> float:
     return _perplexity_on(champ, cand.tags["val.dir"], int(cand.tags.get("train.max_length", 1024)))
 
 
+def one_promotion(name: str):
+    """Promotions into one registered model, one at a time (processes of this machine queue): two at once would
+    both compare with the same champion, and the worse one could move the alias last."""
+    return one_writer(f"promote-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
+
+
 def promote(name: str, version: str, margin: float, current_run_id: str | None = None) -> Decision:
     """Compare `version` with the champion on the candidate's validation set; move `champion` if it wins.
     Crash-safe order: the decision's details are tagged first, then the alias moves, then `promotion.decision`
     is written last, as the mark of a finished promotion. A version without it is one whose promotion may not
     have finished: running this again completes it (and keeps the details the interrupted run wrote)."""
+    with one_promotion(name):  # the champion read below is still the champion when the alias moves
+        return _promote(name, version, margin, current_run_id)
+
+
+def _promote(name: str, version: str, margin: float, current_run_id: str | None) -> Decision:
     client = MlflowClient()
     cand = _version(client, name, version)
     _check_usable(client, cand, allow_running_run=current_run_id)
@@ -201,11 +214,12 @@ def roll_to(name: str, version: str) -> None:
     client = MlflowClient()
     target = _version(client, name, version)
     _check_usable(client, target)
-    old = champion(client, name)
-    if old is not None and old.version == target.version:
-        return
-    _move_champion(client, name, target.version, old)
-    client.set_model_version_tag(name, target.version, DECISION, "rolled-to")
+    with one_promotion(name):
+        old = champion(client, name)
+        if old is not None and old.version == target.version:
+            return
+        _move_champion(client, name, target.version, old)
+        client.set_model_version_tag(name, target.version, DECISION, "rolled-to")
 
 
 def list_versions(name: str) -> list[dict]:
