@@ -56,10 +56,11 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
 
+    from flows import runs
     from flows.finetune import finetune
-    from flows.runs import shielded_prefect_server
 
-    shielded_prefect_server()
+    runs.shielded_prefect_server()
+    runs.end_dead_flow_runs(runs.recent_runs(limit=20))  # killed runs of this machine: Crashed in Prefect too
     for handler in logging.getLogger().handlers:  # Prefect's console handler, set up when prefect is imported
         handler.addFilter(_UserErrorsOnce())
 
@@ -130,6 +131,8 @@ def cmd_runs(args) -> int:
     from flows import runs
 
     rows = runs.recent_runs(limit=args.limit, with_prefect=not args.no_prefect)
+    if not args.no_prefect:
+        runs.end_dead_flow_runs(rows)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0

@@ -4,6 +4,7 @@ Prefect API a run started from a terminal talks to."""
 from __future__ import annotations
 
 import signal
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
         if status == "RUNNING" and not tracking.pid_alive(tags.get("lora_flow.pid"), tags.get("lora_flow.host")):
             status = "DIED"  # SIGKILL or power loss: nobody will end this run
         rows.append({
+            "host": tags.get("lora_flow.host"),
             "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
             "status": status,
             "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
@@ -73,3 +75,20 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
         if status == "FINISHED":
             completed_since.add(tags.get(tracking.RUN_KEY))
     return rows
+
+
+def end_dead_flow_runs(rows: list[dict]) -> list[dict]:
+    """Flow runs whose process on this machine is gone (SIGKILL, OOM kill, power loss) stay Running in Prefect: end
+    them Crashed, as Prefect's worker does for a process it saw die. Called by run, resume and runs, so the Prefect UI
+    agrees with `lora-flow runs` from the next command on. Returns the rows it ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    dead = [r for r in rows if r["status"] == "DIED" and r["host"] == socket.gethostname()
+            and r["prefect_state"] in ("Running", "Pending")]
+    with get_client(sync_client=True) as client:
+        for r in dead:
+            message = f"its process on {r['host']} is gone (killed); found by lora-flow, MLflow run {r['mlflow_run_id']}"
+            client.set_flow_run_state(r["prefect_flow_run_id"], Crashed(message=message), force=True)
+            r["prefect_state"] = "Crashed"
+    return dead

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import REPO, task_states  # noqa: E402
+from flows.cli import main
 from flows.finetune import finetune
 from lora_core.config import load_recipe
 from lora_core.train import checkpoint_step, last_checkpoint
@@ -99,12 +100,29 @@ def flow_env(prefect_api_url, mlflow_store):
             "PYTHONPATH": str(REPO)}
 
 
-def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, flow_env, in_tmp_cwd, mlflow_store):
+def _prefect_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.name
+
+
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, flow_env, in_tmp_cwd, mlflow_store, capsys):
     recipe = make_recipe("resume", train=LONG_TRAIN)
     proc = _flow_process(recipe, flow_env, in_tmp_cwd / "first.log")
     _wait_for_checkpoint(in_tmp_cwd, 40, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # nobody told Prefect: its flow run is still Running until the next lora-flow command ends it Crashed
+    mlflow.set_tracking_uri(mlflow_store)
+    (killed,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("resume").experiment_id])
+    killed_flow_run = killed.data.tags["prefect.flow_run_id"]
+    assert _prefect_state(killed_flow_run) == "Running"
+    capsys.readouterr()
+    assert main(["runs"]) == 0
+    (row,) = [ln for ln in capsys.readouterr().out.splitlines() if killed.info.run_id in ln]
+    assert row.split()[2:4] == ["Crashed", "DIED"], row
+    assert _prefect_state(killed_flow_run) == "Crashed"
     (train_dir,) = in_tmp_cwd.glob("outputs/resume/train/*")
     killed_at = checkpoint_step(last_checkpoint(train_dir / "checkpoints"))
     assert killed_at >= 40
