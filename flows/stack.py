@@ -32,6 +32,7 @@ TITLES = {"mlflow": "mlflow server", "prefect": "prefect server", "worker": "pro
 URL_VARS = {"prefect": ("PREFECT_API_URL", "/api", 4200), "mlflow": ("MLFLOW_TRACKING_URI", "", 5000)}
 STARTUP_TIMEOUT_S = float(os.environ.get("LORA_FLOW_STACK_TIMEOUT", "120"))  # 2 busy cores: ~10-25 s each
 STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL whatever is still there
+SECRET_VARS = ("MLFLOW_BACKEND_STORE_URI", "PGPASSWORD", "PGPASSFILE")  # for `mlflow server` only
 RETRY_S = (0.5, 1.0, 2.0, 4.0)  # waits between the 5 tries of a request a loaded server answers 503 or drops
 _opener = request.build_opener(request.ProxyHandler({}))  # loopback traffic never goes through a proxy
 
@@ -91,11 +92,15 @@ def service_port(name: str, option: int | None, env=os.environ) -> int:
     return port
 
 
+def _shown(uri: str) -> str:
+    return re.sub(r"^([\w+]+://[^:/@]*:)[^@]*@", r"\1***@", uri)
+
+
 def check_backend(uri: str) -> str:
     """The URI with its password hidden, once its store opens (`mlflow server` would retry ~100 s first)."""
     import sqlalchemy
 
-    shown = re.sub(r"^([\w+]+://[^:/@]*:)[^@]*@", r"\1***@", uri)
+    shown = _shown(uri)
     try:
         sqlalchemy.create_engine(uri, **({} if uri.startswith("sqlite") else {"connect_args": {"connect_timeout": 5}})).connect().close()
     except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:  # ImportError: the URI's driver is not installed
@@ -190,7 +195,8 @@ def _start(state: Path, name: str, specs: dict, env: dict) -> dict:
         argv, match = [PREFECT, "server", "start", "--host", HOST, "--port", port], ["server start", f"--port {port}"]
         env = {**env, "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": port, "PREFECT_SERVER_UI_API_URL": spec["url"]}
     elif name == "mlflow":  # serve.sh hands the backend URI (and its password) to `mlflow server` in the environment
-        argv, match, env = ["bash", str(REPO / "mlflow/serve.sh")], ["mlflow"], {**env, "PORT": port, "MLFLOW": MLFLOW}
+        argv, match = ["bash", str(REPO / "mlflow/serve.sh")], ["mlflow"]
+        env = {**env, **spec.pop("env", {}), "PORT": port, "MLFLOW": MLFLOW}
     else:  # flow runs inherit the worker's environment: they report to this Prefect and track into this MLflow
         argv = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--name", spec["worker_name"]]
         match, env = ["worker start", spec["worker_name"]], {**env, "PREFECT_API_URL": spec["url"], "MLFLOW_TRACKING_URI": specs["mlflow"]["url"]}
@@ -230,14 +236,21 @@ def up(state: Path, prefect_port: int | None = None, mlflow_port: int | None = N
     p_port, m_port = service_port("prefect", prefect_port, env), service_port("mlflow", mlflow_port, env)
     if p_port == m_port and not mlflow_only:
         raise StackError(f"--prefect-port and --mlflow-port are both {p_port}; give them different ports")
+    if backend and re.match(r"^[\w+]+://[^:/@]*:[^@]+@", backend):
+        raise StackError(f"--backend-store-uri {_shown(backend)}: a password on a command line is "
+                         "readable by every user (`ps`); export MLFLOW_BACKEND_STORE_URI='...' and drop the option")
+    backend = backend or env.get(SECRET_VARS[0])  # MLflow's own variable: reaches `mlflow server` alone
     hidden, api = {"backend_store_uri": check_backend(backend)} if backend else {}, f"http://{HOST}:{p_port}/api"
     specs = {"mlflow": {"port": m_port, "url": f"http://{HOST}:{m_port}", **hidden}, "prefect": {"port": p_port, "url": api},
              "worker": {"url": api, "worker_name": f"lora-flow-stack-{socket.gethostname()}"}}
     state.mkdir(parents=True, exist_ok=True)
     (state / ".gitignore").write_text("*\n")
     running, to_start = _plan(state, {n: s for n, s in specs.items() if n == "mlflow" or not mlflow_only})
-    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env.update({k: v for k, v in (("BACKEND", backend), ("ARTIFACTS", artifacts)) if v})  # serve.sh's settings
+    # the backend store's credentials go to `mlflow server` alone: the Prefect server, the worker and the flow
+    # runs it starts never connect to that database
+    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "BACKEND", *SECRET_VARS)}
+    env.update({"ARTIFACTS": artifacts} if artifacts else {})
+    specs["mlflow"]["env"] = {"BACKEND": backend} if backend else {}  # serve.sh's setting; never written to state
     started: list[dict] = []
     try:  # both servers at once (independent, ~10 s each), then the worker
         for batch in ([n for n in ("mlflow", "prefect") if n in to_start], [n for n in ("worker",) if n in to_start]):
@@ -345,7 +358,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     u = ss.add_parser("up", parents=[common], help="start whatever is not running; idempotent")
     u.add_argument("--prefect-port", type=int, help="default: PREFECT_API_URL's port, else 4200")
     u.add_argument("--mlflow-port", type=int, help="default: MLFLOW_TRACKING_URI's port, else 5000")
-    u.add_argument("--backend-store-uri", help="MLflow's SQL store (default sqlite mlflow/mlflow.db; postgresql+psycopg://...)")
+    u.add_argument("--backend-store-uri", help="MLflow's SQL store (default: MLFLOW_BACKEND_STORE_URI, else sqlite "
+                   "mlflow/mlflow.db); a URI with a password goes in MLFLOW_BACKEND_STORE_URI, never here")
     u.add_argument("--artifacts-destination", help="where MLflow keeps artifacts (default mlflow/artifacts; s3://... works)")
     u.add_argument("--mlflow-only", action="store_true", help="only the MLflow tracking server (for a team)")
     ss.add_parser("status", parents=[common], help="each service's health; checks PREFECT_API_URL and MLFLOW_TRACKING_URI")

@@ -57,9 +57,10 @@ def fresh_database():
 def test_mlflow_server_on_postgresql_tracks_a_real_flow(fresh_database, prefect_harness, make_recipe, tmp_path, monkeypatch):
     port = stk.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LORA_FLOW_"))}
-    env.update(PYTHONPATH=str(REPO), LORA_FLOW_STACK_DIR=str(tmp_path / "state"))
+    # the URI carries a password: MLflow's own variable, never the command line
+    env.update(PYTHONPATH=str(REPO), LORA_FLOW_STACK_DIR=str(tmp_path / "state"), MLFLOW_BACKEND_STORE_URI=fresh_database)
     cli = [sys.executable, "-m", "flows.stack"]
-    up = subprocess.run([*cli, "up", "--mlflow-only", "--mlflow-port", str(port), "--backend-store-uri", fresh_database,
+    up = subprocess.run([*cli, "up", "--mlflow-only", "--mlflow-port", str(port),
                          "--artifacts-destination", str(tmp_path / "artifacts")],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     try:

@@ -400,7 +400,9 @@ def test_a_port_already_taken_is_named_and_nothing_starts(tmp_path):
     (["up", "--backend-store-uri", "sqlite:///{tmp}"], {},
      "--backend-store-uri sqlite:///{tmp}: cannot connect (unable to open database file)", 2),
     (["up", "--backend-store-uri", "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"], {},
-     "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect", 2),
+     "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: a password on a command line", 2),
+    (["up"], {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"},
+     "postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect", 2),
 ])
 def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected, code):
     (free,) = free_ports(1)
@@ -479,19 +481,28 @@ def _in_session(proc: psutil.Process, sid: int) -> bool:
 
 @pytest.mark.skipif(not os.environ.get("LORA_FLOW_TEST_POSTGRES_URI"), reason="LORA_FLOW_TEST_POSTGRES_URI is not set "
                     "(.ci/run starts a PostgreSQL on loopback and sets it)")
-def test_a_postgres_password_stays_out_of_command_lines_and_state(tmp_path):
+def test_a_postgres_password_reaches_the_mlflow_server_alone(tmp_path):
+    """Given as MLflow's own variable, the backend URI reaches `mlflow server` and its workers: no command line,
+    no state file, and not the environment of the Prefect server, the worker or anything they start."""
     uri = os.environ["LORA_FLOW_TEST_POSTGRES_URI"]
     # as it appears in a URI: CI's password equals its role name, which a masked URI keeps
     password = ":" + uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1] + "@"
-    (port,) = free_ports(1)
-    env = clean_env(LORA_FLOW_STACK_DIR=str(tmp_path / "state"))
-    up = stack_cli("up", "--mlflow-only", "--mlflow-port", str(port), "--backend-store-uri", uri,
-                   "--artifacts-destination", str(tmp_path / "artifacts"), env=env, timeout=240)
+    prefect_port, mlflow_port = free_ports(2)
+    env = clean_env(LORA_FLOW_STACK_DIR=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "ph"),
+                    MLFLOW_BACKEND_STORE_URI=uri)
+    up = stack_cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
+                   "--artifacts-destination", str(tmp_path / "artifacts"), env=env, timeout=300)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        leader = psutil.Process(json.loads((tmp_path / "state" / "mlflow.pid").read_text())["pid"])
-        cmdlines = [" ".join(p.cmdline()) for p in [leader, *leader.children(recursive=True)]]
-        assert len(cmdlines) >= 2 and not [c for c in cmdlines if password in c]
+        holders = {}
+        for name in stk.SERVICES:
+            leader = psutil.Process(json.loads((tmp_path / "state" / f"{name}.pid").read_text())["pid"])
+            for proc in [leader, *leader.children(recursive=True)]:
+                cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                environ = Path(f"/proc/{proc.pid}/environ").read_bytes().decode(errors="replace")
+                assert password not in cmdline, (name, cmdline)
+                holders.setdefault(name, []).append(password in environ)
+        assert all(holders["mlflow"]) and not any(holders["prefect"]) and not any(holders["worker"]), holders
         for path in (tmp_path / "state").iterdir():
             if path.suffix != ".log":  # the state files; the server's log is MLflow's own
                 assert password not in path.read_text(), path
