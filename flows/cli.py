@@ -25,7 +25,7 @@ import yaml
 
 from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
-from lora_core.errors import LoraFlowError
+from lora_core.errors import LoraFlowError, storage_error
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -44,7 +44,8 @@ class _UserErrorsOnce(logging.Filter):
     Prefect's traceback (which still reaches the flow-run logs in the Prefect API)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], (LoraFlowError, KeyboardInterrupt)))
+        exc = record.exc_info and record.exc_info[1]
+        return not (exc and (isinstance(exc, (LoraFlowError, KeyboardInterrupt)) or storage_error(exc, ".")))
 
 
 def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | None = None) -> int:
@@ -64,7 +65,12 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
     for handler in logging.getLogger().handlers:  # Prefect's console handler, set up when prefect is imported
         handler.addFilter(_UserErrorsOnce())
 
-    s = finetune(config=cfg, no_cache=no_cache, refresh=refresh or [])
+    try:
+        s = finetune(config=cfg, no_cache=no_cache, refresh=refresh or [])
+    except Exception as exc:  # a full disk (or another refusal to write) is one line, not a traceback
+        if (err := storage_error(exc, cfg.output_dir)) is None:
+            raise
+        raise err from exc
     resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
     registered = "(registration disabled)"
     if s["registered_version"]:

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 import lora_core
 from lora_core.hashing import file_sha256
-from lora_core.errors import LoraFlowError
+from lora_core.errors import LoraFlowError, storage_error
 
 
 @lru_cache(maxsize=1)
@@ -186,8 +186,8 @@ def transient_only(task, task_run, state) -> bool:
         state.result()
     except LoraFlowError:
         return False
-    except BaseException:  # noqa: BLE001 - any other failure is worth a retry
-        return True
+    except BaseException as exc:  # noqa: BLE001 - any other failure is worth a retry, but a full disk stays full
+        return storage_error(exc, ".") is None
     return True
 
 

@@ -53,6 +53,44 @@ def test_a_failure_only_visible_at_run_time_prints_one_line(make_recipe, prefect
     assert run.info.status == "FAILED"
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KB tmpfs (root only: mount), unmounted afterwards."""
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_completes_the_rest(make_recipe, prefect_api_url, mlflow_store,
+                                                                         in_tmp_cwd, small_disk):
+    """The merge stage writes to a full disk: one `error:` line naming the folder, its free space and what is kept,
+    exit 2, no traceback, no retries; with more space the same command redoes the merge alone, in the same run."""
+    recipe = make_recipe("full")
+    (in_tmp_cwd / "outputs" / "full").mkdir(parents=True)
+    (in_tmp_cwd / "outputs" / "full" / "merge").symlink_to(small_disk)  # the merged model does not fit in 64 KB
+    env, log = _env(mlflow_store, PREFECT_API_URL=prefect_api_url), in_tmp_cwd / "full.log"
+    assert _start(recipe, env, log).wait(timeout=300) == 2
+    out = log.read_text()
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in out and "Retrying" not in out, out[-3000:]
+    assert f"no space left on device writing under {in_tmp_cwd / 'outputs' / 'full' / 'merge'}" in errors[0]
+    assert "KB free there now" in errors[0] and "run the same command to complete what is missing" in errors[0]
+    (failed,) = _runs(mlflow_store, "full")
+    assert failed.info.status == "FAILED"
+
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    assert _start(recipe, env, log).wait(timeout=300) == 0, log.read_text()[-3000:]
+    (run,) = _runs(mlflow_store, "full")
+    assert run.info.run_id == failed.info.run_id and run.info.status == "FINISHED"
+    states = task_states(run.data.tags["prefect.flow_run_id"])
+    assert [states[n] for n in ("download-data", "format-data", "split-data", "train-lora", "evaluate")] == ["Cached"] * 5
+    assert states["merge"] == "Completed" and (small_disk / next(small_disk.iterdir()).name / "merged").is_dir()
+
+
 def test_ctrl_c_ends_everything_cleanly(make_recipe, mlflow_store, in_tmp_cwd, tmp_path_factory):
     """What a terminal does: SIGINT to the whole process group, here with Prefect's ephemeral server."""
     recipe = make_recipe("ctrl-c", train=LONG_TRAIN)
