@@ -28,7 +28,10 @@ def load_for_logging(model_dir: str, base_path: str | None, settings) -> tuple:
     from lora_core.inference import load_chat_model, stop_token_ids
 
     model, tokenizer = load_chat_model(model_dir, base_path=base_path, device="cpu")
-    defaults = {**settings.kwargs(), "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id}
+    # the served prompt is the chat template's text; its tokens must be the evaluation's: a template that writes
+    # bos_token itself (Gemma's, Llama 3's) would get a second BOS from the tokenizer's special tokens
+    defaults = {**settings.kwargs(), "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                "add_special_tokens": False}
     return model, tokenizer, defaults
 
 

@@ -71,7 +71,7 @@ FAMILIES = {
 def build_family_model(name: str, path: Path, corpus: list[str]) -> Path:
     """A ~400-token byte-level BPE tokenizer with the family's special tokens and chat template, and a 2-layer,
     16-dim model: Gemma 3 (tied embeddings) or Llama (untied LM head, like Llama 3 8B)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     fam = FAMILIES[name]
@@ -80,6 +80,9 @@ def build_family_model(name: str, path: Path, corpus: list[str]) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(fam.specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
+    # like the real ones, both tokenizers put BOS first when asked for special tokens (their templates write it too)
+    tok.post_processor = processors.TemplateProcessing(single=f"{fam.bos} $A", pair=f"{fam.bos} $A $B",
+                                                       special_tokens=[(fam.bos, tok.token_to_id(fam.bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=fam.bos, eos_token=fam.eos, pad_token=fam.pad)
     fast.chat_template = fam.template
     ids = dict(vocab_size=len(fast), bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
@@ -208,20 +211,34 @@ def test_generation_stops_at_the_end_of_turn_token(tmp_path, tutor_records):
     assert out[0, enc["input_ids"].shape[1]:].tolist() == [a, eot] * 3
 
 
+SERVE = """
+import json, sys, mlflow
+m = mlflow.pyfunc.load_model(sys.argv[1])
+for prompt in json.loads(sys.argv[2]):
+    out = m.predict({"messages": [{"role": "user", "content": prompt}]})[0]
+    cut = m.predict({"messages": [{"role": "user", "content": prompt}], "max_tokens": 2})[0]
+    print(json.dumps([out["choices"][0]["message"]["content"], out["usage"]["completion_tokens"],
+                      out["choices"][0]["finish_reason"], cut["choices"][0]["finish_reason"]]))
+"""
+
+
 @pytest.mark.slow
-def test_cli_runs_a_gemma_style_model_end_to_end(tmp_path, tutor_records):
-    """`lora-flow run RECIPE key=value ...` in a subprocess (its own ephemeral Prefect, a SQLite MLflow store)."""
-    base = build_family_model("gemma", tmp_path / "gemma", corpus_of(tutor_records))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_cli_runs_each_family_and_the_version_serves_what_was_evaluated(name, tmp_path, tutor_records):
+    """`lora-flow run RECIPE key=value ...` in a subprocess (its own ephemeral Prefect, a SQLite MLflow store), then
+    the registered version through `mlflow.pyfunc` in a fresh process: exactly samples.json's replies. Both templates
+    write `bos_token` themselves, so the served prompt must not get a second one from the tokenizer."""
+    base = build_family_model(name, tmp_path / name, corpus_of(tutor_records))
     write_jsonl(tutor_records[:24], tmp_path / "tutor.jsonl")
-    recipe = tmp_path / "gemma-tutor.yaml"
+    recipe = tmp_path / f"{name}-tutor.yaml"
     recipe.write_text(
-        "# lora-flow run gemma-tutor.yaml\n"
+        f"# lora-flow run {name}-tutor.yaml\n"
         f"model: {{base: {base}}}\n"
         f"data: {{path: {tmp_path / 'tutor.jsonl'}}}\n"
         "template: {system_prompt: 'Be Socratic.'}\n"
         "split: {val_size: 4}\n"
         "train: {max_steps: 4, save_steps: 4, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2}\n"
-        "eval: {num_samples: 1, max_new_tokens: 8}\n"
+        "eval: {num_samples: 2, max_new_tokens: 8}\n"
         "retries: {train: 0}\n"
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -236,5 +253,13 @@ def test_cli_runs_a_gemma_style_model_end_to_end(tmp_path, tutor_records):
 
     from mlflow.tracking import MlflowClient
 
-    version = MlflowClient(tracking_uri=uri).get_model_version("gemma-tutor", "1")
+    version = MlflowClient(tracking_uri=uri).get_model_version(f"{name}-tutor", "1")
     assert version.tags["base_model.source"] == str(base)
+    samples = json.loads(Path(re.search(r"samples:\s+(\S+)", proc.stdout)[1]).read_text())
+    served = subprocess.run([sys.executable, "-c", SERVE, f"models:/{name}-tutor/1", json.dumps([s["prompt"] for s in samples])],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    rows = [json.loads(line) for line in served.stdout.strip().splitlines()[-len(samples):]]
+    assert [r[0].strip() for r in rows] == [s["tuned"] for s in samples]
+    for _, tokens, finish, cut in rows:  # a reply cut at the token limit says so, as OpenAI's API does
+        assert finish == ("length" if tokens == 6 else "stop") and cut == "length", rows
