@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
@@ -170,6 +171,10 @@ def _load(args):
     from lora_core.inference import GenerationSettings, load_chat_model
 
     path, base, defaults = resolve_model(args.model)
+    if not defaults and (Path(path) / "adapter_config.json").is_file():
+        print(f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation decoding: "
+              "greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, runs:/RUN_ID and the merged "
+              "folder decode as evaluated)", file=sys.stderr)
     given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     settings = GenerationSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
     return *load_chat_model(path, base_path=args.base_model or base), settings
@@ -207,8 +212,6 @@ def cmd_generate(args) -> int:
                for r in reply_batch(model, tokenizer, [(c, None) for c in chats[i : i + 8]], settings)]
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
-        from pathlib import Path
-
         Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))
         print(f"{len(results)} replies written to {args.output}")
     else:

@@ -231,7 +231,7 @@ def list_versions(name: str) -> list[dict]:
             raise
         raise RegistryError(f"registered model {name!r} not found; register one by running a recipe") from None
     versions = client.search_model_versions(f"name = '{name}'")
-    return [{"version": v.version, "aliases": sorted(a for a, n in aliases.items() if str(n) == v.version),
+    return [{"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
              "val_perplexity": v.tags.get("val_perplexity"), "decision": v.tags.get(DECISION), "run_id": v.run_id}
             for v in sorted(versions, key=lambda v: int(v.version))]
 

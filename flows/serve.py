@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from flows import tracking
 from lora_core.base_model import locate_base
 from lora_core.config import PipelineConfig
+from lora_core.evaluate import generation_settings
 from lora_core.inference import InferenceError, generation_defaults
 
 CACHE = Path(".cache/lora-flow/served")
@@ -51,6 +53,7 @@ def resolve_model(ref: str) -> tuple[str, str | None, dict]:
         dst = CACHE / f"run-{run_id}"
         dst.mkdir(parents=True, exist_ok=True)
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst))
-        return path, base_of(run.data.tags, run.data.tags.get("base_model")), {}
+        settings = generation_settings(tracking.resolved_config(run_id).eval)  # the run's evaluation decoding
+        return path, base_of(run.data.tags, run.data.tags.get("base_model")), dataclasses.asdict(settings)
     except MlflowException as exc:
         raise InferenceError(f"{ref}: {exc.message.splitlines()[0]}") from None

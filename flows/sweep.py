@@ -24,7 +24,7 @@ STUDY_TAG = "lora_flow.sweep.study"
 
 def _parent_run(cfg: PipelineConfig, study_name: str):
     """The sweep's MLflow run: that of an earlier invocation of the same study (an interrupted sweep), else new."""
-    experiment_id = tracking.ensure_experiment(cfg.tracking.experiment)
+    experiment_id = tracking.ensure_experiment(cfg.experiment)
     earlier = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'", max_results=1)
     if earlier:
         return mlflow.start_run(run_id=earlier[0].info.run_id)

@@ -156,7 +156,7 @@ def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
     connect()
-    experiment_id = ensure_experiment(cfg.tracking.experiment)
+    experiment_id = ensure_experiment(cfg.experiment)
     tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": cfg.name, RUN_KEY: run_key,
             "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname()}
     previous = find_resumable(experiment_id, run_key) if resume else None
@@ -250,7 +250,8 @@ def set_tags(tags: dict) -> None:
 
 
 def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
-    set_tags({"base_model": base.source, "base_model.identity": base.identity, "data.sha256": data.sha256, "train.dir": train_dir})
+    set_tags({"base_model": base.source, "base_model.identity": base.identity, "base_model.path": base.path,
+              "data.sha256": data.sha256, "train.dir": train_dir})
     name = Path(cfg.data.path).stem
     log_dataset(str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training")
     log_dataset(split.val_records_path, f"{name}-validation", "validation")

@@ -210,7 +210,7 @@ class RegistryConfig(_Part):
 
 
 class TrackingConfig(_Part):
-    experiment: str = Field("lora-flow", min_length=1, description="MLflow experiment name.")
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment name; defaults to the recipe name.")
     run_name: str | None = Field(None, description="MLflow run name; defaults to the recipe name.")
 
 
@@ -251,6 +251,11 @@ class PipelineConfig(_Part):
     retries: RetriesConfig = Field(default_factory=RetriesConfig, description="Task retries.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     sweep: SweepConfig | None = Field(None, description="Hyperparameter sweep run by `lora-flow sweep` (lora_core/sweep.py); ignored by `run`.")
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment: tracking.experiment, else the recipe's name (so `name=` moves a run's experiment too)."""
+        return self.tracking.experiment or self.name
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

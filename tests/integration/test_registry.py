@@ -3,6 +3,7 @@ pyfunc loading in a fresh process; bad requests leave the registry as it was."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ def test_champion_moves_to_better_versions_only_and_loads_by_alias(prefect_harne
     assert aliases(client, "tutor") == {"champion": "1", "previous-champion": "2"}
     assert main(["promote", "tutor", "--to", "2"]) == 0
     assert len(client.search_model_versions("name = 'tutor'")) == 3
+    capsys.readouterr()
+    assert main(["promote", "tutor", "--list"]) == 0
+    listed = dict(re.findall(r"^v\s*(\d+)\s+ppl\s+\S+\s+(\S+)", capsys.readouterr().out, re.M))
+    assert listed == {"1": "previous-champion", "2": "champion", "3": "-"}
 
     # a fresh process, only the base model on disk: pyfunc loads the champion and replies
     code = (
@@ -148,6 +153,10 @@ def test_the_served_version_replies_exactly_as_it_was_evaluated(prefect_harness,
     assert proc.returncode == 0, proc.stderr[-2000:]
     served = [json.loads(line).strip() for line in proc.stdout.strip().splitlines()[-4:]]
     assert served == [samples[0]["tuned"], samples[0]["tuned"], samples[1]["tuned"], samples[1]["tuned"]]
+    # the run's adapter decodes as its evaluation did too (the run's logged recipe)
+    generate = [sys.executable, "-m", "flows.cli", "generate", f"runs:/{summary['mlflow_run_id']}", "--prompt", samples[0]["prompt"]]
+    by_run = subprocess.run(generate, capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store})
+    assert by_run.returncode == 0 and by_run.stdout.strip() == samples[0]["tuned"], by_run.stderr[-2000:]
 
     # the version's own chat template carries the system prompt; a request's own system message replaces it
     from transformers import AutoTokenizer

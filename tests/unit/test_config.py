@@ -29,6 +29,13 @@ def test_overrides_apply_on_top_with_yaml_types(tmp_path):
     assert cfg.name == "r"  # defaults to the recipe's file name
 
 
+def test_the_experiment_follows_the_name_unless_set():
+    tutor = REPO / "recipes" / "socratic-tutor.yaml"
+    assert load_recipe(tutor).experiment == "socratic-tutor"
+    assert load_recipe(tutor, ["name=gemma-tutor"]).experiment == "gemma-tutor"  # another family, its own experiment
+    assert load_recipe(tutor, ["name=gemma-tutor", "tracking.experiment=shared"]).experiment == "shared"
+
+
 def test_all_errors_reported_at_once_with_did_you_mean(tmp_path):
     p = write(tmp_path, "lora:\n  rr: 8\n  alpha: 0\nsplit:\n  val_fraction: 1.5\ntrian: {}\n")
     with pytest.raises(ConfigError) as exc:
