@@ -6,12 +6,17 @@
 - device: train.device=cuda and model.load_in_4bit (QLoRA) need a CUDA GPU (and bitsandbytes);
 - a local model folder: config.json parses and transformers reads it, a weights file exists, the tokenizer loads;
 - chat data: the tokenizer has a chat template, or template.chat_template names a template file;
+- template.end_of_turn, as the format stage checks it: a token of the vocabulary (when unset: the chat template writes
+  a special token after a reply), and the token that closes a reply inside the loss mask;
 - train.max_length keeps a target (assistant) token of at least one training conversation. Exact, not
   estimated: conversations are encoded as the format stage does (chat template + loss mask), stopping at
   the first one that keeps a target, so a dataset that fits costs one encoding.
 The tokenizer comes from a local folder, the converted copy in cache_dir of the embedded model or of a
-.gguf file, or the HF cache; when none is on disk the tokenizer checks are skipped (and logged), never
-downloaded or converted. A hub id not in the HF cache is looked up on the hub (model_info, at most ~10 s):
+.gguf file, a .gguf file not converted yet, or the HF cache; when none is on disk the tokenizer checks are
+skipped (and logged), never downloaded or converted. From a .gguf file transformers builds the tokenizer out
+of the GGUF's tokenizer.* metadata (memory-mapped) and neither reads nor dequantises the weights: about 5 s
+for SmolLM2-135M's 93 MB GGUF on 2 CPU cores, against about 2 minutes for the conversion `run` does.
+A hub id not in the HF cache is looked up on the hub (model_info, at most ~10 s):
 a repository or revision the hub says does not exist is a problem; offline (HF_HUB_OFFLINE) or when the
 hub does not answer, it is a note (`review`), since a run elsewhere, online and logged in, may still fetch it.
 """
@@ -27,7 +32,8 @@ from typing import Any
 from lora_core.base_model import _COMPLETE, EMBEDDED, BaseModelError, load_tokenizer, pick_device, quantization_config
 from lora_core.config import PipelineConfig
 from lora_core.data import DataError, gather_records, inject_system_prompt, record_key, split_indices
-from lora_core.formatting import FormatError, encode_record
+from lora_core.formatting import (PROBE, FormatError, check_end_of_turn_trained, encode_conversation, encode_record,
+                                  end_of_turn)
 from lora_core.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -57,10 +63,13 @@ def review(cfg: PipelineConfig) -> Review:
     train_records, fmt = _data(cfg, problems)
     problems += _device(cfg)
     problems += _template_file(cfg)
-    folder = _tokenizer_folder(cfg, found)
-    tokenizer = _load_tokenizer(cfg, folder, problems) if folder else None
-    if tokenizer is not None and fmt != "text":
+    source = _tokenizer_source(cfg, found)
+    tokenizer = _load_tokenizer(cfg, source, problems) if source else None
+    chat = fmt != "text"
+    if tokenizer is not None and chat:
         problems += _chat_template(cfg, tokenizer)
+    if tokenizer is not None and (cfg.template.end_of_turn or (chat and tokenizer.chat_template)):
+        problems += _end_of_turn(cfg, tokenizer, chat)
     if tokenizer is not None and train_records and (fmt == "text" or tokenizer.chat_template):
         problems += _fits(cfg, tokenizer, train_records)
     return found
@@ -113,23 +122,24 @@ def _template_file(cfg: PipelineConfig) -> list[str]:
 def _converted(cfg: PipelineConfig, name: str, sha256: str) -> Path | None:
     """The folder base_model converts a GGUF into (`<cache_dir>/<name>-<sha256[:16]>`), if the conversion finished."""
     folder = Path(cfg.cache_dir).expanduser() / f"{name}-{sha256[:16]}"
-    if (folder / _COMPLETE).is_file():
-        return folder
-    log.info("%s is not converted yet in %s: tokenizer checks skipped", cfg.model.base, cfg.cache_dir)
-    return None
+    return folder if (folder / _COMPLETE).is_file() else None
 
 
-def _tokenizer_folder(cfg: PipelineConfig, found: Review) -> Path | None:
-    """The folder the tokenizer will come from, if it is on disk (problems of a local folder or hub id appended)."""
+def _tokenizer_source(cfg: PipelineConfig, found: Review) -> Path | None:
+    """The folder (or, for a GGUF not converted yet, the .gguf file) the tokenizer will come from, if it is on disk
+    (problems of a local folder or hub id appended)."""
     problems, base = found.problems, cfg.model.base
     local = Path(base).expanduser()
     if base in EMBEDDED:
-        return _converted(cfg, base, EMBEDDED[base]["sha256"])
+        converted = _converted(cfg, base, EMBEDDED[base]["sha256"])
+        if converted is None:
+            log.info("%s is not converted yet in %s: tokenizer checks skipped", base, cfg.cache_dir)
+        return converted
     if base.lower().endswith(".gguf"):  # a GGUF file is converted once, keyed by its content
         if not local.is_file():
             problems.append(f"model.base {base!r}: no such GGUF file; fix the path")
             return None
-        return _converted(cfg, local.stem, file_sha256(local))
+        return _converted(cfg, local.stem, file_sha256(local)) or local
     if base.startswith((".", "/", "~")) or local.exists():
         bad, sound = _local_model(cfg, local)
         problems += bad
@@ -220,12 +230,29 @@ def _weights(base: str, folder: Path) -> list[str]:
     return []
 
 
-def _load_tokenizer(cfg: PipelineConfig, folder: Path, problems: list[str]) -> Any | None:
+def _load_tokenizer(cfg: PipelineConfig, source: Path, problems: list[str]) -> Any | None:
+    if source.is_file():
+        return _gguf_tokenizer(cfg, source, problems)
     try:
-        return load_tokenizer(str(folder), cfg.model.trust_remote_code)
+        return load_tokenizer(str(source), cfg.model.trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # what transformers raises for missing or broken tokenizer files
-        problems.append(f"model.base {cfg.model.base!r}: the tokenizer in {folder} does not load ({type(exc).__name__}: "
+        problems.append(f"model.base {cfg.model.base!r}: the tokenizer in {source} does not load ({type(exc).__name__}: "
                         f"{_first_line(exc)}); save it there with tokenizer.save_pretrained")
+        return None
+
+
+def _gguf_tokenizer(cfg: PipelineConfig, gguf: Path, problems: list[str]) -> Any | None:
+    """The tokenizer the conversion will save, built by transformers from the GGUF's tokenizer.* metadata alone
+    (the same call base_model.materialise_gguf makes; tensors are never read)."""
+    from transformers import AutoTokenizer
+
+    log.info("%s is not converted yet in %s: its tokenizer is read from the GGUF metadata", gguf, cfg.cache_dir)
+    try:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # an unknown architecture or tokenizer, or not a GGUF
+        problems.append(f"model.base {cfg.model.base!r}: transformers cannot read this GGUF's tokenizer "
+                        f"({type(exc).__name__}: {_first_line(exc)}); convert the model to a transformers directory "
+                        "and point model.base at it")
         return None
 
 
@@ -236,9 +263,36 @@ def _chat_template(cfg: PipelineConfig, tokenizer) -> list[str]:
         tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
         return []
     if not tokenizer.chat_template and not path:
-        return [f"model.base {cfg.model.base!r}: the tokenizer has no chat template, so conversations cannot be "
+        base = cfg.model.base
+        if base in EMBEDDED or base.lower().endswith(".gguf"):  # the tokenizer is the GGUF's, template and all
+            return [f"model.base {base!r}: its GGUF metadata has no chat template (tokenizer.chat_template), "
+                    "so conversations cannot be rendered; set template.chat_template to a Jinja chat-template file "
+                    "for this model family (recipes/templates/chatml-tools.jinja is ChatML's), or use 'text' data"]
+        return [f"model.base {base!r}: the tokenizer has no chat template, so conversations cannot be "
                 "rendered; set template.chat_template to a .jinja template file (e.g. recipes/templates/chatml-tools.jinja), "
                 "use a chat model, or use 'text' data"]
+    return []
+
+
+def _end_of_turn(cfg: PipelineConfig, tokenizer, chat: bool) -> list[str]:
+    """The format stage's end-of-turn checks, on one short exchange: template.end_of_turn is a token of the vocabulary
+    (unset: the chat template writes one after a reply), and it closes the reply inside the loss mask."""
+    from jinja2 import TemplateError
+
+    try:
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, cfg.template.end_of_turn))
+    except FormatError as exc:
+        return [str(exc)]
+    if not (chat and cfg.template.assistant_only_loss and tokenizer.chat_template):
+        return []
+    try:
+        probe = encode_conversation(tokenizer, PROBE)
+    except (FormatError, TemplateError):  # a template that cannot render conversations: _fits names the records
+        return []
+    try:
+        check_end_of_turn_trained(tokenizer, probe, eot_id)  # a property of the template: one exchange shows it
+    except FormatError as exc:
+        return [str(exc)]
     return []
 
 
