@@ -72,11 +72,17 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
         if (err := storage_error(exc, cfg.output_dir)) is None:
             raise
         raise err from exc
+    _print_summary(s)
+    return 0
+
+
+def _print_summary(s: dict) -> None:
     resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
     registered = "(registration disabled)"
     if s["registered_version"]:
         p = s["promotion"]
-        verdict = "" if p is None else (" -> champion" if p["promoted"] else f" (champion kept: {p['reason']})")
+        verdict = "" if p is None else (f" -> champion ({p['reason']})" if p["promoted"]
+                                        else f" (champion kept: {p['reason']})")
         registered = f"version {s['registered_version']}{verdict}"
     print(textwrap.dedent(f"""
         ==== lora-flow: done ====
@@ -88,7 +94,6 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
         samples:               {s['samples_path']}
         open the MLflow UI:    {s['ui_command']}
     """))
-    return 0
 
 
 def cmd_run(args) -> int:
@@ -172,9 +177,9 @@ def _load(args):
 
     path, base, defaults = resolve_model(args.model)
     if not defaults and (Path(path) / "adapter_config.json").is_file():
-        print(f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation decoding: "
-              "greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, runs:/RUN_ID and the merged "
-              "folder decode as evaluated)", file=sys.stderr)
+        print(f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation "
+              "decoding: greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, runs:/RUN_ID "
+              "and the merged folder decode as evaluated)", file=sys.stderr)
     given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     settings = GenerationSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
     return *load_chat_model(path, base_path=args.base_model or base), settings

@@ -17,7 +17,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import registry, report, tracking
+from flows import registry, report, runs, tracking
 from lora_core.base_model import pick_device, quantization_config
 from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
@@ -44,7 +44,8 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
         no_cache: Recompute every stage and train afresh (earlier outputs are kept aside).
         refresh: Stages to recompute even when their cached result is valid.
     """
-    cfg, root = config, str((Path(config.output_dir) / config.name).resolve())
+    cfg = runs.on_deployment_recipe(config)  # a deployment run's partial config changes the deployment's recipe
+    root = str((Path(cfg.output_dir) / cfg.name).resolve())
     full, trust = cfg.train.method == "full", cfg.model.trust_remote_code
     stage = tracking.TimedStages(set(STAGES) if no_cache else set(refresh or []))  # logs each stage's duration
     quantization_config(cfg.model.load_in_4bit, pick_device(cfg.train.device))  # refuse QLoRA without a GPU, up front

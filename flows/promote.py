@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
 from flows import registry, tracking
+from lora_core.config import RegistryConfig
 
 
 @flow(name="lora-promote")
@@ -25,7 +26,7 @@ def promote(model_name: str, version: str | None = None, to: str | None = None, 
         return {"champion": str(to), "promoted": True, "reason": "rolled to by request"}
     if version is None:
         version = registry.list_versions(model_name)[-1]["version"]
-    decision = registry.promote(model_name, version, margin)
+    decision = registry.promote(model_name, version, RegistryConfig(margin=margin))
     champ = registry.champion(MlflowClient(), model_name)
     logger.info("%s v%s: %s", model_name, version, decision.reason)
     return {"champion": champ.version if champ else None, "promoted": decision.promote, "reason": decision.reason,

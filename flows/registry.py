@@ -31,7 +31,8 @@ from mlflow.tracking import MlflowClient
 from flows import lora_flow_pyfunc
 from lora_core.errors import LoraFlowError
 from lora_core.faults import failpoint
-from lora_core.registry import Decision, decide
+from lora_core.evaluate import PER_CONVERSATION
+from lora_core.registry import Decision, Scored, decide
 from tasks.cache import one_writer
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _check_usable(client: MlflowClient, mv, allow_running_run: str | None = None
         raise RegistryError(f"{mv.name} version {mv.version} comes from run {mv.run_id} that ended {status}; promote a version of a finished run")
 
 
-def _perplexity_on(mv, val_dir: str, max_length: int) -> float:
+def _perplexity_on(mv, val_dir: str, max_length: int):
     """Re-evaluate a registered adapter on another validation set (the candidate's), for a fair comparison."""
     from lora_core.registry import rescore
 
@@ -146,17 +147,33 @@ def _perplexity_on(mv, val_dir: str, max_length: int) -> float:
         return rescore(local, base_path, val_dir, max_length)
 
 
-def _champion_perplexity(champ, cand) -> float:
+def _same_base(champ, cand) -> None:
     if champ.tags.get("base_model.identity") != cand.tags.get("base_model.identity"):
         raise RegistryError(
-            f"{cand.name} version {cand.version} was trained on base {cand.tags.get('base_model.source')!r}, the champion (version "
-            f"{champ.version}) on {champ.tags.get('base_model.source')!r}: perplexities are not comparable; "
+            f"{cand.name} version {cand.version} was trained on base {cand.tags.get('base_model.source')!r}, the champion "
+            f"(version {champ.version}) on {champ.tags.get('base_model.source')!r}: perplexities are not comparable; "
             f"use `lora-flow promote {cand.name} --to {cand.version}` to switch deliberately"
         )
-    if champ.tags.get("val.sha256") == cand.tags.get("val.sha256"):
-        return float(champ.tags["val_perplexity"])
-    log.info("validation data changed since the champion was evaluated: re-evaluating version %s", champ.version)
-    return _perplexity_on(champ, cand.tags["val.dir"], int(cand.tags.get("train.max_length", 1024)))
+
+
+def _evaluation(run_id: str, name: str) -> dict | list | None:
+    """An evaluation file the version's run logged (evaluation/<name>), or None for a run from before it existed."""
+    if name not in {Path(f.path).name for f in MlflowClient().list_artifacts(run_id, "evaluation")}:
+        return None
+    return mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/{name}")
+
+
+def _scored(mv, cand) -> tuple[Scored, list[str] | None]:
+    """(`mv`'s per-conversation NLL on the candidate's validation set, with its behaviour pass/fail per prompt; those
+    prompts). Its own evaluation when it was scored on that set, else re-scored (the validation data changed)."""
+    rows = _evaluation(mv.run_id, PER_CONVERSATION) if mv.tags.get("val.sha256") == cand.tags.get("val.sha256") else None
+    if rows is None:
+        log.info("scoring version %s on version %s's validation set", mv.version, cand.version)
+        p = _perplexity_on(mv, cand.tags["val.dir"], int(cand.tags.get("train.max_length", 1024)))
+        rows = {"tuned_nll": p.row_nll, "tokens": p.row_tokens}
+    scored = [r for r in _evaluation(mv.run_id, "behaviour.json") or [] if r["tuned_checks"]]
+    passes = tuple(all(r["tuned_checks"].values()) for r in scored) or None
+    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes), [r["prompt"] for r in scored] or None
 
 
 def one_promotion(name: str):
@@ -165,35 +182,32 @@ def one_promotion(name: str):
     return one_writer(f"promote-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
 
 
-def promote(name: str, version: str, margin: float, current_run_id: str | None = None) -> Decision:
-    """Compare `version` with the champion on the candidate's validation set; move `champion` if it wins.
-    Crash-safe order: the decision's details are tagged first, then the alias moves, then `promotion.decision`
-    is written last, as the mark of a finished promotion. A version without it is one whose promotion may not
-    have finished: running this again completes it (and keeps the details the interrupted run wrote)."""
+def promote(name: str, version: str, gate, current_run_id: str | None = None) -> Decision:
+    """Compare `version` with the champion on the candidate's validation set (`gate`: the recipe's registry settings,
+    margin, behaviour_margin, confidence); move `champion` if it wins. Crash-safe order: the decision's details are
+    tagged first, then the alias moves, then `promotion.decision` is written last, as the mark of a finished
+    promotion. A version without it is one whose promotion may not have finished: running this again completes it
+    (and keeps the details the interrupted run wrote)."""
     with one_promotion(name):  # the champion read below is still the champion when the alias moves
-        return _promote(name, version, margin, current_run_id)
+        return _promote(name, version, gate, current_run_id)
 
 
-def _promote(name: str, version: str, margin: float, current_run_id: str | None) -> Decision:
+def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decision:
     client = MlflowClient()
     cand = _version(client, name, version)
     _check_usable(client, cand, allow_running_run=current_run_id)
     champ = champion(client, name)
-    cand_ppl = float(cand.tags["val_perplexity"])
     if champ is not None and champ.version == cand.version:
         if DECISION in cand.tags:
             return Decision(False, "already champion")
         # the alias moved, then the run was interrupted before the decision was written
         client.set_model_version_tag(name, cand.version, DECISION, "promoted")
         return Decision(True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)")
-    champ_ppl = None if champ is None else _champion_perplexity(champ, cand)
-    decision = decide(cand_ppl, champ_ppl, margin)
-    for key, value in {
-        "promotion.reason": decision.reason,
-        "promotion.candidate_perplexity": cand_ppl,
-        "promotion.champion_perplexity": "" if champ_ppl is None else champ_ppl,
-        "promotion.champion_version": "" if champ is None else champ.version,
-    }.items():
+    decision = decide(*_contest(cand, champ), margin=gate.margin, behaviour_margin=gate.behaviour_margin,
+                      confidence=gate.confidence)
+    tags = {"promotion.reason": decision.reason, "promotion.champion_version": "" if champ is None else champ.version,
+            **{f"promotion.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in decision.figures.items()}}
+    for key, value in tags.items():
         client.set_model_version_tag(name, cand.version, key, str(value))
         failpoint("register.tagging")  # after the first of the decision's tags
     if decision.promote:
@@ -201,6 +215,17 @@ def _promote(name: str, version: str, margin: float, current_run_id: str | None)
     client.set_model_version_tag(name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion")
     log.info("%s v%s: %s", name, cand.version, decision.reason)
     return decision
+
+
+def _contest(cand, champ) -> tuple[Scored, Scored | None]:
+    """Both versions scored on the candidate's validation set; behaviour compared only on the same prompts."""
+    if champ is None:
+        return Scored((), ()), None
+    _same_base(champ, cand)
+    (ours, our_prompts), (theirs, their_prompts) = _scored(cand, cand), _scored(champ, cand)
+    if our_prompts != their_prompts:
+        ours, theirs = Scored(ours.nll, ours.tokens), Scored(theirs.nll, theirs.tokens)
+    return ours, theirs
 
 
 def _move_champion(client: MlflowClient, name: str, version: str, old) -> None:

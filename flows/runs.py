@@ -3,6 +3,8 @@ Prefect API a run started from a terminal talks to."""
 
 from __future__ import annotations
 
+import json
+import logging
 import signal
 import socket
 from datetime import datetime, timezone
@@ -12,7 +14,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from flows import tracking
+from lora_core.config import PipelineConfig, merge_tree
 from lora_core.train import checkpoint_step, last_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def shielded_prefect_server() -> None:
@@ -92,3 +97,23 @@ def end_dead_flow_runs(rows: list[dict]) -> list[dict]:
             client.set_flow_run_state(r["prefect_flow_run_id"], Crashed(message=message), force=True)
             r["prefect_state"] = "Crashed"
     return dead
+
+
+def on_deployment_recipe(config: PipelineConfig) -> PipelineConfig:
+    """In a deployment run, `config` as the change it was sent as: the keys the run's parameters give, on top of the
+    deployment's recipe (`--param config='{"train": {"max_steps": 2}}'` changes one key of the nightly tutor, not every
+    key back to its default). Elsewhere, and for a full config, `config` itself."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment, flow_run
+
+    if not deployment.id:
+        return config
+    with get_client(sync_client=True) as client:
+        recipe = (client.read_deployment(deployment.id).parameters or {}).get("config")
+        given = (client.read_flow_run(flow_run.id).parameters or {}).get("config")
+    if not recipe or not isinstance(given, dict):
+        return config
+    merged = PipelineConfig.model_validate(merge_tree(recipe, given))
+    if merged != config:
+        log.info("deployment %s: its recipe with the run's changes %s", deployment.name, json.dumps(given)[:300])
+    return merged

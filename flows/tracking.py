@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
+from lora_core.evaluate import PER_CONVERSATION
 from tasks.cache import Stages
 
 log = logging.getLogger(__name__)
@@ -284,9 +285,9 @@ def log_evaluation(ev) -> None:
     samples = json.loads(Path(ev.samples_path).read_text())
     mlflow.log_table({k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}, artifact_file="samples.json")
     mlflow.log_artifact(ev.report_path, "evaluation")
-    replies = Path(ev.report_path).with_name("behaviour.json")
-    if replies.exists():  # every scored reply with its checks
-        mlflow.log_artifact(str(replies), "evaluation")
+    for name in ("behaviour.json", PER_CONVERSATION):  # every scored reply with its checks; NLL per conversation
+        if (path := Path(ev.report_path).with_name(name)).exists():
+            mlflow.log_artifact(str(path), "evaluation")
 
 
 def log_merge(merged) -> None:

@@ -113,6 +113,9 @@ class LoraConfig(_Part):
     )
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    train_end_of_turn: bool = Field(False, description="Also train the end-of-turn token's embedding row, and its LM-head row where "
+        "the head is not tied to it (peft's trainable_token_indices, saved in the adapter, merged with it): the fix when training "
+        "warns that the base never predicts that token, which LoRA on attention alone cannot teach, so replies would not stop.")
 
     @field_validator("target_modules")
     @classmethod
@@ -206,7 +209,9 @@ class RegistryConfig(_Part):
     model_name: str | None = Field(None, description="Registered model the adapter becomes a version of; defaults to the recipe name.")
     enabled: bool = Field(True, description="Register every successful run's adapter as a new version.")
     promote: bool = Field(True, description="Move the 'champion' alias to the new version when it beats the champion.")
-    margin: float = Field(0.0, ge=0.0, lt=1.0, description="Relative perplexity improvement required to replace the champion (0.01 = 1%).")
+    margin: float = Field(0.0, ge=0.0, lt=1.0, description="Relative perplexity improvement required to replace the champion (0.01 = 1%), with confidence: the whole interval of a paired bootstrap over validation conversations below -margin.")
+    behaviour_margin: float = Field(0.1, ge=0.0, le=1.0, description="With a behaviour metric: the largest drop in passing replies (0.1 = 10 points) the challenger may show against the champion on the same prompts (non-inferiority: the interval's lower end).")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Confidence of the champion gate's intervals.")
 
 
 class TrackingConfig(_Part):
@@ -263,6 +268,8 @@ class PipelineConfig(_Part):
             raise ValueError("train.dtype: float16 training is not supported on CPU; use 'float32' or 'bfloat16'")
         if self.model.load_in_4bit and self.train.method == "full":
             raise ValueError("model.load_in_4bit: 4-bit weights cannot be fully fine-tuned; use train.method=lora (QLoRA)")
+        if self.lora.train_end_of_turn and self.train.method == "full":
+            raise ValueError("lora.train_end_of_turn: train.method=full already trains every weight, the end-of-turn token's rows included; remove lora.train_end_of_turn or use train.method=lora")
         if self.train.load_best and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
             raise ValueError(f"train.load_best: save_steps ({self.train.save_steps}) must be a multiple of eval_steps ({self.train.eval_steps})")
         return self
@@ -302,10 +309,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_tree(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_tree(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -362,7 +369,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys (model:, data:, lora:, ...)")
     raw.setdefault("name", path.stem)
-    merged = _merge(raw, parse_overrides(overrides or []))
+    merged = merge_tree(raw, parse_overrides(overrides or []))
     return build_config(merged, source=str(path))
 
 

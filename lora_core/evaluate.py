@@ -21,6 +21,8 @@ class Perplexity:
     perplexity: float
     mean_nll: float  # nats per target token
     tokens: int  # target tokens scored
+    row_nll: tuple[float, ...] = ()  # summed NLL (nats) of each row, in the rows' order: what a paired test resamples
+    row_tokens: tuple[int, ...] = ()  # target tokens of each row
 
 
 def _batches(rows: list[dict], batch_size: int):
@@ -70,6 +72,7 @@ def _target_logits(model, ids, attn, pos, keep, past=None):
     return model.get_output_embeddings()(hidden[:, :-1][keep])
 
 
+PER_CONVERSATION = "per_conversation.json"  # evaluate's output: each validation conversation's NLL and tokens
 MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 
 
@@ -98,9 +101,10 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
 
     if max_length:
         rows = [{k: r[k][:max_length] for k in ("input_ids", "assistant_masks")} for r in rows]
-    rows = sorted(rows, key=lambda r: len(r["input_ids"]))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    rows = [rows[i] for i in order]
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
+    row_nll, row_tokens, done = [0.0] * len(rows), [0] * len(rows), 0
     was_training = model.training
     model.eval()
     prefix = shared_prefix(rows) if rows and _plain_head(model) else 0
@@ -122,13 +126,18 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
             targets = labels[:, 1:]  # token t predicts token t+1
             keep = targets != -100
             logits = _target_logits(model, ids, attn, pos, keep, past).float()
-            total_nll += float(F.cross_entropy(logits, targets[keep], reduction="sum"))
-            total_tokens += int(keep.sum())
+            nll = F.cross_entropy(logits, targets[keep], reduction="none")
+            per_row = torch.zeros(len(batch), dtype=torch.float64, device=nll.device)
+            per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())  # kept positions, row by row
+            for b, (value, count) in enumerate(zip(per_row.tolist(), keep.sum(1).tolist())):
+                row_nll[order[done + b]], row_tokens[order[done + b]] = value, count
+            done += len(batch)
     model.train(was_training)
+    total_nll, total_tokens = sum(row_nll), sum(row_tokens)
     if total_tokens == 0:
         raise ValueError("no target tokens to score: the validation rows have empty assistant masks")
     mean = total_nll / total_tokens
-    return Perplexity(math.exp(mean), mean, total_tokens)
+    return Perplexity(math.exp(mean), mean, total_tokens, tuple(row_nll), tuple(row_tokens))
 
 
 def per_example_perplexity(model, rows: list[dict]) -> float:
@@ -262,6 +271,9 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     ]
     samples_path = out_dir / "samples.json"
     samples_path.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    # per validation conversation, for the champion gate's paired test (lora_core/registry.py)
+    (out_dir / PER_CONVERSATION).write_text(json.dumps({"tokens": tuned_ppl.row_tokens, "base_nll": base_ppl.row_nll,
+                                                        "tuned_nll": tuned_ppl.row_nll}))
     if cfg.behavior != "none":  # every scored reply with its checks, so a share can be read reply by reply
         (out_dir / "behaviour.json").write_text(json.dumps(behaviour_replies(cfg.behavior, prompts, base_replies, tuned_replies),
                                                            indent=2, ensure_ascii=False))

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import ConfigError, PipelineConfig, SweepRange, _merge, _set_dotted, build_config
+from lora_core.config import ConfigError, PipelineConfig, SweepRange, merge_tree, _set_dotted, build_config
 
 # Keys a trial must not change: where its outputs go, how it is tracked and registered, the sweep itself.
 FIXED = ("name", "output_dir", "cache_dir", "tracking", "registry", "sweep")
@@ -30,7 +30,7 @@ def _with(cfg: PipelineConfig, values: dict[str, Any], fixed: dict[str, Any]) ->
     tree = cfg.model_dump(mode="json")
     for key, value in {**fixed, **values}.items():
         _set_dotted(tree, key, value)
-    return build_config(_merge(tree, {"sweep": None}), source="sweep")
+    return build_config(merge_tree(tree, {"sweep": None}), source="sweep")
 
 
 def trial_config(cfg: PipelineConfig, values: dict[str, Any], number: int) -> PipelineConfig:

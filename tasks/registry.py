@@ -38,6 +38,6 @@ def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, d
         promotion = None
         failpoint("register.before-promote")
         if cfg.registry.promote and (mv is None or registry.DECISION not in mv.tags):
-            d = registry.promote(name, version, cfg.registry.margin, current_run_id=run_id)
+            d = registry.promote(name, version, cfg.registry, current_run_id=run_id)
             promotion = {"promoted": d.promote, "reason": d.reason}
     return {"model": name, "version": version, "promotion": promotion}

@@ -35,3 +35,22 @@ def test_a_deployment_refuses_a_wrong_type_before_any_run_exists(prefect_harness
         assert accepted.parameters["config"]["lora"]["r"] == 16
         runs = client.read_flow_runs()
         assert [r.id for r in runs if r.deployment_id == dep] == [accepted.id]  # the refused ones never became runs
+
+
+def test_a_partial_config_changes_the_deployments_recipe_not_every_key(prefect_harness, make_recipe, mlflow_store):
+    """`prefect deployment run ... --param config='{"train": {"max_steps": 2}}'`: the run trains the deployment's
+    recipe with that one change (without the merge it would be the all-defaults recipe: another name, data, model)."""
+    from mlflow.tracking import MlflowClient
+    from prefect.flow_engine import run_flow
+
+    recipe = load_recipe(make_recipe("deployed")).model_dump(mode="json")
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(finetune)
+        dep = client.create_deployment(flow_id, "partial", parameter_openapi_schema=finetune.parameters.model_dump(),
+                                       enforce_parameter_schema=True, parameters={"config": recipe})
+        flow_run = client.create_flow_run_from_deployment(dep, parameters={"config": {"train": {"max_steps": 2}}})
+    assert flow_run.parameters["config"] == {"train": {"max_steps": 2}}  # what the API holds: the change alone
+    summary = run_flow(finetune, flow_run=flow_run, parameters=flow_run.parameters)  # what a worker runs
+    params = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.params
+    assert params["name"] == "deployed" and params["train.max_steps"] == "2"
+    assert params["data.path"] == recipe["data"]["path"] and params["train.batch_size"] == str(recipe["train"]["batch_size"])

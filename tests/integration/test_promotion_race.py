@@ -5,18 +5,21 @@ A real SQLite MLflow registry; the versions are made directly (finished runs, th
 test needs no model. The interleaving is forced, not left to timing: the worse candidate's promotion is held
 between reading the champion and moving the alias until the better one has had every chance to run."""
 
+import math
 import threading
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from flows import registry
+from lora_core.config import RegistryConfig
+from lora_core.evaluate import PER_CONVERSATION
 from tasks.cache import LOCKS
 
 
 def _version(client: MlflowClient, name: str, ppl: float) -> str:
-    with mlflow.start_run() as run:
-        pass  # a finished run, as a registered adapter's training run is
+    with mlflow.start_run() as run:  # a finished run, as a registered adapter's training run is, with its evaluation
+        mlflow.log_dict({"tokens": [100] * 4, "tuned_nll": [100 * math.log(ppl)] * 4}, f"evaluation/{PER_CONVERSATION}")
     tags = {"val_perplexity": str(ppl), "base_model.identity": "dir-sha256:same", "val.sha256": "same-validation-set"}
     return str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
 
@@ -26,22 +29,22 @@ def test_racing_promotions_end_with_the_better_version_as_champion(mlflow_store,
     client, name = MlflowClient(), "raced"
     client.create_registered_model(name)
     v1 = _version(client, name, 10.0)
-    assert registry.promote(name, v1, 0.0).promote
+    assert registry.promote(name, v1, RegistryConfig()).promote
     better, worse = _version(client, name, 8.0), _version(client, name, 9.0)
 
     held, go = threading.Event(), threading.Event()
-    read_champion = registry._champion_perplexity
+    read_scores = registry._scored
 
-    def hold_the_worse(champ, cand):  # the worse candidate has read the champion (v1) and not yet moved the alias
-        if str(cand.version) == worse:
+    def hold_the_worse(mv, cand):  # the worse candidate has read the champion (v1) and not yet moved the alias
+        if str(cand.version) == worse and mv.version != cand.version:
             held.set()
             assert go.wait(60)
-        return read_champion(champ, cand)
+        return read_scores(mv, cand)
 
-    monkeypatch.setattr(registry, "_champion_perplexity", hold_the_worse)
+    monkeypatch.setattr(registry, "_scored", hold_the_worse)
     decisions = {}
-    first = threading.Thread(target=lambda: decisions.update(worse=registry.promote(name, worse, 0.0)))
-    second = threading.Thread(target=lambda: decisions.update(better=registry.promote(name, better, 0.0)))
+    first = threading.Thread(target=lambda: decisions.update(worse=registry.promote(name, worse, RegistryConfig())))
+    second = threading.Thread(target=lambda: decisions.update(better=registry.promote(name, better, RegistryConfig())))
     first.start()
     assert held.wait(60)
     second.start()

@@ -39,6 +39,17 @@ def test_batch_size_and_padding_side_do_not_change_perplexity(model, rows, tiny_
             assert math.isclose(got.perplexity, ref.perplexity, rel_tol=1e-5), (bs, side, got, ref)
 
 
+def test_each_rows_nll_is_its_own_in_the_callers_order(model, rows, tiny_tokenizer):
+    """The per-conversation figures the champion gate resamples: each row scored alone gives the same NLL, whatever
+    the batching (rows are sorted by length inside, and continue a shared prefix's cache)."""
+    pad = tiny_tokenizer.pad_token_id
+    got = perplexity(model, rows, batch_size=3, pad_id=pad)
+    for r, nll, tokens in zip(rows, got.row_nll, got.row_tokens):
+        alone = perplexity(model, [r], pad_id=pad)
+        assert tokens == alone.tokens and math.isclose(nll, alone.mean_nll * alone.tokens, rel_tol=1e-5)
+    assert math.isclose(sum(got.row_nll) / sum(got.row_tokens), got.mean_nll, rel_tol=1e-12)
+
+
 def test_perplexity_matches_the_models_own_loss_for_one_sequence(model, rows):
     r = rows[0]
     ids = torch.tensor([r["input_ids"]])
