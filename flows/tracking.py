@@ -269,7 +269,9 @@ def log_training(trained, full: bool) -> None:
     mlflow.log_metrics({"train_loss_final": trained.train_loss, "train_tokens_per_second": trained.train_tokens_per_second,
                         "train_runtime_s": trained.runtime_s, "global_step": trained.global_step,
                         "train_resumed_from_step": trained.resumed_from_step,
-                        "train_truncated_conversations": trained.truncated_conversations})
+                        "train_truncated_conversations": trained.truncated_conversations,
+                        **({"base_end_of_turn_prob": trained.end_of_turn_prob, "base_end_of_turn_rank": trained.end_of_turn_rank}
+                           if trained.end_of_turn_prob is not None else {})})
     if trained.eval_loss is not None:
         mlflow.log_metrics({"eval_loss_final": trained.eval_loss,
                             "eval_minus_train_loss": trained.eval_loss - _last_logged(trained.metrics_path, "loss")})

@@ -38,9 +38,14 @@ class TrainResult:
     metrics_path: str = ""  # every logged metric as JSONL
     best_checkpoint: str | None = None  # with train.load_best
     truncated_conversations: int = 0  # training rows cut by train.max_length, losing reply tokens (check_fits)
+    # the base's median probability and rank (1 = likeliest) of the end-of-turn token where training replies end
+    # (formatting.check_base_predicts_end_of_turn); None: no row trains on a stop token
+    end_of_turn_prob: float | None = None
+    end_of_turn_rank: int | None = None
 
 
-def peft_config(cfg: LoraConfig):
+def peft_config(cfg: LoraConfig, token_rows: dict[str, list[int]] | None = None):
+    """peft's LoraConfig; `token_rows` (module name -> token ids, see end_of_turn_rows) are trained as whole rows."""
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -50,6 +55,7 @@ def peft_config(cfg: LoraConfig):
         target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        trainable_token_indices=token_rows,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -234,6 +240,31 @@ def check_fits(train_ds, max_length: int) -> int:
     return cut
 
 
+def end_of_turn_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
+    """peft's trainable_token_indices for `token_ids`: their input-embedding rows, and their LM-head rows where the head
+    is its own matrix (a tied head reads the embedding's rows: peft ties its copy to the embedding's, one set of rows)."""
+    names = {module: name for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:  # peft's trainable-token head drops it (huggingface/peft#3649)
+        raise TrainError("lora.train_end_of_turn: this model's LM head has a bias, which peft's trainable tokens leave out; "
+                         "remove the setting")
+    rows = {names[embedding]: token_ids}
+    if head is not None and head.weight is not embedding.weight:
+        rows[names[head]] = token_ids
+    return rows
+
+
+def expose_head_bias(model) -> None:
+    """TRL's fused LM-head loss (CUDA, train.fast_paths=false) reads `lm_head.bias`, which peft's TrainableTokensWrapper
+    does not pass through (only `weight`): the wrapped head's bias is None (end_of_turn_rows refuses any other)."""
+    import torch
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and isinstance(module.original_module, torch.nn.Linear):
+            module.bias = None
+
+
 def train_lora(
     base_path: str,
     train_dir: str,
@@ -259,6 +290,7 @@ def train_lora(
     from peft.helpers import disable_input_dtype_casting
     from transformers import AutoModelForCausalLM, set_seed
 
+    from lora_core.formatting import check_base_predicts_end_of_turn
     from lora_core.speed import attention_implementation, heap_reuse, trainer_class, use_fast_dropout
 
     out_dir = Path(out_dir)
@@ -284,6 +316,12 @@ def train_lora(
     train_ds = datasets.load_from_disk(train_dir, keep_in_memory=True)
     val_ds = datasets.load_from_disk(val_dir, keep_in_memory=True) if val_dir else None
     truncated = check_fits(train_ds, cfg.max_length)
+    fixing = cfg.method == "lora" and lora.train_end_of_turn
+    full = cfg.method == "full"
+    eot = check_base_predicts_end_of_turn(model, tokenizer, train_ds, cfg.max_length, rows_trained=fixing or full)
+    if fixing and eot is None:
+        raise TrainError("lora.train_end_of_turn: no training row has a stop token (end-of-turn or eos) among its targets, so "
+                         "there is no token row to train; remove the setting or train on replies (template.assistant_only_loss)")
     dtype = autocast_dtype(cfg.dtype, device, weights)
     args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None, dtype=dtype)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -296,9 +334,11 @@ def train_lora(
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(lora) if cfg.method == "lora" else None,
+        peft_config=peft_config(lora, end_of_turn_rows(model, eot.taught) if fixing else None) if cfg.method == "lora" else None,
         callbacks=[*(callbacks or []), metrics_jsonl_callback(out_dir / "checkpoints" / "metrics.jsonl")],
     )
+    if fixing:
+        expose_head_bias(trainer.model)
     if fast:
         log.info("LoRA dropout: %d modules use the fast CPU mask", use_fast_dropout(trainer.model))
     resume_from = last_checkpoint(out_dir / "checkpoints")
@@ -342,6 +382,8 @@ def train_lora(
         metrics_path=str(out_dir / "checkpoints" / "metrics.jsonl"),
         best_checkpoint=trainer.state.best_model_checkpoint if cfg.load_best else None,
         truncated_conversations=truncated,
+        end_of_turn_prob=eot.prob if eot else None,
+        end_of_turn_rank=eot.rank if eot else None,
     )
     del trainer, model
     return result
