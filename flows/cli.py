@@ -3,6 +3,7 @@
   lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
   lora-flow sweep RECIPE [key=value ...] # Optuna trials of the recipe's `sweep:` block, best one registered
   lora-flow resume                      # continue the newest interrupted run
+  lora-flow data push RECIPE [FILE]     # new data: append FILE, emit lora-flow.dataset.updated (triggers retraining)
   lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
   lora-flow promote NAME [--version V | --to V | --list] [--margin M]
   lora-flow chat MODEL                  # MODEL: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID, or a folder
@@ -137,6 +138,19 @@ def cmd_resume(args) -> int:
         return 0
     print(f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step {row['checkpoint_step']})")
     return _run_flow(tracking.resolved_config(row["mlflow_run_id"]))
+
+
+def cmd_data_push(args) -> int:
+    from flows import events
+
+    recipes, overrides = _split_args(args.args)
+    if not 1 <= len(recipes) <= 2:
+        raise ConfigError(f"data push takes RECIPE [FILE] and key=value overrides, got {recipes}")
+    cfg = load_recipe(recipes[0], overrides)
+    event_id, sha, added = events.push_data(cfg, recipes[1] if len(recipes) == 2 else None)
+    print(f"{cfg.data.path}: {added} records added, data sha256 {sha[:12]}; event {events.DATASET_UPDATED} {event_id} "
+          f"for recipe {cfg.name} (deployments triggered by it start a run after their debounce)")
+    return 0
 
 
 def cmd_runs(args) -> int:
@@ -294,6 +308,10 @@ def _training_commands(sub) -> None:
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
     p.set_defaults(fn=cmd_resume)
+    p = sub.add_parser("data", help="data push RECIPE [FILE]: append FILE's records to the recipe's data, emit the event")
+    p.add_argument("action", choices=["push"])
+    p.add_argument("args", nargs="+", metavar="RECIPE|FILE|key=value")
+    p.set_defaults(fn=cmd_data_push)
     p = sub.add_parser("runs", help="list recent flow runs: state, MLflow run, last checkpoint, resumable")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--json", action="store_true", help="machine-readable output")

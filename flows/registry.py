@@ -28,7 +28,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from flows import lora_flow_pyfunc
+from flows import events, lora_flow_pyfunc
 from lora_core.errors import LoraFlowError
 from lora_core.faults import failpoint
 from lora_core.evaluate import PER_CONVERSATION
@@ -211,7 +211,7 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
         client.set_model_version_tag(name, cand.version, key, str(value))
         failpoint("register.tagging")  # after the first of the decision's tags
     if decision.promote:
-        _move_champion(client, name, cand.version, champ)
+        _move_champion(client, name, cand.version, champ, decision.reason)
     client.set_model_version_tag(name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion")
     log.info("%s v%s: %s", name, cand.version, decision.reason)
     return decision
@@ -228,10 +228,13 @@ def _contest(cand, champ) -> tuple[Scored, Scored | None]:
     return ours, theirs
 
 
-def _move_champion(client: MlflowClient, name: str, version: str, old) -> None:
+def _move_champion(client: MlflowClient, name: str, version: str, old, reason: str) -> None:
     if old is not None:
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
+    payload = {"model": name, "old_version": old and str(old.version), "new_version": str(version), "reason": reason}
+    events.emit(events.CHAMPION_MOVED, {"prefect.resource.id": f"mlflow.registered-model.{name}",
+                                        "prefect.resource.name": name}, payload)  # for automations to act on
 
 
 def roll_to(name: str, version: str) -> None:
@@ -243,7 +246,7 @@ def roll_to(name: str, version: str) -> None:
         old = champion(client, name)
         if old is not None and old.version == target.version:
             return
-        _move_champion(client, name, target.version, old)
+        _move_champion(client, name, target.version, old, "rolled to by request")
         client.set_model_version_tag(name, target.version, DECISION, "rolled-to")
 
 

@@ -331,6 +331,47 @@ def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly
     assert len(client.get_metric_history(fresh.info.run_id, "loss")) == 6
 
 
+def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, tutor_records, tmp_path):
+    """prefect.yaml's nightly trigger (its debounce shortened to 20 s) on a tiny recipe: three `lora-flow data push`
+    in a row, one of them with new records, create exactly one flow run, which trains on the new data."""
+    recipe = write_recipe(tmp_path, "pushed", tiny_model_dir, tutor_records)
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == NIGHTLY.split("/")[1]]
+    (trigger,) = dep["triggers"]
+    assert trigger["expect"] == ["lora-flow.dataset.updated"] and trigger["within"] == trigger["schedule_after"] == 300
+    trigger.update(within=20, schedule_after=20, match={"prefect.resource.id": "lora-flow.recipe.pushed"})
+    dep.update(name="retrain-on-push", schedules=[], parameters={"config": load_recipe(recipe).model_dump(mode="json")})
+    doc["deployments"] = [dep]
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    deployed = stack_cli("deploy", "--prefect-file", str(tmp_path / "prefect.yaml"), env=stack.env)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    dep_id = stack.get("/deployments/name/lora-finetune/retrain-on-push")["id"]
+
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps(r) + "\n" for r in tutor_records[24:28]))
+    push = [sys.executable, "-m", "flows.cli", "data", "push", str(recipe)]
+    t0 = time.monotonic()
+    outs = [subprocess.run(push + extra, cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
+            for extra in ([], [str(more)], [])]
+    for out in outs:
+        assert out.returncode == 0 and "event lora-flow.dataset.updated" in out.stdout, out.stdout + out.stderr
+    assert "4 records added" in outs[1].stdout and "0 records added" in outs[2].stdout
+
+    query = {"flow_runs": {"deployment_id": {"any_": [dep_id]}}}
+    deadline = time.monotonic() + 60
+    while not (runs := stack.get("/flow_runs/filter", query)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(runs) == 1, runs
+    time.sleep(25)  # past the debounce window: still one run
+    (run,) = stack.get("/flow_runs/filter", query)
+    done = stack.wait([run["id"]])[run["id"]]
+    print(f"push to completed retraining: {time.monotonic() - t0:.0f} s (20 s debounce)")
+    _, mrun = stack.mlflow_run(run["id"], "pushed")
+    assert mrun.info.status == "FINISHED" and done["state_name"] == "Completed"
+    assert mrun.data.params["data.path"].endswith("pushed.jsonl")
+    assert len((tmp_path / "pushed.jsonl").read_text().splitlines()) == 28  # the run read the pushed records
+
+
 def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(stack, nightly, tiny_model_dir,
                                                                                  tutor_records, tmp_path):
     recipes = {name: write_recipe(tmp_path, name, tiny_model_dir, tutor_records) for name in ("para-a", "para-b")}
