@@ -36,13 +36,15 @@ STAGES: tuple[str, ...] = Stage.__args__
 
 
 @flow(name="lora-finetune")
-def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage] | None = None) -> dict:
+def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage] | None = None,
+             trigger: dict[str, str] | None = None) -> dict:
     """Fine-tune a causal LM from a recipe, track it in MLflow, register it; returns a summary.
 
     Args:
         config: The resolved recipe (`lora-flow show-config RECIPE` prints one; every field has a default).
         no_cache: Recompute every stage and train afresh (earlier outputs are kept aside).
         refresh: Stages to recompute even when their cached result is valid.
+        trigger: What started this run (a deployment trigger's event id, the data hash it announced): MLflow tags.
     """
     cfg = runs.on_deployment_recipe(config)  # a deployment run's partial config changes the deployment's recipe
     root = str((Path(cfg.output_dir) / cfg.name).resolve())
@@ -50,7 +52,8 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
     stage = tracking.TimedStages(set(STAGES) if no_cache else set(refresh or []))  # logs each stage's duration
     quantization_config(cfg.model.load_in_4bit, pick_device(cfg.train.device))  # refuse QLoRA without a GPU, up front
     source_sha = source_fingerprint(cfg.data)
-    with tracking.start_run(cfg, flow_run.get_id(), run_key(cfg, source_sha), resume="train" not in stage.fresh) as run:
+    with tracking.start_run(cfg, flow_run.get_id(), run_key(cfg, source_sha), resume="train" not in stage.fresh,
+                            trigger=trigger) as run:
         data = stage("download", download_data)(cfg.data, source_sha, cfg.split.seed, root)  # bad data fails before any model loads
         base = tracking.timed(resolve_base_model)(cfg.model, cfg.cache_dir)
         registry.check_base(cfg, base.identity)  # before training: a champion of another base model is never challenged

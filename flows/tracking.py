@@ -152,14 +152,15 @@ def find_resumable(experiment_id: str, run_key: str):
 
 
 @contextlib.contextmanager
-def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True):
+def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True, trigger: dict | None = None):
     """One MLflow run per flow run, or the continuation of an interrupted one with the same
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
     connect()
     experiment_id = ensure_experiment(cfg.experiment)
     tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": cfg.name, RUN_KEY: run_key,
-            "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname()}
+            "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname(),
+            **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()}}
     previous = find_resumable(experiment_id, run_key) if resume else None
     nested = mlflow.active_run() is not None  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
     if previous is not None:

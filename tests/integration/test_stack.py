@@ -370,6 +370,10 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     assert mrun.info.status == "FINISHED" and done["state_name"] == "Completed"
     assert mrun.data.params["data.path"].endswith("pushed.jsonl")
     assert len((tmp_path / "pushed.jsonl").read_text().splitlines()) == 28  # the run read the pushed records
+    first_event = outs[0].stdout.split("event lora-flow.dataset.updated ")[1].split()[0]  # the one that fired
+    assert mrun.data.tags["lora_flow.trigger.event_id"] == first_event
+    assert mrun.data.tags["lora_flow.trigger.event"] == "lora-flow.dataset.updated"
+    assert outs[0].stdout.split("data sha256 ")[1][:12] == mrun.data.tags["lora_flow.trigger.data_sha256"][:12]
 
 
 def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(stack, nightly, tiny_model_dir,
