@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 import yaml
@@ -595,3 +596,58 @@ def test_down_stops_everything_up_started(stack):
     no_urls = {k: v for k, v in stack.env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     assert stack_cli("status", env=no_urls).returncode == 3  # not running
     assert stack_cli("status", env=stack.env).returncode == 2  # and this shell's URLs point at nothing
+
+
+def test_an_mlflow_webhook_hears_the_champion_move(tmp_path):
+    """MLflow's registry webhook on `model_version_alias.created`, on a tracking server with a SQL backend
+    (mlflow/serve.sh), delivered to a receiver on loopback when lora-flow moves the champion alias."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from flows import registry
+
+    heard = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            heard.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    receiver = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    (port,) = free_ports(1)
+    env = {**clean_env(), "PORT": str(port), "BACKEND": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}  # a receiver on 127.0.0.1, for this test only
+    server = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve.sh")], env=env, cwd=REPO, start_new_session=True,
+                              stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not stk.healthy({"name": "mlflow", "url": uri}):
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow.log").read_text()[-2000:]
+            time.sleep(0.5)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        client.create_webhook("champion", url=f"http://127.0.0.1:{receiver.server_port}/champion",
+                              events=["model_version_alias.created"])
+        client.create_registered_model("hooked")
+        with mlflow.start_run() as run:
+            pass
+        version = client.create_model_version("hooked", f"runs:/{run.info.run_id}/model", run.info.run_id).version
+        registry.roll_to("hooked", str(version))  # what a promotion or a rollback does to the alias
+        deadline = time.monotonic() + 30  # delivered from MLflow's thread pool
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.5)
+        (delivery,) = heard
+        assert delivery["entity"] == "model_version_alias" and delivery["action"] == "created", delivery
+        assert delivery["data"]["name"] == "hooked" and delivery["data"]["alias"] == "champion"
+        assert str(delivery["data"]["version"]) == str(version)
+    finally:
+        receiver.shutdown()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
