@@ -183,6 +183,19 @@ def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume
         raise
     else:
         mlflow.end_run("FINISHED")
+        _retire_if_unchanged(run.info.run_id)
+
+
+def _retire_if_unchanged(run_id: str) -> None:
+    """A deployment's run (a nightly cron tick) on unchanged data and config is every stage from cache and no new
+    version: an identical-looking row each night. It leaves the runs table (deleted, which MLflow keeps and
+    `mlflow runs restore` undoes); the Prefect run and its log say that nothing changed."""
+    from prefect.runtime import deployment
+
+    if deployment.id and MlflowClient().get_run(run_id).data.tags.get("lora_flow.from_cache") == "true":
+        MlflowClient().delete_run(run_id)
+        log.info("nothing changed: MLflow run %s kept out of the runs table (deleted; `mlflow runs restore --run-id "
+                 "%s` brings it back)", run_id, run_id)
 
 
 RESOLVED = "recipe/resolved.yaml"

@@ -23,6 +23,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
@@ -308,14 +309,21 @@ def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly
     _, first = stack.mlflow_run(nightly["run_id"], "nightly")
     assert first.data.tags["lora_flow.from_cache"] == "false"
 
+    client = MlflowClient(tracking_uri=stack.mlflow)
+    experiment = client.get_experiment_by_name("nightly").experiment_id
+    table = {r.info.run_id for r in client.search_runs([experiment])}
     t0 = time.monotonic()
     same = stack.trigger(NIGHTLY, recipe)
     stack.wait([same])
     cached_seconds = time.monotonic() - t0
-    _, again = stack.mlflow_run(same, "nightly")
+    # the unchanged run leaves the runs table as it was: kept, deleted (restorable), tagged
+    assert {r.info.run_id for r in client.search_runs([experiment])} == table
+    (again,) = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{same}'",
+                                  run_view_type=ViewType.DELETED_ONLY)
     assert again.info.status == "FINISHED"
     assert again.data.tags["lora_flow.from_cache"] == "true" and again.data.tags["lora_flow.recomputed"] == ""
     assert any("nothing changed: every stage came from cache" in m for m in stack.logs(same))
+    assert any("kept out of the runs table" in m for m in stack.logs(same))
     assert "loss" not in again.data.metrics  # no training happened
     print(f"first run {nightly['seconds']:.1f} s, unchanged re-run {cached_seconds:.1f} s (trigger to completion)")
 
@@ -375,6 +383,16 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     assert mrun.data.tags["lora_flow.trigger.event_id"] == first_event
     assert mrun.data.tags["lora_flow.trigger.event"] == "lora-flow.dataset.updated"
     assert outs[0].stdout.split("data sha256 ")[1][:12] == mrun.data.tags["lora_flow.trigger.data_sha256"][:12]
+
+    # the cron tick after it, on the same data: from cache, no new version, the runs table as it was
+    client = MlflowClient(tracking_uri=stack.mlflow)
+    table = {r.info.run_id for r in client.search_runs([mrun.info.experiment_id])}
+    versions = client.search_model_versions("name = 'pushed'")
+    cron = stack.trigger("lora-finetune/retrain-on-push", recipe)
+    stack.wait([cron])
+    assert {r.info.run_id for r in client.search_runs([mrun.info.experiment_id])} == table
+    assert len(client.search_model_versions("name = 'pushed'")) == len(versions) == 1
+    assert any("nothing changed: every stage came from cache" in m for m in stack.logs(cron))
 
 
 def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(stack, nightly, tiny_model_dir,
