@@ -384,6 +384,15 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     assert mrun.data.tags["lora_flow.trigger.event"] == "lora-flow.dataset.updated"
     assert outs[0].stdout.split("data sha256 ")[1][:12] == mrun.data.tags["lora_flow.trigger.data_sha256"][:12]
 
+    # its version became champion: the event an automation can act on is on the server
+    query = {"filter": {"event": {"name": ["lora-flow.champion.moved"]}, "any_resource": {"id": ["mlflow.registered-model.pushed"]}}}
+    deadline = time.monotonic() + 30
+    while not (moved := stack.get("/events/filter", query)["events"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    (event,) = moved
+    assert event["payload"]["new_version"] == "1" and event["payload"]["old_version"] is None
+    assert event["payload"]["reason"] == "no champion yet"
+
     # the cron tick after it, on the same data: from cache, no new version, the runs table as it was
     client = MlflowClient(tracking_uri=stack.mlflow)
     table = {r.info.run_id for r in client.search_runs([mrun.info.experiment_id])}
