@@ -40,14 +40,14 @@ def _runs(mlflow_store: str, experiment: str) -> list:
 
 
 def test_a_failure_only_visible_at_run_time_prints_one_line(make_recipe, prefect_api_url, mlflow_store, in_tmp_cwd):
-    # preflight cannot see it: the format stage checks template.end_of_turn against the tokenizer
+    # preflight cannot see it: only the merge stage measures the merged model against the adapter
     recipe = make_recipe("runtime")
     log = in_tmp_cwd / "run.log"
-    proc = _start(recipe, _env(mlflow_store, PREFECT_API_URL=prefect_api_url), log, "template.end_of_turn=<nosuch>")
+    proc = _start(recipe, _env(mlflow_store, PREFECT_API_URL=prefect_api_url), log, "merge.atol=1e-30")
     assert proc.wait(timeout=300) == 2
     out = log.read_text()
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "template.end_of_turn '<nosuch>'" in errors[0], out[-3000:]
+    assert len(errors) == 1 and "> merge.atol=1e-30; the merge is wrong, nothing was saved" in errors[0], out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     (run,) = _runs(mlflow_store, "runtime")
     assert run.info.status == "FAILED"
@@ -89,6 +89,17 @@ def test_a_full_disk_is_one_line_and_the_same_command_completes_the_rest(make_re
     states = task_states(run.data.tags["prefect.flow_run_id"])
     assert [states[n] for n in ("download-data", "format-data", "split-data", "train-lora", "evaluate")] == ["Cached"] * 5
     assert states["merge"] == "Completed" and (small_disk / next(small_disk.iterdir()).name / "merged").is_dir()
+
+
+def test_a_bad_end_of_turn_is_refused_before_any_run_exists(make_recipe, prefect_api_url, mlflow_store, in_tmp_cwd):
+    """validate's checks run first: a token outside the vocabulary is one line, and no MLflow run is left behind."""
+    log = in_tmp_cwd / "run.log"
+    proc = _start(make_recipe("early"), _env(mlflow_store, PREFECT_API_URL=prefect_api_url), log, "template.end_of_turn=<nosuch>")
+    assert proc.wait(timeout=300) == 2
+    out = log.read_text()
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "template.end_of_turn '<nosuch>'" in errors[0] and "Traceback" not in out, out[-3000:]
+    assert _runs(mlflow_store, "early") == []
 
 
 def test_ctrl_c_ends_everything_cleanly(make_recipe, mlflow_store, in_tmp_cwd, tmp_path_factory):
