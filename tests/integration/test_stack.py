@@ -625,7 +625,7 @@ def test_down_stops_everything_up_started(stack):
     assert stack_cli("status", env=stack.env).returncode == 2  # and this shell's URLs point at nothing
 
 
-def test_an_mlflow_webhook_hears_the_champion_move(tmp_path):
+def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
     """MLflow's registry webhook on `model_version_alias.created`, on a tracking server with a SQL backend
     (mlflow/serve.sh), delivered to a receiver on loopback when lora-flow moves the champion alias."""
     import threading
@@ -658,6 +658,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path):
         while not stk.healthy({"name": "mlflow", "url": uri}):
             assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow.log").read_text()[-2000:]
             time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test: later subprocesses must not inherit it
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         client.create_webhook("champion", url=f"http://127.0.0.1:{receiver.server_port}/champion",
@@ -675,6 +676,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path):
         assert delivery["data"]["name"] == "hooked" and delivery["data"]["alias"] == "champion"
         assert str(delivery["data"]["version"]) == str(version)
     finally:
+        mlflow.set_tracking_uri(None)  # this process's default store again (the server is going away)
         receiver.shutdown()
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
