@@ -3,7 +3,7 @@
   lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
   lora-flow sweep RECIPE [key=value ...] # Optuna trials of the recipe's `sweep:` block, best one registered
   lora-flow resume                      # continue the newest interrupted run
-  lora-flow data push RECIPE [FILE]     # new data: append FILE, emit lora-flow.dataset.updated (triggers retraining)
+  lora-flow data push RECIPE [FILE]     # new data: append FILE, emit lora-flow.dataset.updated (retrains)
   lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
   lora-flow promote NAME [--version V | --to V | --list] [--margin M]
   lora-flow chat MODEL                  # MODEL: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID, or a folder
@@ -27,7 +27,7 @@ import yaml
 
 from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
-from lora_core.errors import LoraFlowError, storage_error
+from lora_core.errors import LoraFlowError, refused_write, storage_error
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -47,7 +47,7 @@ class _UserErrorsOnce(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info and record.exc_info[1]
-        return not (exc and (isinstance(exc, (LoraFlowError, KeyboardInterrupt)) or storage_error(exc, ".")))
+        return not (exc and (isinstance(exc, (LoraFlowError, KeyboardInterrupt)) or refused_write(exc)))
 
 
 def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | None = None) -> int:
@@ -148,8 +148,9 @@ def cmd_data_push(args) -> int:
         raise ConfigError(f"data push takes RECIPE [FILE] and key=value overrides, got {recipes}")
     cfg = load_recipe(recipes[0], overrides)
     event_id, sha, added = events.push_data(cfg, recipes[1] if len(recipes) == 2 else None)
-    print(f"{cfg.data.path}: {added} records added, data sha256 {sha[:12]}; event {events.DATASET_UPDATED} {event_id} "
-          f"for recipe {cfg.name} (deployments triggered by it start a run after their debounce)")
+    print(f"{cfg.data.path}: {added} records added, data sha256 {sha[:12]}; "
+          f"event {events.DATASET_UPDATED} {event_id} for recipe {cfg.name} "
+          "(deployments triggered by it start a run after their debounce)")
     return 0
 
 
@@ -192,8 +193,8 @@ def _load(args):
     path, base, defaults = resolve_model(args.model)
     if not defaults and (Path(path) / "adapter_config.json").is_file():
         print(f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation "
-              "decoding: greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, runs:/RUN_ID "
-              "and the merged folder decode as evaluated)", file=sys.stderr)
+              "decoding: greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, "
+              "runs:/RUN_ID and the merged folder decode as evaluated)", file=sys.stderr)
     given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     settings = GenerationSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
     return *load_chat_model(path, base_path=args.base_model or base), settings
@@ -308,7 +309,7 @@ def _training_commands(sub) -> None:
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
     p.set_defaults(fn=cmd_resume)
-    p = sub.add_parser("data", help="data push RECIPE [FILE]: append FILE's records to the recipe's data, emit the event")
+    p = sub.add_parser("data", help="data push RECIPE [FILE]: append FILE's records, emit the event")
     p.add_argument("action", choices=["push"])
     p.add_argument("args", nargs="+", metavar="RECIPE|FILE|key=value")
     p.set_defaults(fn=cmd_data_push)

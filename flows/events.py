@@ -1,7 +1,7 @@
 """Prefect events of the retraining loop, for deployments' triggers and automations to act on.
 
-  lora-flow.dataset.updated  `lora-flow data push RECIPE [FILE]`: the recipe's data has new content (payload: its
-                             sha256, path, records added); prefect.yaml's nightly deployment is triggered by it
+  lora-flow.dataset.updated  `lora-flow data push RECIPE [FILE]`: the recipe's data has new content
+                             (payload: its sha256, path, records added); it triggers the nightly run
   lora-flow.champion.moved   a registry version became champion (payload: model, old and new version, reason)
 """
 
@@ -19,8 +19,7 @@ def recipe_resource(name: str) -> dict[str, str]:
 
 
 def emit(event: str, resource: dict[str, str], payload: dict, wait: bool = False) -> str | None:
-    """Send the event (`wait`: until it has left this process, for a CLI that exits right after); its id, or None
-    when this process reports to no Prefect API."""
+    """The id of the event sent (`wait`: until it left this process), or None when no Prefect API is set."""
     if not PREFECT_API_URL.value():  # a temporary server dies with this process: no automation could hear it
         return None
     sent = emit_event(event, resource=resource, payload=payload)
@@ -35,8 +34,8 @@ def push_data(cfg, new_file: str | None) -> tuple[str, str, int]:
     from lora_core.sources import append_records, source_fingerprint
 
     if not PREFECT_API_URL.value():
-        raise ConfigError("data push: PREFECT_API_URL is not set; the event must reach the Prefect server whose "
-                          "deployments it triggers (`lora-flow stack up`, then `source .lora-flow-stack/env`)")
+        raise ConfigError("data push: PREFECT_API_URL is not set: the event goes to the server whose "
+                          "deployments it triggers (`lora-flow stack up`, `source .lora-flow-stack/env`)")
     added = append_records(cfg.data.path, new_file, cfg.data.format) if new_file else 0
     sha = source_fingerprint(cfg.data)
     payload = {"data_sha256": sha, "path": cfg.data.path, "records_added": added}

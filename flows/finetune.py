@@ -44,16 +44,17 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
         config: The resolved recipe (`lora-flow show-config RECIPE` prints one; every field has a default).
         no_cache: Recompute every stage and train afresh (earlier outputs are kept aside).
         refresh: Stages to recompute even when their cached result is valid.
-        trigger: What started this run (a deployment trigger's event id, the data hash it announced): MLflow tags.
+        trigger: What started this run (a deployment trigger's event id, the data hash it announced):
+            MLflow tags lora_flow.trigger.*.
     """
-    cfg = runs.on_deployment_recipe(config)  # a deployment run's partial config changes the deployment's recipe
+    cfg = runs.on_deployment_recipe(config)  # a deployment run's partial config changes its recipe
     root = str((Path(cfg.output_dir) / cfg.name).resolve())
     full, trust = cfg.train.method == "full", cfg.model.trust_remote_code
     stage = tracking.TimedStages(set(STAGES) if no_cache else set(refresh or []))  # logs each stage's duration
     quantization_config(cfg.model.load_in_4bit, pick_device(cfg.train.device))  # refuse QLoRA without a GPU, up front
     source_sha = source_fingerprint(cfg.data)
-    with tracking.start_run(cfg, flow_run.get_id(), run_key(cfg, source_sha), resume="train" not in stage.fresh,
-                            trigger=trigger) as run:
+    key, resume = run_key(cfg, source_sha), "train" not in stage.fresh
+    with tracking.start_run(cfg, flow_run.get_id(), key, resume=resume, trigger=trigger) as run:
         data = stage("download", download_data)(cfg.data, source_sha, cfg.split.seed, root)  # bad data fails before any model loads
         base = tracking.timed(resolve_base_model)(cfg.model, cfg.cache_dir)
         registry.check_base(cfg, base.identity)  # before training: a champion of another base model is never challenged
@@ -62,7 +63,7 @@ def finetune(config: PipelineConfig, no_cache: bool = False, refresh: list[Stage
         tracking.log_data(cfg, base, data, split, str(train_dir(base, split, cfg.lora, cfg.train, data.sha256, root, cfg.model.load_in_4bit)))
         trained = stage("train", with_retries(train_adapter, cfg.retries))(
             base, split, cfg.lora, cfg.train, data.sha256, trust, root, cfg.model.load_in_4bit,
-            callbacks=[tracking.metrics_callback(run.info.run_id)], resume="train" not in stage.fresh, run_id=run.info.run_id)
+            callbacks=[tracking.metrics_callback(run.info.run_id)], resume=resume, run_id=run.info.run_id)
         tracking.log_training(trained, full)
         ev = stage("evaluate", evaluate)(base, split, trained.adapter_dir, trained.adapter_sha256, cfg.eval, cfg.train.max_length, full,
                                          cfg.template.system_prompt, file_fingerprint(cfg.eval.prompts_path), trust, root)

@@ -150,44 +150,46 @@ def _perplexity_on(mv, val_dir: str, max_length: int):
 def _same_base(champ, cand) -> None:
     if champ.tags.get("base_model.identity") != cand.tags.get("base_model.identity"):
         raise RegistryError(
-            f"{cand.name} version {cand.version} was trained on base {cand.tags.get('base_model.source')!r}, the champion "
-            f"(version {champ.version}) on {champ.tags.get('base_model.source')!r}: perplexities are not comparable; "
+            f"{cand.name} version {cand.version} was trained on base {cand.tags.get('base_model.source')!r}, "
+            f"the champion (version {champ.version}) on {champ.tags.get('base_model.source')!r}: "
+            "perplexities are not comparable; "
             f"use `lora-flow promote {cand.name} --to {cand.version}` to switch deliberately"
         )
 
 
 def _evaluation(run_id: str, name: str) -> dict | list | None:
-    """An evaluation file the version's run logged (evaluation/<name>), or None for a run from before it existed."""
+    """A file the version's run logged under evaluation/, or None (a run from before it existed)."""
     if name not in {Path(f.path).name for f in MlflowClient().list_artifacts(run_id, "evaluation")}:
         return None
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/{name}")
 
 
 def _scored(mv, cand) -> tuple[Scored, list[str] | None]:
-    """(`mv`'s per-conversation NLL on the candidate's validation set, with its behaviour pass/fail per prompt; those
-    prompts). Its own evaluation when it was scored on that set, else re-scored (the validation data changed)."""
-    rows = _evaluation(mv.run_id, PER_CONVERSATION) if mv.tags.get("val.sha256") == cand.tags.get("val.sha256") else None
+    """(`mv` on the candidate's validation set: its own evaluation's figures, else re-scored; the prompts)."""
+    same_set = mv.tags.get("val.sha256") == cand.tags.get("val.sha256")
+    rows = _evaluation(mv.run_id, PER_CONVERSATION) if same_set else None
     if rows is None:
         log.info("scoring version %s on version %s's validation set", mv.version, cand.version)
         p = _perplexity_on(mv, cand.tags["val.dir"], int(cand.tags.get("train.max_length", 1024)))
         rows = {"tuned_nll": p.row_nll, "tokens": p.row_tokens}
     scored = [r for r in _evaluation(mv.run_id, "behaviour.json") or [] if r["tuned_checks"]]
     passes = tuple(all(r["tuned_checks"].values()) for r in scored) or None
-    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes), [r["prompt"] for r in scored] or None
+    prompts = [r["prompt"] for r in scored] or None
+    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes), prompts
 
 
 def one_promotion(name: str):
-    """Promotions into one registered model, one at a time (processes of this machine queue): two at once would
-    both compare with the same champion, and the worse one could move the alias last."""
+    """Promotions into one registered model, one at a time (processes of this machine queue): two at once
+    would both compare with the same champion, and the worse one could move the alias last."""
     return one_writer(f"promote-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
 
 
 def promote(name: str, version: str, gate, current_run_id: str | None = None) -> Decision:
-    """Compare `version` with the champion on the candidate's validation set (`gate`: the recipe's registry settings,
-    margin, behaviour_margin, confidence); move `champion` if it wins. Crash-safe order: the decision's details are
-    tagged first, then the alias moves, then `promotion.decision` is written last, as the mark of a finished
-    promotion. A version without it is one whose promotion may not have finished: running this again completes it
-    (and keeps the details the interrupted run wrote)."""
+    """Compare `version` with the champion on the candidate's validation set (`gate`: the recipe's registry
+    settings, margin, behaviour_margin, confidence); move `champion` if it wins. Crash-safe order: the
+    decision's details are tagged first, then the alias moves, then `promotion.decision` is written last, as
+    the mark of a finished promotion. A version without it is one whose promotion may not have finished:
+    running this again completes it (and keeps the details the interrupted run wrote)."""
     with one_promotion(name):  # the champion read below is still the champion when the alias moves
         return _promote(name, version, gate, current_run_id)
 
@@ -205,8 +207,9 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
         return Decision(True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)")
     decision = decide(*_contest(cand, champ), margin=gate.margin, behaviour_margin=gate.behaviour_margin,
                       confidence=gate.confidence)
-    tags = {"promotion.reason": decision.reason, "promotion.champion_version": "" if champ is None else champ.version,
-            **{f"promotion.{k}": json.dumps(v) if isinstance(v, list) else v for k, v in decision.figures.items()}}
+    figures = {k: json.dumps(v) if isinstance(v, list) else v for k, v in decision.figures.items()}
+    tags = {"promotion.reason": decision.reason, "promotion.champion_version": champ.version if champ else "",
+            **{f"promotion.{k}": v for k, v in figures.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(name, cand.version, key, str(value))
         failpoint("register.tagging")  # after the first of the decision's tags
@@ -232,7 +235,7 @@ def _move_champion(client: MlflowClient, name: str, version: str, old, reason: s
     if old is not None:
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
-    payload = {"model": name, "old_version": old and str(old.version), "new_version": str(version), "reason": reason}
+    payload = dict(model=name, old_version=old and str(old.version), new_version=version, reason=reason)
     events.emit(events.CHAMPION_MOVED, {"prefect.resource.id": f"mlflow.registered-model.{name}",
                                         "prefect.resource.name": name}, payload)  # for automations to act on
 
@@ -259,7 +262,8 @@ def list_versions(name: str) -> list[dict]:
             raise
         raise RegistryError(f"registered model {name!r} not found; register one by running a recipe") from None
     versions = client.search_model_versions(f"name = '{name}'")
-    return [{"version": str(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+    return [{"version": str(v.version),
+             "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
              "val_perplexity": v.tags.get("val_perplexity"), "decision": v.tags.get(DECISION), "run_id": v.run_id}
             for v in sorted(versions, key=lambda v: int(v.version))]
 

@@ -14,7 +14,7 @@ def summary_markdown(s: dict) -> str:
     registry = "registration disabled"
     if s["registered_version"]:
         p = s["promotion"]
-        verdict = "" if p is None else (f"champion: {p['reason']}" if p["promoted"] else f"champion kept: {p['reason']}")
+        verdict = "" if p is None else f"champion{'' if p['promoted'] else ' kept'}: {p['reason']}"
         registry = f"[{s['registered_model']} v{s['registered_version']}]({s['version_url']}) {verdict}".rstrip()
     rows = [("validation perplexity", f"base {s['base_perplexity']:.3f} → tuned {s['tuned_perplexity']:.3f} "
                                       f"({s['perplexity_change_pct']:+.1f}%)"),

@@ -83,9 +83,10 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
 
 
 def end_dead_flow_runs(rows: list[dict]) -> list[dict]:
-    """Flow runs whose process on this machine is gone (SIGKILL, OOM kill, power loss) stay Running in Prefect: end
-    them Crashed, as Prefect's worker does for a process it saw die. Called by run, resume and runs, so the Prefect UI
-    agrees with `lora-flow runs` from the next command on. Returns the rows it ended."""
+    """Flow runs whose process on this machine is gone (SIGKILL, OOM kill, power loss) stay Running in
+    Prefect: end them Crashed, as Prefect's worker does for a process it saw die. Called by run, resume and
+    runs, so the Prefect UI agrees with `lora-flow runs` from the next command on. Returns the rows it
+    ended."""
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
@@ -93,16 +94,16 @@ def end_dead_flow_runs(rows: list[dict]) -> list[dict]:
             and r["prefect_state"] in ("Running", "Pending")]
     with get_client(sync_client=True) as client:
         for r in dead:
-            message = f"its process on {r['host']} is gone (killed); found by lora-flow, MLflow run {r['mlflow_run_id']}"
+            message = f"its process on {r['host']} is gone (MLflow run {r['mlflow_run_id']})"
             client.set_flow_run_state(r["prefect_flow_run_id"], Crashed(message=message), force=True)
             r["prefect_state"] = "Crashed"
     return dead
 
 
 def on_deployment_recipe(config: PipelineConfig) -> PipelineConfig:
-    """In a deployment run, `config` as the change it was sent as: the keys the run's parameters give, on top of the
-    deployment's recipe (`--param config='{"train": {"max_steps": 2}}'` changes one key of the nightly tutor, not every
-    key back to its default). Elsewhere, and for a full config, `config` itself."""
+    """In a deployment run, `config` as the change it was sent as: the keys the run's parameters give, on top
+    of the deployment's recipe (`--param config='{"train": {"max_steps": 2}}'` changes one key of the nightly
+    tutor, not every key back to its default). Elsewhere, and for a full config, `config` itself."""
     from prefect.client.orchestration import get_client
     from prefect.runtime import deployment, flow_run
 
@@ -115,5 +116,5 @@ def on_deployment_recipe(config: PipelineConfig) -> PipelineConfig:
         return config
     merged = PipelineConfig.model_validate(merge_tree(recipe, given))
     if merged != config:
-        log.info("deployment %s: its recipe with the run's changes %s", deployment.name, json.dumps(given)[:300])
+        log.info("deployment %s: its recipe with the changes %s", deployment.name, json.dumps(given)[:300])
     return merged

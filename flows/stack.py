@@ -32,7 +32,7 @@ TITLES = {"mlflow": "mlflow server", "prefect": "prefect server", "worker": "pro
 URL_VARS = {"prefect": ("PREFECT_API_URL", "/api", 4200), "mlflow": ("MLFLOW_TRACKING_URI", "", 5000)}
 STARTUP_TIMEOUT_S = float(os.environ.get("LORA_FLOW_STACK_TIMEOUT", "120"))  # 2 busy cores: ~10-25 s each
 STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL whatever is still there
-SECRET_VARS = ("MLFLOW_BACKEND_STORE_URI", "PGPASSWORD", "PGPASSFILE")  # for `mlflow server` only
+SECRET_VARS = ("MLFLOW_BACKEND_STORE_URI", "BACKEND", "PGPASSWORD", "PGPASSFILE")  # for `mlflow server` only
 RETRY_S = (0.5, 1.0, 2.0, 4.0)  # waits between the 5 tries of a request a loaded server answers 503 or drops
 _opener = request.build_opener(request.ProxyHandler({}))  # loopback traffic never goes through a proxy
 
@@ -238,7 +238,8 @@ def up(state: Path, prefect_port: int | None = None, mlflow_port: int | None = N
         raise StackError(f"--prefect-port and --mlflow-port are both {p_port}; give them different ports")
     if backend and re.match(r"^[\w+]+://[^:/@]*:[^@]+@", backend):
         raise StackError(f"--backend-store-uri {_shown(backend)}: a password on a command line is "
-                         "readable by every user (`ps`); export MLFLOW_BACKEND_STORE_URI='...' and drop the option")
+                         "readable by every user (`ps`); "
+                         "export MLFLOW_BACKEND_STORE_URI='...' and drop the option")
     backend = backend or env.get(SECRET_VARS[0])  # MLflow's own variable: reaches `mlflow server` alone
     hidden, api = {"backend_store_uri": check_backend(backend)} if backend else {}, f"http://{HOST}:{p_port}/api"
     specs = {"mlflow": {"port": m_port, "url": f"http://{HOST}:{m_port}", **hidden}, "prefect": {"port": p_port, "url": api},
@@ -248,9 +249,9 @@ def up(state: Path, prefect_port: int | None = None, mlflow_port: int | None = N
     running, to_start = _plan(state, {n: s for n, s in specs.items() if n == "mlflow" or not mlflow_only})
     # the backend store's credentials go to `mlflow server` alone: the Prefect server, the worker and the flow
     # runs it starts never connect to that database
-    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "BACKEND", *SECRET_VARS)}
+    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", *SECRET_VARS)}
     env.update({"ARTIFACTS": artifacts} if artifacts else {})
-    specs["mlflow"]["env"] = {"BACKEND": backend} if backend else {}  # serve.sh's setting; never written to state
+    specs["mlflow"]["env"] = {"BACKEND": backend} if backend else {}  # serve.sh's; never written to state
     started: list[dict] = []
     try:  # both servers at once (independent, ~10 s each), then the worker
         for batch in ([n for n in ("mlflow", "prefect") if n in to_start], [n for n in ("worker",) if n in to_start]):
@@ -358,7 +359,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     u = ss.add_parser("up", parents=[common], help="start whatever is not running; idempotent")
     u.add_argument("--prefect-port", type=int, help="default: PREFECT_API_URL's port, else 4200")
     u.add_argument("--mlflow-port", type=int, help="default: MLFLOW_TRACKING_URI's port, else 5000")
-    u.add_argument("--backend-store-uri", help="MLflow's SQL store (default: MLFLOW_BACKEND_STORE_URI, else sqlite "
+    u.add_argument("--backend-store-uri", help="MLflow's SQL store (default: MLFLOW_BACKEND_STORE_URI, "
+                   "else sqlite "
                    "mlflow/mlflow.db); a URI with a password goes in MLFLOW_BACKEND_STORE_URI, never here")
     u.add_argument("--artifacts-destination", help="where MLflow keeps artifacts (default mlflow/artifacts; s3://... works)")
     u.add_argument("--mlflow-only", action="store_true", help="only the MLflow tracking server (for a team)")

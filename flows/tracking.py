@@ -152,7 +152,8 @@ def find_resumable(experiment_id: str, run_key: str):
 
 
 @contextlib.contextmanager
-def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True, trigger: dict | None = None):
+def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True,
+              trigger: dict | None = None):
     """One MLflow run per flow run, or the continuation of an interrupted one with the same
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
@@ -187,15 +188,14 @@ def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume
 
 
 def _retire_if_unchanged(run_id: str) -> None:
-    """A deployment's run (a nightly cron tick) on unchanged data and config is every stage from cache and no new
-    version: an identical-looking row each night. It leaves the runs table (deleted, which MLflow keeps and
-    `mlflow runs restore` undoes); the Prefect run and its log say that nothing changed."""
+    """A deployment's run on unchanged data (every stage from cache, no new version: a nightly look-alike row)
+    leaves the runs table: deleted, which MLflow keeps and `mlflow runs restore` undoes."""
     from prefect.runtime import deployment
 
     if deployment.id and MlflowClient().get_run(run_id).data.tags.get("lora_flow.from_cache") == "true":
         MlflowClient().delete_run(run_id)
-        log.info("nothing changed: MLflow run %s kept out of the runs table (deleted; `mlflow runs restore --run-id "
-                 "%s` brings it back)", run_id, run_id)
+        log.info("nothing changed: MLflow run %s kept out of the runs table (deleted; `mlflow runs restore "
+                 "--run-id %s` brings it back)", run_id, run_id)
 
 
 RESOLVED = "recipe/resolved.yaml"
@@ -213,7 +213,8 @@ def _log_config(run_id: str, cfg: PipelineConfig) -> None:
 def resolved_config(run_id: str) -> PipelineConfig:
     """The config a run was started with, from its artifact."""
     # logged as YAML (log_dict picks the format from the name); mlflow.artifacts.load_dict reads JSON only
-    return PipelineConfig.model_validate(yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/{RESOLVED}")))
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/{RESOLVED}")
+    return PipelineConfig.model_validate(yaml.safe_load(text))
 
 
 def metrics_callback(run_id: str):
@@ -284,7 +285,8 @@ def log_training(trained, full: bool) -> None:
                         "train_runtime_s": trained.runtime_s, "global_step": trained.global_step,
                         "train_resumed_from_step": trained.resumed_from_step,
                         "train_truncated_conversations": trained.truncated_conversations,
-                        **({"base_end_of_turn_prob": trained.end_of_turn_prob, "base_end_of_turn_rank": trained.end_of_turn_rank}
+                        **({"base_end_of_turn_prob": trained.end_of_turn_prob,
+                            "base_end_of_turn_rank": trained.end_of_turn_rank}
                            if trained.end_of_turn_prob is not None else {})})
     if trained.eval_loss is not None:
         mlflow.log_metrics({"eval_loss_final": trained.eval_loss,
@@ -301,7 +303,7 @@ def log_evaluation(ev) -> None:
     samples = json.loads(Path(ev.samples_path).read_text())
     mlflow.log_table({k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}, artifact_file="samples.json")
     mlflow.log_artifact(ev.report_path, "evaluation")
-    for name in ("behaviour.json", PER_CONVERSATION):  # every scored reply with its checks; NLL per conversation
+    for name in ("behaviour.json", PER_CONVERSATION):  # every scored reply with its checks; NLL per row
         if (path := Path(ev.report_path).with_name(name)).exists():
             mlflow.log_artifact(str(path), "evaluation")
 

@@ -61,17 +61,21 @@ def _fullest(path: Path) -> tuple[Path, int]:
     return min(((d, shutil.disk_usage(d).free) for d in devices.values() or [path]), key=lambda pair: pair[1])
 
 
+def refused_write(exc: BaseException) -> tuple[int, str | None] | None:
+    """(errno, file or None) when a filesystem refusal caused `exc` (anywhere in its chain), else None. Cheap: what
+    the console filter and the retry condition ask of every failure."""
+    return next(((code, path) for code, path in map(_code, _chain(exc)) if code is not None), None)
+
+
 def storage_error(exc: BaseException, folder: str | Path) -> StorageError | None:
-    """A StorageError for `exc` if a filesystem refusal caused it (anywhere in its chain), else None. `folder`: where
-    the run writes (output_dir), named when the error does not say which file."""
-    for e in _chain(exc):
-        code, path = _code(e)
-        if code is not None:
-            where, free = _fullest(Path(path or folder).resolve())
-            what = FULL.get(code) or REFUSED[code]
-            fix = "free some space" if code in FULL else "make it writable"
-            return StorageError(
-                f"{what} writing {path or f'under {where}'} ({_size(free)} free there now); finished stages, checkpoints and "
-                f"the MLflow run are kept: {fix} (or set output_dir= to another disk), then run the same command to "
-                "complete what is missing")
-    return None
+    """The StorageError line for `exc` if a filesystem refusal caused it, else None. `folder`: where the run writes
+    (output_dir), named when the error does not say which file; its free space is measured here."""
+    if (refusal := refused_write(exc)) is None:
+        return None
+    code, path = refusal
+    where, free = _fullest(Path(path or folder).resolve())
+    fix = "free some space" if code in FULL else "make it writable"
+    return StorageError(
+        f"{FULL.get(code) or REFUSED[code]} writing {path or f'under {where}'} ({_size(free)} free there now); finished "
+        f"stages, checkpoints and the MLflow run are kept: {fix} (or set output_dir= to another disk), then run the "
+        "same command to complete what is missing")

@@ -225,8 +225,9 @@ def append_records(data_path: str, new_file: str, fmt: str) -> int:
     load_normalised(new_file, fmt)  # every problem of the new file, before anything is written
     raw = Path(new_file).read_bytes()
     lines = [line for line in raw.splitlines() if line.strip()]
-    with open(target, "ab") as out:
-        if target.stat().st_size and not target.read_bytes().endswith(b"\n"):
+    with open(target, "rb+") as out:
+        end = out.seek(0, 2)
+        if end and (out.seek(end - 1), out.read(1))[1] != b"\n":  # the last byte only, not the whole file
             out.write(b"\n")
         out.write(b"\n".join(lines) + b"\n")
     return len(lines)

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 import lora_core
 from lora_core.hashing import file_sha256
-from lora_core.errors import LoraFlowError, storage_error
+from lora_core.errors import LoraFlowError, refused_write
 
 
 @lru_cache(maxsize=1)
@@ -186,8 +186,8 @@ def transient_only(task, task_run, state) -> bool:
         state.result()
     except LoraFlowError:
         return False
-    except BaseException as exc:  # noqa: BLE001 - any other failure is worth a retry, but a full disk stays full
-        return storage_error(exc, ".") is None
+    except BaseException as exc:  # noqa: BLE001 - others may pass on a retry; a full disk stays full
+        return refused_write(exc) is None
     return True
 
 
