@@ -236,7 +236,7 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     from peft import PeftModel
 
     from lora_core.base_model import load_model, load_tokenizer, pick_device
-    from lora_core.behavior import behaviour_score
+    from lora_core.metrics import score
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -263,8 +263,8 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
         tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned_ppl, tuned_replies = measure(tuned)
 
-    behaviour = {f"base.{k}": v for k, v in behaviour_score(cfg.behavior, base_replies, prompts).items()}
-    behaviour |= {f"tuned.{k}": v for k, v in behaviour_score(cfg.behavior, tuned_replies, prompts).items()}
+    behaviour = {f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()}  # lora_core/metrics
+    behaviour |= {f"tuned.{k}": v for k, v in score(cfg.behavior, tuned_replies, prompts).items()}
     samples = [
         {"prompt": p["messages"][-1]["content"], "reference": (p["reference"] or {}).get("content", ""), "base": b, "tuned": t}
         for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)
