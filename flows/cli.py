@@ -228,8 +228,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
     model, tokenizer, settings = _load(args)
-    replies = [r for i in range(0, len(chats), 8)  # 8 prompts per generate call
-               for r in reply_batch(model, tokenizer, [(c, None) for c in chats[i : i + 8]], settings)]
+    replies = reply_batch(model, tokenizer, [(c, None) for c in chats], settings)  # batched as the evaluation does
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))

@@ -18,7 +18,7 @@ def summary_markdown(s: dict) -> str:
         registry = f"[{s['registered_model']} v{s['registered_version']}]({s['version_url']}) {verdict}".rstrip()
     rows = [("validation perplexity", f"base {s['base_perplexity']:.3f} → tuned {s['tuned_perplexity']:.3f} "
                                       f"({s['perplexity_change_pct']:+.1f}%)"),
-            *((f"behaviour: {k}", f"{v:.3f}") for k, v in s["behaviour"].items()),
+            *((f"behaviour: {k}", f"{v:.0f}" if k.endswith("_n") else f"{v:.3f}") for k, v in s["behaviour"].items()),
             ("train tokens/s", f"{s['train_tokens_per_second']:.1f}"),
             ("resumed from", f"checkpoint step {s['resumed_from_step']}" if s["resumed_from_step"] else "- (fresh start)"),
             ("MLflow run", f"[{s['mlflow_run_id']}]({s['run_url']})"), ("registry", registry),
@@ -31,5 +31,5 @@ def publish(s: dict) -> dict:
     create_markdown_artifact(summary_markdown(s), key=SUMMARY_KEY, description="Perplexities, behaviour, MLflow and registry links")
     samples = json.loads(Path(s["samples_path"]).read_text())
     table = [{k: row[k] for k in ("prompt", "reference", "base", "tuned")} for row in samples]
-    create_table_artifact(table, key=SAMPLES_KEY, description="Validation prompts answered by the base and the tuned model")
+    create_table_artifact(table, key=SAMPLES_KEY, description="Held-out prompts answered by the base and the tuned model")
     return s

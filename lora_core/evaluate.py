@@ -13,6 +13,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+from lora_core.progress import Progress
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +91,8 @@ def shared_prefix(rows: list[dict]) -> int:
     return n
 
 
-def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, padding_side: str = "right", max_length: int | None = None) -> Perplexity:
+def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, padding_side: str = "right",
+               max_length: int | None = None, label: str = "perplexity") -> Perplexity:
     """Token-weighted corpus perplexity of `model` on encoded rows (input_ids + assistant_masks).
     Rows are batched by length (less padding); the sum does not depend on the order. When every row starts
     with the same tokens (a system prompt: 26% of the default recipe's tokens), the decoder runs on them once
@@ -108,6 +111,7 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     was_training = model.training
     model.eval()
     prefix = shared_prefix(rows) if rows and _plain_head(model) else 0
+    progress = Progress(label, len(rows), "conversations")
     with torch.inference_mode():
         prefix_cache = None
         if prefix >= MIN_SHARED_PREFIX:
@@ -132,6 +136,8 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
             for b, (value, count) in enumerate(zip(per_row.tolist(), keep.sum(1).tolist())):
                 row_nll[order[done + b]], row_tokens[order[done + b]] = value, count
             done += len(batch)
+            progress.advance(len(batch))
+    progress.finish()
     model.train(was_training)
     total_nll, total_tokens = sum(row_nll), sum(row_tokens)
     if total_tokens == 0:
@@ -165,16 +171,12 @@ def generation_settings(cfg):
     return GenerationSettings(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty)
 
 
-def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], max_new_tokens: int = 96,
-                     repetition_penalty: float = 1.0, batch_size: int = 8) -> list[str]:
-    """Greedy replies to chat prompts: (messages ending with a user turn, tools or None), `batch_size` at a time."""
-    from lora_core.inference import GenerationSettings, reply_batch
+def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], cfg, label: str = "replies") -> list[str]:
+    """Replies to chat prompts ((messages ending with a user turn, tools or None)) decoded as eval config `cfg` says
+    (greedy), eval.generate_batch_size at a time (lora_core/generation.py)."""
+    from lora_core.generation import generate_many
 
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
-    replies: list[str] = []
-    for batch in _batches(prompts, batch_size):
-        replies += reply_batch(model, tokenizer, batch, settings)
-    return replies
+    return generate_many(model, tokenizer, prompts, generation_settings(cfg), cfg.generate_batch_size, label)
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,19 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
             reference = r["messages"][len(prompt)]
             out.append({"messages": prompt, "tools": r.get("tools"), "reference": reference, "answer": None})
     return out
+
+
+def reference_text(prompt: dict) -> str:
+    """What samples.json shows as a prompt's reference: the reference reply (its text, or its tool calls as JSON), or
+    for a held-out prompt without one, the final answer the reply is checked not to give away."""
+    import json
+
+    ref = prompt.get("reference") or {}
+    if ref.get("content"):
+        return ref["content"]
+    if ref.get("tool_calls"):
+        return json.dumps([c.get("function", c) for c in ref["tool_calls"]], ensure_ascii=False)
+    return "" if prompt.get("answer") is None else f"(final answer, not to be given away: {prompt['answer']})"
 
 
 def behaviour_replies(kind: str, prompts: list[dict], base: list[str], tuned: list[str]) -> list[dict]:
@@ -249,26 +264,25 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
         prompts = prompts[: cfg.num_samples]
     chats = [(p["messages"], p["tools"]) for p in prompts]
 
-    def measure(model):
-        ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length)
-        return ppl, generate_replies(model, tokenizer, chats, cfg.max_new_tokens, cfg.repetition_penalty, cfg.batch_size)
+    def measure(model, which: str):
+        ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length,
+                         label=f"evaluate: {which} model, perplexity")
+        return ppl, generate_replies(model, tokenizer, chats, cfg, f"evaluate: {which} model, {len(chats)} held-out replies")
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
-    base_ppl, base_replies = measure(model)
+    base_ppl, base_replies = measure(model, "base")
     if full_model:
         del model
         gc.collect()
         tuned = load_model(adapter_dir, torch.float32, device, trust_remote_code)
     else:
         tuned = PeftModel.from_pretrained(model, adapter_dir)
-    tuned_ppl, tuned_replies = measure(tuned)
+    tuned_ppl, tuned_replies = measure(tuned, "tuned")
 
     behaviour = {f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()}  # lora_core/metrics
     behaviour |= {f"tuned.{k}": v for k, v in score(cfg.behavior, tuned_replies, prompts).items()}
-    samples = [
-        {"prompt": p["messages"][-1]["content"], "reference": (p["reference"] or {}).get("content", ""), "base": b, "tuned": t}
-        for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)
-    ]
+    samples = [{"prompt": p["messages"][-1]["content"], "reference": reference_text(p), "base": b, "tuned": t}
+               for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)]
     samples_path = out_dir / "samples.json"
     samples_path.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     # per validation conversation, for the champion gate's paired test (lora_core/registry.py)

@@ -132,24 +132,13 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings =
     return reply_batch(model, tokenizer, [(messages, tools)], settings)[0]
 
 
-def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings: GenerationSettings = GenerationSettings()) -> list[str]:
-    """Replies to several chats in one generate call (left-padded; the attention mask keeps padding out)."""
-    import torch
+def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings: GenerationSettings = GenerationSettings(),
+                batch_size: int = 64) -> list[str]:
+    """Replies to several chats, `batch_size` per generate call, as the evaluate stage generates them
+    (lora_core/generation.py: length-sorted batches, the shared prefix run once)."""
+    from lora_core.generation import generate_many
 
-    texts = [tokenizer.apply_chat_template(m, tools=t, add_generation_prompt=True, tokenize=False) for m, t in chats]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    with torch.inference_mode():
-        out = model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=stop_token_ids(model, tokenizer))
-    width = enc["input_ids"].shape[1]
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return generate_many(model, tokenizer, chats, settings, batch_size)
 
 
 def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:

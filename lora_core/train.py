@@ -61,6 +61,9 @@ def peft_config(cfg: LoraConfig, token_rows: dict[str, list[int]] | None = None)
     )
 
 
+EVAL_SHARE = 1 / 3  # validation loss every third of training unless train.eval_steps says otherwise
+
+
 def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, dtype=None):
     """TRL's SFTConfig for `cfg`; `dtype` is the autocast dtype (default: `cfg.dtype` resolved for the device).
     `cfg.trainer_args` come on top of the defaults below (the keys the recipe sets elsewhere were refused at validation)."""
@@ -93,9 +96,10 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, d
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        # load_best compares checkpoints by validation loss, so it evaluates at every save
-        eval_strategy=("steps" if cfg.eval_steps or cfg.load_best else "epoch") if has_eval else "no",
-        eval_steps=cfg.eval_steps or (cfg.save_steps if cfg.load_best else None),
+        # load_best compares checkpoints by validation loss, so it evaluates at every save; otherwise by default at a
+        # third, two thirds and the end of training (a float < 1 is a share of the total steps): eval_loss by step
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps or (cfg.save_steps if cfg.load_best else EVAL_SHARE),
         load_best_model_at_end=cfg.load_best and has_eval,
         metric_for_best_model="eval_loss",
         greater_is_better=False,

@@ -135,7 +135,7 @@ def test_evaluation_default_decoding_is_plain_greedy(tiny_model_dir, tiny_tokeni
     cfg = EvalConfig()
     messages = tutor_records[0]["messages"][:1]
     # the same call evaluate_adapter makes
-    got = generate_replies(model, tiny_tokenizer, [(messages, None)], cfg.max_new_tokens, cfg.repetition_penalty, cfg.batch_size)
+    got = generate_replies(model, tiny_tokenizer, [(messages, None)], cfg)
     enc = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tiny_tokenizer.pad_token_id)
@@ -143,4 +143,4 @@ def test_evaluation_default_decoding_is_plain_greedy(tiny_model_dir, tiny_tokeni
     assert got == [plain] and plain
     # the comparison can tell: a mild penalty, and the old default's, change this model's greedy reply
     for penalty in (1.05, 1.15):
-        assert generate_replies(model, tiny_tokenizer, [(messages, None)], cfg.max_new_tokens, penalty, cfg.batch_size) != got
+        assert generate_replies(model, tiny_tokenizer, [(messages, None)], cfg.model_copy(update={"repetition_penalty": penalty})) != got

@@ -1,0 +1,104 @@
+"""Replies to many chats at once: what the evaluate stage and `lora-flow generate` run, with transformers' `generate`.
+
+On a CPU a small model's decoding step costs nearly the same for 1 row as for 8: it reads every weight either way.
+So the prompts go in large batches (eval.generate_batch_size), sorted by length so that rows of a batch need little
+padding, and the prefix every prompt starts with (the system prompt, a tool list) is run once: each batch continues
+from a copy of its key/value cache, its rows padded between the shared prefix and their own tokens (the attention
+mask and the position ids skip the padding). transformers stops a batch when every row has emitted a stop token.
+Greedy decoding of one prompt alone (`model.generate` on it) gives the same replies to float rounding: bench/eval_speed.py
+counts the replies that differ, and tests hold the served model to the replies the evaluation wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from lora_core.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
+
+
+def shared_prefix(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own (the step that yields logits)."""
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+class _StepCounter:
+    """A transformers streamer that only counts decoding steps, for progress lines (every put after the prompt's is
+    one new token per row)."""
+
+    def __init__(self, progress: Progress | None, rows: int):
+        self.progress, self.rows, self.prompt_seen = progress, rows, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        elif self.progress is not None:
+            self.progress.advance(self.rows)
+
+    def end(self) -> None:
+        pass
+
+
+def encode_prompts(tokenizer, chats: list[tuple[list[dict], list | None]]) -> list[list[int]]:
+    """Token ids of each chat rendered with its template up to the assistant's turn (the template writes any BOS)."""
+    texts = [tokenizer.apply_chat_template(m, tools=t, add_generation_prompt=True, tokenize=False) for m, t in chats]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def _batch_inputs(rows: list[list[int]], prefix: int, pad_id: int, device):
+    """input_ids and attention_mask: the shared prefix, then padding, then each row's own tokens."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        own = len(r) - prefix
+        ids[b, :prefix], ids[b, width - own:] = torch.tensor(r[:prefix]), torch.tensor(r[prefix:])
+        mask[b, :prefix], mask[b, width - own:] = 1, 1
+    return ids.to(device), mask.to(device)
+
+
+def generate_many(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings, batch_size: int = 64,
+                  label: str = "replies", share_prefix: bool = True) -> list[str]:
+    """Replies to `chats` ((messages, tools) each) in their order, decoded with `settings` (GenerationSettings)."""
+    import torch
+
+    from lora_core.inference import stop_token_ids
+
+    if not chats:
+        return []
+    rows = encode_prompts(tokenizer, chats)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    device = next(model.parameters()).device
+    prefix = shared_prefix(rows) if share_prefix and len(rows) > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    stops = stop_token_ids(model, tokenizer)
+    progress = Progress(label, len(rows) * settings.max_new_tokens, "tokens at most")
+    replies: dict[int, str] = {}
+    with torch.inference_mode():
+        cache = None
+        if prefix:
+            cache = model(input_ids=torch.tensor([rows[0][:prefix]], device=device), use_cache=True).past_key_values
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            ids, mask = _batch_inputs([rows[i] for i in index], prefix, tokenizer.pad_token_id, device)
+            past = None
+            if cache is not None:
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(len(index))
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past, **settings.kwargs(),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                                 streamer=_StepCounter(progress, len(index)))
+            for i, row in zip(index, out[:, ids.shape[1]:]):
+                replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    progress.finish()
+    return [replies[i] for i in range(len(rows))]

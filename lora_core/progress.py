@@ -1,0 +1,40 @@
+"""Progress lines for long stages: `label: done/total unit (rate/s)` at most every `every` seconds, and a last line.
+
+Logged through `logging` (the flow's console and its Prefect run logs show lora_core's INFO lines), so a stage that
+runs for minutes says what it is doing without a terminal progress bar in the run logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+EVERY_S = 15.0  # at most this long between two lines while work goes on
+
+
+class Progress:
+    def __init__(self, label: str, total: int, unit: str, every: float = EVERY_S, logger: logging.Logger = log):
+        self.label, self.total, self.unit, self.every, self.log = label, total, unit, every, logger
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        return f"{self.label}: {self.done}/{self.total} {self.unit} ({rate:.1f}/s, {elapsed:.0f} s)"
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log.info(self.line())
+
+    def tick(self) -> None:
+        """A line when one is due, without counting anything (work inside one long unit)."""
+        self.advance(0)
+
+    def finish(self) -> None:
+        self.log.info(self.line())
