@@ -15,8 +15,9 @@ EVERY_S = 15.0  # at most this long between two lines while work goes on
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str, every: float = EVERY_S, logger: logging.Logger = log):
-        self.label, self.total, self.unit, self.every, self.log = label, total, unit, every, logger
+    def __init__(self, label: str, total: int, unit: str, every: float | None = None, logger: logging.Logger = log):
+        self.label, self.total, self.unit, self.log = label, total, unit, logger
+        self.every = EVERY_S if every is None else every
         self.done = 0
         self.started = self.last = time.perf_counter()
 
