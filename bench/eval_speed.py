@@ -50,23 +50,6 @@ def held_out_chats(cfg, n: int) -> list:
     return [(p["messages"], p["tools"]) for p in prompts[:n]]
 
 
-def plain_loop(model, tokenizer, chats, settings) -> list[str]:
-    """What a hand-written script does: one prompt at a time, `model.generate`, the same stop tokens and settings."""
-    import torch
-
-    from lora_core.inference import stop_token_ids
-
-    stops, replies = stop_token_ids(model, tokenizer), []
-    for messages, tools in chats:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings.kwargs(),
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return replies
-
-
 def generation(cfg, model, tokenizer, a) -> None:
     import copy
 
@@ -74,7 +57,7 @@ def generation(cfg, model, tokenizer, a) -> None:
     from train_speed import matmul_peak
 
     from lora_core.evaluate import generation_settings
-    from lora_core.generation import encode_prompts, generate_many
+    from lora_core.generation import encode_prompts, generate_many, generate_one_by_one
 
     chats = held_out_chats(cfg, a.prompts)
     settings = generation_settings(cfg.eval)
@@ -84,7 +67,7 @@ def generation(cfg, model, tokenizer, a) -> None:
     ours = generate_many(model, tokenizer, chats, settings, bs)
     ours_s = time.perf_counter() - started
     started = time.perf_counter()
-    loop = plain_loop(model, tokenizer, chats, settings)
+    loop = generate_one_by_one(model, tokenizer, chats, settings)
     loop_s = time.perf_counter() - started
     prompt_tokens = sum(map(len, encode_prompts(tokenizer, chats)))
     generated = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in loop)  # + its stop token

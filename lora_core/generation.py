@@ -139,3 +139,20 @@ def generate_many(model, tokenizer, chats: list[tuple[list[dict], list | None]],
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     progress.finish()
     return [replies[i] for i in range(len(rows))]
+
+
+def generate_one_by_one(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings) -> list[str]:
+    """The straightforward reference: one prompt at a time through `model.generate`, the same stop tokens and
+    settings, as a hand-written script does. Tests and bench/eval_speed.py hold generate_many to it."""
+    import torch
+
+    from lora_core.inference import stop_token_ids
+
+    stops, replies = stop_token_ids(model, tokenizer), []
+    for ids in encode_prompts(tokenizer, chats):
+        ids = torch.tensor([ids], device=next(model.parameters()).device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings.kwargs(),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return replies

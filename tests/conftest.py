@@ -66,6 +66,23 @@ def tiny_model_dir(tmp_path_factory, tutor_records) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), corpus)
 
 
+@pytest.fixture()
+def varied_tiny_model(tiny_model_dir):
+    """The tiny model with weights drawn with std 0.5: varied greedy text (the fixture's near-uniform logits make greedy
+    repeat one token), which a mild repetition penalty already changes (measured)."""
+    import torch
+
+    from lora_core.base_model import load_model
+
+    model = load_model(str(tiny_model_dir)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     from lora_core.base_model import load_tokenizer

@@ -1,10 +1,7 @@
 """lora_core.generation: the evaluate stage's batched greedy replies equal plain per-prompt `model.generate`."""
 
-import pytest
-import torch
-
 from lora_core import generation
-from lora_core.generation import _even_batches, generate_many, shared_prefix
+from lora_core.generation import _even_batches, generate_many, generate_one_by_one, shared_prefix
 from lora_core.inference import GenerationSettings, stop_token_ids
 
 SYSTEM = {"role": "system", "content": "You are a patient Socratic tutor. Ask one guiding question at a time."}
@@ -12,61 +9,31 @@ QUESTIONS = ["What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step b
              "Solve 2x + 3 = 9 for x, I keep getting 4", "What's 15% of 80?"]
 
 
-@pytest.fixture(scope="module")
-def varied(tiny_model_dir):
-    """The tiny model with weights of std 0.5: varied greedy text (the fixture's near-uniform logits repeat one token)."""
-    from lora_core.base_model import load_model
-
-    model = load_model(str(tiny_model_dir)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    return model
-
-
-def plain(model, tokenizer, chats, settings) -> list[str]:
-    """One prompt at a time through transformers' generate, as a hand-written script does."""
-    stops, out = stop_token_ids(model, tokenizer), []
-    for messages, tools in chats:
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.inference_mode():
-            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings.kwargs(),
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)[0, ids.shape[1]:]
-        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return out
-
-
-def test_batched_replies_with_a_shared_prefix_and_early_stops_equal_plain_generate(varied, tiny_tokenizer, monkeypatch):
+def test_batched_replies_with_a_shared_prefix_and_early_stops_equal_plain_generate(varied_tiny_model, tiny_tokenizer, monkeypatch):
     chats = [([SYSTEM, {"role": "user", "content": q}], None) for q in QUESTIONS]
     settings = GenerationSettings(max_new_tokens=20)
     rows = generation.encode_prompts(tiny_tokenizer, chats)
     assert shared_prefix(rows) >= generation.MIN_SHARED_PREFIX  # the system prompt is run once
     # rows stop at different steps: make a token the model writes mid-reply a stop token, as an end-of-turn is
-    full = plain(varied, tiny_tokenizer, chats, settings)
+    full = generate_one_by_one(varied_tiny_model, tiny_tokenizer, chats, settings)
     first_ids = [tiny_tokenizer(r, add_special_tokens=False)["input_ids"] for r in full]
     stop = first_ids[0][len(first_ids[0]) // 2]
-    varied.generation_config.eos_token_id = [*stop_token_ids(varied, tiny_tokenizer), stop]
-    try:
-        expected = plain(varied, tiny_tokenizer, chats, settings)
-        lengths = {len(tiny_tokenizer(r, add_special_tokens=False)["input_ids"]) for r in expected}
-        assert len(lengths) > 1, "the rigged stop token should end rows at different steps"
-        monkeypatch.setattr(generation, "CHUNK", 3)  # several continuations, rows leaving between them
-        for batch_size in (1, 4, 64):
-            assert generate_many(varied, tiny_tokenizer, chats, settings, batch_size) == expected
-    finally:
-        varied.generation_config.eos_token_id = stop_token_ids(varied, tiny_tokenizer)[:-1]
+    varied_tiny_model.generation_config.eos_token_id = [*stop_token_ids(varied_tiny_model, tiny_tokenizer), stop]
+    expected = generate_one_by_one(varied_tiny_model, tiny_tokenizer, chats, settings)
+    lengths = {len(tiny_tokenizer(r, add_special_tokens=False)["input_ids"]) for r in expected}
+    assert len(lengths) > 1, "the rigged stop token should end rows at different steps"
+    monkeypatch.setattr(generation, "CHUNK", 3)  # several continuations, rows leaving between them
+    for batch_size in (1, 4, 64):
+        assert generate_many(varied_tiny_model, tiny_tokenizer, chats, settings, batch_size) == expected
 
 
-def test_progress_lines_name_the_phase_and_the_count(varied, tiny_tokenizer, caplog, monkeypatch):
+def test_progress_lines_name_the_phase_and_the_count(varied_tiny_model, tiny_tokenizer, caplog, monkeypatch):
     import logging
 
     monkeypatch.setattr("lora_core.progress.EVERY_S", 0.0)
     chats = [([SYSTEM, {"role": "user", "content": q}], None) for q in QUESTIONS[:3]]
     with caplog.at_level(logging.INFO, logger="lora_core.progress"):
-        generate_many(varied, tiny_tokenizer, chats, GenerationSettings(max_new_tokens=5), 8, label="evaluate: base replies")
+        generate_many(varied_tiny_model, tiny_tokenizer, chats, GenerationSettings(max_new_tokens=5), 8, label="evaluate: base replies")
     last = caplog.records[-1].getMessage()
     assert last.startswith("evaluate: base replies: ") and "/15 tokens at most" in last
 
