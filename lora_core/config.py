@@ -143,7 +143,7 @@ class TrainConfig(_Part):
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     logging_steps: int = Field(1, ge=1, description="Log loss, learning rate and grad norm every N steps.")
-    eval_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (None: at 1/3, 2/3 and the end).")
+    eval_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (None: halfway and at the end).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     load_best: bool = Field(False, description="End with the checkpoint of lowest validation loss (evaluates at every save).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' uses CUDA when present, else CPU.")

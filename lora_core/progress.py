@@ -18,7 +18,7 @@ class Progress:
     def __init__(self, label: str, total: int, unit: str, every: float | None = None, logger: logging.Logger = log):
         self.label, self.total, self.unit, self.log = label, total, unit, logger
         self.every = EVERY_S if every is None else every
-        self.done = 0
+        self.done, self.shown = 0, -1  # shown: the count the last line printed
         self.started = self.last = time.perf_counter()
 
     def line(self) -> str:
@@ -30,12 +30,11 @@ class Progress:
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every:
-            self.last = now
+            self.last, self.shown = now, self.done
             self.log.info(self.line())
 
-    def tick(self) -> None:
-        """A line when one is due, without counting anything (work inside one long unit)."""
-        self.advance(0)
-
     def finish(self) -> None:
-        self.log.info(self.line())
+        """The last line (unless the last one printed already said it all)."""
+        if self.shown != self.done:
+            self.shown = self.done
+            self.log.info(self.line())

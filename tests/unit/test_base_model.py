@@ -142,7 +142,7 @@ def test_a_gguf_file_converts_once_keyed_by_its_sha256_and_trains(tiny_model_dir
                         tmp_path / "run", tokenizer_dir=split.tokenizer_dir)
     assert result.global_step == 2 and result.eval_loss is not None
     logged = [json.loads(line) for line in (tmp_path / "run" / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in logged if "eval_loss" in e] == [1, 2]  # by step (a third of 2 steps rounds up to 1)
+    assert [e["step"] for e in logged if "eval_loss" in e] == [1, 2]  # by step: halfway (step 1 of 2) and at the end
 
 
 def test_gguf_paths_are_accepted_and_a_missing_one_is_named(tmp_path):

@@ -49,10 +49,10 @@ def test_trainer_args_are_params_and_an_empty_mapping_does_not_import_trl():
     assert out.strip() == "False"  # validating a recipe stays fast: TRL (seconds to import) only for trainer_args
 
 
-def test_validation_loss_by_step_at_thirds_unless_the_recipe_says():
+def test_validation_loss_by_step_halfway_and_at_the_end_unless_the_recipe_says():
     from lora_core.train import EVAL_SHARE
 
     args = sft_config(TrainConfig(), "/tmp/unused", "cpu", has_eval=True)
-    assert args.eval_strategy == "steps" and args.eval_steps == EVAL_SHARE == 1 / 3  # a share of the total steps
+    assert args.eval_strategy == "steps" and args.eval_steps == EVAL_SHARE == 0.5  # a share of the total steps
     assert sft_config(TrainConfig(eval_steps=5), "/tmp/unused", "cpu", has_eval=True).eval_steps == 5
     assert sft_config(TrainConfig(), "/tmp/unused", "cpu", has_eval=False).eval_strategy == "no"
