@@ -271,8 +271,11 @@ def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
     name = Path(cfg.data.path).stem
     log_dataset(str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training")
     log_dataset(split.val_records_path, f"{name}-validation", "validation")
+    skipped = getattr(data, "n_skipped", 0)  # records left out by data.skip_invalid (which and why: a file)
     mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
-                        "data.train_target_tokens": split.train_target_tokens})
+                        "data.train_target_tokens": split.train_target_tokens, "data.skipped": skipped})
+    if skipped:
+        mlflow.log_artifact(data.skipped_path, "data")
 
 
 def _last_logged(metrics_path: str, key: str) -> float:

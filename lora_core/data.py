@@ -120,7 +120,7 @@ def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".arrow-") as work:
-        g = gather_dataset(cfg, seed, work=Path(work))
+        g = gather_dataset(cfg, seed, work=Path(work), keys=False)  # the split keys formatted records
         write_column(g.records, "record", out_dir / "records.jsonl")
         val_path = skipped_path = None
         if g.val_records is not None:
