@@ -311,3 +311,32 @@ def write_column(ds, column: str, path: str | Path) -> None:
         for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=10 * BATCH):
             f.writelines(f"{value}\n" for value in batch.column(0).to_pylist())
     tmp.replace(path)
+
+
+def write_arrow(sources: list[tuple[str, str]], out: Path) -> str:
+    """The non-blank lines of JSONL files, each (name, path), into one Arrow file at `out` (columns source, index within
+    its file, line), 10,000 at a time; returns its path."""
+    import itertools
+
+    from datasets.arrow_writer import ArrowWriter
+
+    features = _features(source="string", index="int64", line="string")
+    with ArrowWriter(features=features, path=str(out)) as writer:
+        for name, path in sources:
+            with open(path, encoding="utf-8") as f:
+                lines = enumerate(line.rstrip("\n") for line in f if line.strip())
+                while chunk := list(itertools.islice(lines, 10 * BATCH)):
+                    writer.write_batch({"source": [name] * len(chunk), "index": [i for i, _ in chunk],
+                                        "line": [line for _, line in chunk]})
+        writer.finalize()
+    return str(out)
+
+
+def first_values(ds, column: str, n: int) -> list[str]:
+    """The first `n` non-null values of a column, read with pyarrow (no rows decoded)."""
+    import pyarrow.compute as pc
+
+    col = ds.data.column(column)
+    if col.null_count == len(col):
+        return []
+    return [col[i].as_py() for i in _where_true(pc.is_valid(col))[:n]]
