@@ -243,18 +243,20 @@ SUMMARY_METRICS = {"train_tokens_per_second"}  # logged by log_training, from th
 
 
 def log_dataset(records_path: str, name: str, context: str) -> None:
-    """The records a split holds, as a dataset input of the run (context 'training' or 'validation')."""
-    import pandas as pd
+    """The records a split holds, as a dataset input of the run (context 'training' or 'validation'); of a big split
+    the first LOGGED_ROWS stand for it, with the whole file's digest and its count as tags."""
     from mlflow.data.sources import LocalArtifactDatasetSource
 
+    from lora_core.data import records_head
     from lora_core.hashing import file_sha256
 
-    df = pd.read_json(records_path, lines=True)
-    for col in df.columns:  # nested lists/dicts are shown as JSON text in the UI
-        df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    df, total = records_head(records_path)
     # an explicit source: a plain path string makes MLflow guess among source types (and warn that it can)
     source = LocalArtifactDatasetSource(str(Path(records_path).resolve()))
-    mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=name, digest=file_sha256(records_path)[:20]), context=context)
+    digest = file_sha256(records_path)[:20]
+    mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=name, digest=digest), context=context)
+    if total > len(df):
+        set_tags({f"dataset.{name}.records": total, f"dataset.{name}.logged_records": len(df)})
 
 
 def set_tags(tags: dict) -> None:

@@ -110,16 +110,16 @@ class Normalised:
         """The rows without a problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(_where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
+        return self.ds.select(where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
 
     def bad(self):
         """The rows with a problem: where, problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(_where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(["where", "problem"])
+        return self.ds.select(where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(["where", "problem"])
 
 
-def _where_true(mask) -> list[int]:
+def where_true(mask) -> list[int]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -171,7 +171,7 @@ def _report(ds, path: str, fmt: str, key: str | None, auto: bool) -> tuple[list[
     n_bad = len(problem) - problem.null_count
     if not n_bad:
         return [], 0
-    plain = _where_true(pc.and_(pc.is_valid(problem), pc.is_null(other)))
+    plain = where_true(pc.and_(pc.is_valid(problem), pc.is_null(other)))
     lines = [f"{where[i].as_py()}: {problem[i].as_py()}" for i in plain[: MAX_REPORTED + 1]]
     total = pc.sum(table.column("parsed")).as_py() or 0
     for kind in pc.unique(other).drop_null().to_pylist():
@@ -302,14 +302,18 @@ def gather_dataset(cfg, seed: int = 0, *, work: Path, system_prompt: str | None 
     return GatheredData(records, val.good() if val else None, fmt, digest, found.skipped)
 
 
-def write_column(ds, column: str, path: str | Path) -> None:
-    """One string column of `ds` as lines of `path`, batch by batch (atomically: a .tmp file renamed)."""
+def write_column(ds, column: str, path: str | Path, desc: str | None = None) -> None:
+    """One string column of `ds` as lines of `path`, batch by batch (atomically: a .tmp file renamed), with datasets'
+    progress bar when `desc` is given and bars are on."""
+    from datasets.utils.tqdm import tqdm
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(ds), unit=" records", desc=desc, disable=desc is None) as bar:
         for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=10 * BATCH):
             f.writelines(f"{value}\n" for value in batch.column(0).to_pylist())
+            bar.update(len(batch))
     tmp.replace(path)
 
 
@@ -339,4 +343,4 @@ def first_values(ds, column: str, n: int) -> list[str]:
     col = ds.data.column(column)
     if col.null_count == len(col):
         return []
-    return [col[i].as_py() for i in _where_true(pc.is_valid(col))[:n]]
+    return [col[i].as_py() for i in where_true(pc.is_valid(col))[:n]]
