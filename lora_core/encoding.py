@@ -99,6 +99,17 @@ def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[
     return mask
 
 
+def _tokenize(tokenizer, texts: list[str], *, offsets: bool) -> dict[str, list]:
+    """input_ids (and offset_mapping) of each text, without added special tokens: a fast tokenizer's backend encodes the
+    batch directly (what tokenizer(texts) does, less its conversion of every encoding to dicts: ~50 us a record)."""
+    if not texts:
+        return {"input_ids": [], "offset_mapping": []}
+    if not getattr(tokenizer, "is_fast", False):
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    return {"input_ids": [e.ids for e in encodings], "offset_mapping": [e.offsets for e in encodings] if offsets else []}
+
+
 def encode_conversations(tokenizer, conversations: list[tuple[list[dict], list | None]],
                          assistant_only: bool = True) -> list[Encoded | FormatError]:
     """Each (messages, tools) encoded with its loss mask, or the FormatError it raises."""
@@ -106,7 +117,7 @@ def encode_conversations(tokenizer, conversations: list[tuple[list[dict], list |
         return [FormatError(NO_TEMPLATE) for _ in conversations]
     rendered = conversation_spans(tokenizer, conversations)
     ok = [r for r in rendered if not isinstance(r, FormatError)]
-    enc = tokenizer([full for full, _ in ok], add_special_tokens=False, return_offsets_mapping=assistant_only) if ok else {}
+    enc = _tokenize(tokenizer, [full for full, _ in ok], offsets=assistant_only)
     out: list[Encoded | FormatError] = []
     j = 0
     for r in rendered:
