@@ -9,7 +9,9 @@ saved on disk:
   plain map      load_dataset("json") + ds.map(lambda r: {"input_ids": tokenizer.apply_chat_template(r["messages"])})
                  + save_to_disk: the per-example idiom of the transformers chat-template docs (ids only, no mask)
   plain batched  the same map with batched=True, apply_chat_template on 1,000 conversations a call
-Printed per side: wall time, records/s, and peak RSS (of the process, and of its map workers with --num-proc > 1).
+Printed per side: wall time, records/s, peak RSS (VmHWM: counts the pages of memory-mapped Arrow files it read), peak
+anonymous RSS (RssAnon sampled every 0.2 s: the memory that is the process's own), and the map workers' peak RSS
+(with --num-proc > 1).
 Goal (issue #29): lora_core >= the plain map's records/s, peak RSS <= 2.5 GB at 1M.
 """
 
@@ -51,8 +53,26 @@ def generate(n: int, path: Path, seed: int = 0) -> None:
             f.write(json.dumps({"messages": chat}, ensure_ascii=False) + "\n")
 
 
+def anon_peak() -> dict:
+    """Samples this process's anonymous resident memory (RssAnon: heap, not the memory-mapped Arrow files, whose pages
+    count in RSS but are the kernel's to drop) every 0.2 s in a thread; {"peak": bytes so far}."""
+    import threading
+
+    seen = {"peak": 0}
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as f:
+                kib = next((int(line.split()[1]) for line in f if line.startswith("RssAnon:")), 0)
+            seen["peak"] = max(seen["peak"], kib * 1024)
+            time.sleep(0.2)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return seen
+
+
 def run_side(side: str, records: str, tokenizer_dir: str, work: str, num_proc: int | None) -> dict:
-    """One side, in this process; returns rows, seconds and peak RSS (bytes)."""
+    """One side, in this process; returns rows, seconds, peak RSS and peak anonymous RSS (bytes)."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -60,6 +80,7 @@ def run_side(side: str, records: str, tokenizer_dir: str, work: str, num_proc: i
     from lora_core.formatting import format_dataset
 
     datasets.disable_progress_bars()
+    anon = anon_peak()
     started = time.perf_counter()  # from the records file to a saved dataset (imports not counted)
     if side == "lora_core":
         rows = format_dataset(records, None, tokenizer_dir, TemplateConfig(), work).n_rows
@@ -77,7 +98,7 @@ def run_side(side: str, records: str, tokenizer_dir: str, work: str, num_proc: i
     seconds = time.perf_counter() - started
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {"rows": rows, "seconds": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
-            "workers_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib}
+            "anon": anon["peak"], "workers_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib}
 
 
 def default_tokenizer() -> str:
@@ -107,7 +128,8 @@ def main() -> None:
 
     tokenizer = a.tokenizer or default_tokenizer()
     print(f"tokenizer {tokenizer}; {len(os.sched_getaffinity(0))} core(s) usable")
-    print(f"{'records':>9}  {'side':<14} {'wall s':>8} {'records/s':>10} {'peak RSS GB':>12} {'workers GB':>11}")
+    print(f"{'records':>9}  {'side':<14} {'wall s':>8} {'records/s':>10} {'peak RSS GB':>12} {'anon GB':>8} "
+          f"{'workers GB':>11}")
     for n in [int(s) for s in a.sizes.split(",")]:
         with tempfile.TemporaryDirectory(prefix="data_speed-") as tmp:
             records = Path(tmp) / "records.jsonl"
@@ -120,7 +142,7 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"{n:>9}  {side:<14} {r['seconds']:>8.1f} {r['rows'] / r['seconds']:>10.0f} {r['rss'] / 1e9:>12.2f} "
-                      f"{r['workers_rss'] / 1e9:>11.2f}", flush=True)
+                      f"{r['anon'] / 1e9:>8.2f} {r['workers_rss'] / 1e9:>11.2f}", flush=True)
 
 
 if __name__ == "__main__":

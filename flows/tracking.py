@@ -243,8 +243,8 @@ SUMMARY_METRICS = {"train_tokens_per_second"}  # logged by log_training, from th
 
 
 def log_dataset(records_path: str, name: str, context: str) -> None:
-    """The records a split holds, as a dataset input of the run (context 'training' or 'validation'); of a big split
-    the first LOGGED_ROWS stand for it, with the whole file's digest and its count as tags."""
+    """The records a split holds, as a dataset input of the run (context 'training' or 'validation');
+    of a big split the first LOGGED_ROWS stand for it, with the whole file's digest and its count as tags."""
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     from lora_core.data import records_head

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from lora_core.base_model import _COMPLETE, EMBEDDED, BaseModelError, load_tokenizer, pick_device, quantization_config
 from lora_core.config import PipelineConfig
 from lora_core.data import DataError, inject_system_prompt, split_indices
-from lora_core.streaming import gather_dataset
+from lora_core.streaming import column, gather_dataset
 from lora_core.formatting import (PROBE, FormatError, check_end_of_turn_trained, encode_conversation, encode_record,
                                   end_of_turn)
 from lora_core.hashing import file_sha256
@@ -102,8 +102,7 @@ def _data(cfg: PipelineConfig, problems: list[str], work: Path) -> tuple[Iterato
     records = gathered.records
     if gathered.val_records is None:  # else a validation file replaces the random split
         try:
-            train, _ = split_indices(records.data.column("key").to_pylist(), cfg.split.val_fraction, cfg.split.val_size,
-                                     cfg.split.seed)
+            train, _ = split_indices(column(records, "key"), cfg.split.val_fraction, cfg.split.val_size, cfg.split.seed)
         except DataError as exc:
             problems.append(f"{exc} (data.path {cfg.data.path})")
             return None, gathered.format

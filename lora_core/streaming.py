@@ -336,6 +336,11 @@ def write_arrow(sources: list[tuple[str, str]], out: Path) -> str:
     return str(out)
 
 
+def column(ds, name: str):
+    """One column of `ds` as a pyarrow array, of the rows `ds` selects (`ds.data` ignores a selection's indices)."""
+    return ds.select_columns([name]).with_format("arrow")[:][name]
+
+
 def first_values(ds, column: str, n: int) -> list[str]:
     """The first `n` non-null values of a column, read with pyarrow (no rows decoded)."""
     import pyarrow.compute as pc
