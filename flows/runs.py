@@ -3,10 +3,12 @@ Prefect API a run started from a terminal talks to."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -15,9 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from flows import tracking
 from lora_core.config import PipelineConfig, merge_tree
+from lora_core.errors import LoraFlowError
 from lora_core.train import checkpoint_step, last_checkpoint
 
 log = logging.getLogger(__name__)
+LATE_FACTOR = 3  # a temporary server slow to start gets this many times its start-up timeout more
 
 
 def shielded_prefect_server() -> None:
@@ -33,10 +37,38 @@ def shielded_prefect_server() -> None:
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    server = SubprocessASGIServer()
     try:
-        SubprocessASGIServer().start()
+        server.start()
+    except RuntimeError as exc:  # "Timed out while attempting to connect to ephemeral Prefect API server"
+        _wait_longer(server, exc)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C pressed meanwhile is delivered now
+
+
+def _wait_longer(server, exc: RuntimeError) -> None:
+    """A busy machine starts the server late (10-13 s idle here, more under load): wait LATE_FACTOR x the
+    start-up timeout more for the same process; then one line with the fixes, and the server stopped."""
+    import httpx
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as TIMEOUT
+
+    process, waited = server.server_process, TIMEOUT.value()
+    deadline = time.monotonic() + LATE_FACTOR * waited
+    log.warning("the temporary Prefect API server has not answered in %s s; waiting up to %s s more", waited,
+                LATE_FACTOR * waited)
+    while process is not None and process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{server.api_url}/health", timeout=5).status_code == 200:
+                server.running = True  # what start() sets: get_client() now uses this server
+                return
+        time.sleep(0.5)
+    gone = process is not None and process.poll() is not None
+    total = (1 + LATE_FACTOR) * waited
+    exited = f"it exited with code {process.returncode}" if gone else f"no answer in {total:.0f} s"
+    server.stop()
+    raise LoraFlowError(f"the temporary Prefect API server did not start ({exited}); on a busy machine raise "
+                        f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {waited}), or start a "
+                        "lasting server with `lora-flow stack up` (or point PREFECT_API_URL at one)") from exc
 
 
 def _prefect_states(flow_run_ids: list[str]) -> dict[str, str]:

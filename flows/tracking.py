@@ -243,18 +243,20 @@ SUMMARY_METRICS = {"train_tokens_per_second"}  # logged by log_training, from th
 
 
 def log_dataset(records_path: str, name: str, context: str) -> None:
-    """The records a split holds, as a dataset input of the run (context 'training' or 'validation')."""
-    import pandas as pd
+    """The records a split holds, as a dataset input of the run (context 'training' or 'validation');
+    of a big split the first LOGGED_ROWS stand for it, with the whole file's digest and its count as tags."""
     from mlflow.data.sources import LocalArtifactDatasetSource
 
+    from lora_core.data import records_head
     from lora_core.hashing import file_sha256
 
-    df = pd.read_json(records_path, lines=True)
-    for col in df.columns:  # nested lists/dicts are shown as JSON text in the UI
-        df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    df, total = records_head(records_path)
     # an explicit source: a plain path string makes MLflow guess among source types (and warn that it can)
     source = LocalArtifactDatasetSource(str(Path(records_path).resolve()))
-    mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=name, digest=file_sha256(records_path)[:20]), context=context)
+    digest = file_sha256(records_path)[:20]
+    mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=name, digest=digest), context=context)
+    if total > len(df):
+        set_tags({f"dataset.{name}.records": total, f"dataset.{name}.logged_records": len(df)})
 
 
 def set_tags(tags: dict) -> None:
@@ -271,8 +273,11 @@ def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
     name = Path(cfg.data.path).stem
     log_dataset(str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training")
     log_dataset(split.val_records_path, f"{name}-validation", "validation")
+    skipped = getattr(data, "n_skipped", 0)  # records left out by data.skip_invalid (which and why: a file)
     mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
-                        "data.train_target_tokens": split.train_target_tokens})
+                        "data.train_target_tokens": split.train_target_tokens, "data.skipped": skipped})
+    if skipped:
+        mlflow.log_artifact(data.skipped_path, "data")
 
 
 def _last_logged(metrics_path: str, key: str) -> float:

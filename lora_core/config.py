@@ -76,9 +76,7 @@ class MixSource(_Part):
 
 class DataConfig(_Part):
     path: str = Field("data/socratic_tutor.jsonl", description="Training data: a .jsonl/.json/.csv/.parquet file, a directory of them, or a hub dataset id 'org/name'.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field(
-        "auto", description="Record format; 'auto' detects it from the first record's keys."
-    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; 'auto' detects it from the first record's keys.")
     subset: str | None = Field(None, description="Configuration name of a hub dataset (e.g. 'main' for openai/gsm8k).")
     split: str = Field("train", description="Split to read from a hub dataset.")
     columns: dict[str, str] = Field({}, description="Rename source columns before format detection, e.g. {question: instruction, answer: output}.")
@@ -86,6 +84,7 @@ class DataConfig(_Part):
     validation_path: str | None = Field(None, description="Separate validation data (same formats); replaces the random split.")
     mix: list[MixSource] = Field([], description="More datasets mixed into `path`'s, each with a sampling weight (a multiple of its size).")
     weight: float = Field(1.0, gt=0, le=100, description="Sampling weight of `path` in a mix (1 = every record once, 0.5 = half, 2 = twice).")
+    skip_invalid: bool = Field(False, description="Leave out records with a problem (e.g. no user turn) instead of refusing the data; they are counted and listed in the run (MLflow: data.skipped, data/skipped.jsonl).")
 
 
 class TemplateConfig(_Part):

@@ -1,163 +1,29 @@
-"""Normalisation to chat messages, the train/val split, and the data stages.
+"""The data stages around the format stage: read and normalise (download), and the train/val split.
 
-Every record becomes either `{"messages": [...], "tools": [...]?}` or `{"text": "..."}`.
-Problems are collected for every source and reported together, each naming the
-file and line (or record index) and the fix. Reading files lives in sources.py.
+Both stream: records live in Arrow files (the `datasets` library) and are written out batch by batch, so memory
+stays bounded whatever the file size (streaming.py reads and normalises, records.py holds the per-record rules).
+Problems are collected for every source and reported together, each naming the file and line (or record index)
+and the fix. Reading files lives in sources.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from lora_core.hashing import text_sha256
+from lora_core.records import (MAX_REPORTED, ROLES, SHAPES, SHAREGPT_ROLES, detect_format,  # noqa: F401 - public here too
+                               inject_system_prompt, normalise, record_key)
 from lora_core.sources import DataError, RawRecord, is_hub_id, read_records, source_fingerprint  # noqa: F401 - public here too
+from lora_core.streaming import GatheredData, gather_dataset, normalised, weighted_indices, where_true, write_column
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "function_call": "assistant",
-    "tool": "tool",
-    "function": "tool",
-    "observation": "tool",
-}
-MAX_REPORTED = 20  # problems listed before "... and N more"
-# what each format looks like, for the line that says a file's records are in another format than the one set
-SHAPES = {
-    "messages": 'OpenAI messages ({"messages": [{"role", "content"}, ...]})',
-    "sharegpt": 'ShareGPT ({"conversations": [{"from", "value"}, ...]})',
-    "alpaca": 'Alpaca ({"instruction", "output"})',
-    "text": 'plain text ({"text"})',
-}
 
-
-# --------------------------------------------------------------------------- normalising
-
-
-def detect_format(record: Any) -> str | None:
-    if not isinstance(record, dict):
-        return None
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "text" in record:
-        return "text"
-    return None
-
-
-def _content_text(content: Any) -> str | None:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(parts) == len(content):
-            return "".join(parts)
-    return None
-
-
-def _check_messages(messages: list[dict]) -> str | None:
-    roles = [m["role"] for m in messages]
-    if "assistant" not in roles:
-        return "conversation has no assistant message; add an assistant reply to learn from, or drop the record"
-    first = next((r for r in roles if r != "system"), None)
-    if first != "user":
-        return f"first non-system message has role '{first}'; a conversation must open with a user message"
-    return None
-
-
-def _normalise_messages(raw: Any) -> tuple[list[dict] | None, str | None]:
-    if not isinstance(raw, list) or not raw:
-        return None, "'messages' must be a non-empty list of {role, content} objects"
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict) or "role" not in m:
-            return None, f"message {i} is not an object with a 'role'; expected {{\"role\": ..., \"content\": ...}}"
-        if m["role"] not in ROLES:
-            return None, f"message {i} has role {m['role']!r}; expected one of {'/'.join(ROLES)}"
-        if m.get("content") is None and not (m["role"] == "assistant" and m.get("tool_calls")):
-            return None, (f"message {i} ({m['role']}) has no 'content'; add \"content\": \"...\" "
-                          "(only an assistant message with tool_calls may leave it out)")
-        text = _content_text(m.get("content"))
-        if text is None:
-            return None, f"message {i} has content of type {type(m.get('content')).__name__}; expected a string or text parts"
-        msg = {"role": m["role"], "content": text}
-        if m.get("tool_calls"):
-            msg["tool_calls"] = m["tool_calls"]
-        elif m["role"] == "assistant" and not text.strip():
-            return None, f"message {i} is an empty assistant reply; write the reply or drop the message"
-        for key in ("name", "tool_call_id"):
-            if m.get(key):
-                msg[key] = m[key]
-        out.append(msg)
-    return out, _check_messages(out)
-
-
-def normalise(record: Any, fmt: str) -> tuple[dict | None, str | None]:
-    """One record in any supported format -> (normalised record, None) or (None, problem)."""
-    if not isinstance(record, dict):
-        return None, f"record is a {type(record).__name__}, expected an object"
-    if fmt == "messages":
-        if "messages" not in record:
-            return None, "missing field 'messages' (format 'messages')"
-        msgs, err = _normalise_messages(record["messages"])
-        if err:
-            return None, err
-        out: dict = {"messages": msgs}
-        if record.get("tools"):
-            out["tools"] = json.loads(record["tools"]) if isinstance(record["tools"], str) else record["tools"]
-        return out, None
-    if fmt == "sharegpt":
-        conv = record.get("conversations")
-        if not isinstance(conv, list) or not conv:
-            return None, "'conversations' must be a non-empty list of {from, value} objects"
-        msgs = []
-        for i, turn in enumerate(conv):
-            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                return None, f"turn {i} is not a {{from, value}} object"
-            role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
-            if role is None:
-                return None, f"turn {i} has from={turn['from']!r}; expected one of {'/'.join(sorted(SHAREGPT_ROLES))}"
-            msgs.append({"role": role, "content": str(turn["value"])})
-        if record.get("system"):
-            msgs.insert(0, {"role": "system", "content": str(record["system"])})
-        msgs, err = _normalise_messages(msgs)
-        return (None, err) if err else ({"messages": msgs}, None)
-    if fmt == "alpaca":
-        instruction, output = record.get("instruction"), record.get("output")
-        if not isinstance(instruction, str) or not instruction.strip():
-            return None, "field 'instruction' is missing or empty"
-        if not isinstance(output, str) or not output.strip():
-            return None, "field 'output' is missing or empty; the assistant reply is what is learned"
-        user = instruction if not record.get("input") else f"{instruction}\n\n{record['input']}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        if record.get("system"):
-            msgs.insert(0, {"role": "system", "content": str(record["system"])})
-        return {"messages": msgs}, None
-    if fmt == "text":
-        text = record.get("text")
-        if not isinstance(text, str) or not text.strip():
-            return None, "field 'text' is missing or empty"
-        return {"text": text}, None
-    raise ValueError(f"unknown format {fmt!r}")
+# --------------------------------------------------------------------------- whole datasets in memory (small inputs)
 
 
 def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision: str | None = None,
@@ -165,100 +31,60 @@ def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision
                     key: str | None = "data.format") -> tuple[list[dict], str, str]:
     """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every problem.
     `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"}). `key` is the
-    recipe key that sets `fmt`, named in the fix when the records are in another format (None: `fmt` is data.path's)."""
-    raw, digest = read_records(path, split=split, revision=revision, subset=subset)
-    if columns:
-        raw = [RawRecord(r.where, {columns.get(k, k): v for k, v in r.value.items()} if isinstance(r.value, dict) else r.value, r.error)
-               for r in raw]
-    if not raw:
-        raise DataError(f"{path}: dataset is empty (no records); add records or point data.path at another file")
-    auto = fmt == "auto" or key is None  # the format was read from a record, not set for this file
-    if fmt == "auto":
-        first = next((r for r in raw if r.value is not None), None)
-        # nothing parsed: every record carries its parse error, reported below, so the format does not matter
-        fmt = detect_format(first.value) if first else "unparsed"
-        if fmt is None:
-            keys = sorted(first.value) if isinstance(first.value, dict) else []
-            raise DataError(
-                f"{first.where}: cannot detect the format from keys {keys}; expected 'messages', 'conversations', "
-                "'instruction'+'output' or 'text', or set data.format"
-            )
-    records, problems = [], []
-    misfits: dict[str, list[str]] = {}  # another format -> where its records are: one line each, not one per record
-    for r in raw:
-        if r.error:
-            problems.append(f"{r.where}: {r.error}")
-            continue
-        rec, err = normalise(r.value, fmt)
-        other = detect_format(r.value) if err else None
-        if other not in (None, fmt):
-            misfits.setdefault(other, []).append(r.where)
-        elif err:
-            problems.append(f"{r.where}: {err}")
-        else:
-            records.append(rec)
-    parsed = sum(r.error is None for r in raw)
-    problems += [_misfit_line(path, fmt, other, wheres, parsed, key, auto) for other, wheres in misfits.items()]
-    if problems:
-        more = f"\n... and {len(problems) - MAX_REPORTED} more problems" if len(problems) > MAX_REPORTED else ""
-        raise DataError("\n".join(problems[:MAX_REPORTED]) + more)
-    log.info("loaded %d %s records from %s (sha256 %s)", len(records), fmt, path, digest[:12])
-    return records, fmt, digest
+    recipe key that sets `fmt`, named in the fix when the records are in another format (None: `fmt` is data.path's).
+    For small inputs (a pushed file, tests); the stages stream (streaming.normalised)."""
+    with tempfile.TemporaryDirectory() as work:
+        n = normalised(path, fmt, work=Path(work), split=split, revision=revision, subset=subset, columns=columns, key=key)
+        if n.problems:
+            raise DataError("\n".join(n.problems))
+        return [json.loads(r) for r in n.ds["record"][:]], n.format, n.sha256
 
 
-def _misfit_line(path: str, fmt: str, other: str, wheres: list[str], total: int, key: str | None, auto: bool) -> str:
-    """One line, with the fix, for the records of `path` that are in format `other`, not `fmt`."""
-    if len(wheres) == total and not auto:  # the whole file: the format setting is what is wrong
-        return (f"{path}: all {total} records look like {SHAPES[other]}, not {key} '{fmt}'; "
-                f"set {key}: {other} (or auto)")
-    these = f"this record and {len(wheres) - 1} more of {total} look" if len(wheres) > 1 else "this record looks"
-    if key is None:
-        return (f"{wheres[0]}: {these} like {SHAPES[other]}, not '{fmt}' like data.path's records; convert them to "
-                f"'{fmt}' (data.validation_path is read in data.path's format)")
-    like = f"'{fmt}' like the first record (data.format auto)" if auto else f"{key} '{fmt}'"
-    return (f"{wheres[0]}: {these} like {SHAPES[other]}, not {like}; convert them to '{fmt}', "
-            f"or move them to a file of their own in data.mix with format: {other}")
+def weighted_sample(records: list[dict], weight: float, seed: int) -> list[dict]:
+    """`weight` x the records, deterministically: whole copies, then a seeded sample for the fraction."""
+    return [records[i] for i in weighted_indices(len(records), weight, seed)]
 
 
-def inject_system_prompt(records: list[dict], system_prompt: str | None) -> list[dict]:
-    if not system_prompt:
-        return records
-    out = []
-    for rec in records:
-        msgs = rec.get("messages")
-        if msgs and msgs[0]["role"] != "system":
-            rec = {**rec, "messages": [{"role": "system", "content": system_prompt}, *msgs]}
-        out.append(rec)
-    return out
+@dataclass(frozen=True)
+class Gathered:
+    records: list[dict]  # path's records (weighted) followed by every mix source's
+    val_records: list[dict] | None  # from data.validation_path, if given
+    format: str
+    sha256: str  # content hash of every source
+
+
+def gather_records(cfg, seed: int = 0) -> Gathered:
+    """gather_dataset's records as lists (small inputs); one DataError lists all problems."""
+    with tempfile.TemporaryDirectory() as work:
+        g = gather_dataset(cfg, seed, work=Path(work))
+        val = [json.loads(r) for r in g.val_records["record"][:]] if g.val_records is not None else None
+        return Gathered([json.loads(r) for r in g.records["record"][:]], val, g.format, g.sha256)
 
 
 # --------------------------------------------------------------------------- splitting
 
 
-def record_key(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def split_indices(keys: list[str], val_fraction: float, val_size: int | None, seed: int) -> tuple[list[int], list[int]]:
+def split_indices(keys, val_fraction: float, val_size: int | None, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic conversation-level split; identical conversations land on the same side.
-    Sizes count distinct conversations, so duplicates can never make up the validation set alone."""
-    groups: dict[str, list[int]] = {}
-    for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
-    order = sorted(groups)
+    Sizes count distinct conversations, so duplicates can never make up the validation set alone.
+    `keys`: a list or a pyarrow array of record keys (membership is computed with pyarrow: 1M keys in ~2 s)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(keys, pa.string())
+    order = sorted(pc.unique(keys).to_pylist())
     random.Random(seed).shuffle(order)
     key = "split.val_size" if val_size is not None else "split.val_fraction"
-    n_val = val_size if val_size is not None else max(1, round(len(groups) * val_fraction))
-    if n_val >= len(groups):
+    n_val = val_size if val_size is not None else max(1, round(len(order) * val_fraction))
+    if n_val >= len(order):
         dupes = (f" distinct ones ({len(keys)} records; identical conversations stay on one side of the split)"
-                 if len(groups) < len(keys) else "")
-        limit = len(groups) - 1
+                 if len(order) < len(keys) else "")
+        limit = len(order) - 1
         fix = "add distinct conversations" if limit < 1 else f"set split.val_size to at most {limit}, or add data"
-        raise DataError(f"{key} asks for {n_val} validation conversations out of {len(groups)}{dupes}; "
+        raise DataError(f"{key} asks for {n_val} validation conversations out of {len(order)}{dupes}; "
                         f"leave at least one for training: {fix}")
-    val_set = {i for k in order[:n_val] for i in groups[k]}
-    train = [i for i in range(len(keys)) if i not in val_set]
-    return train, sorted(val_set)
+    in_val = pc.is_in(keys, value_set=pa.array(order[:n_val], pa.string()))
+    return where_true(pc.invert(in_val)), where_true(in_val)
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> None:
@@ -286,71 +112,26 @@ class DataResult:
     format: str
     sha256: str  # content hash of the source data (and validation data)
     n_records: int
-
-
-def weighted_sample(records: list[dict], weight: float, seed: int) -> list[dict]:
-    """`weight` x the records, deterministically: whole copies, then a seeded sample for the fraction."""
-    whole, frac = int(weight), weight - int(weight)
-    extra = random.Random(seed).sample(records, round(frac * len(records))) if frac else []
-    return records * whole + extra
-
-
-@dataclass(frozen=True)
-class Gathered:
-    records: list[dict]  # path's records (weighted) followed by every mix source's
-    val_records: list[dict] | None  # from data.validation_path, if given
-    format: str
-    sha256: str  # content hash of every source
-
-
-def _collect(problems: list[str], *args, **kwargs) -> tuple[list[dict], str, str] | None:
-    """load_normalised, its problems appended to `problems` instead of raised (so every source is checked)."""
-    try:
-        return load_normalised(*args, **kwargs)
-    except DataError as exc:
-        problems.extend(str(exc).splitlines())
-        return None
-
-
-def gather_records(cfg, seed: int = 0) -> Gathered:
-    """Every source of the data config read and normalised (mix sources by weight); one DataError lists all problems."""
-    problems: list[str] = []
-    main = _collect(problems, cfg.path, cfg.format, cfg.split, cfg.revision, cfg.subset, cfg.columns)
-    records, fmt, digest = main or ([], cfg.format, "")
-    if cfg.mix or cfg.weight != 1.0:
-        records = weighted_sample(records, cfg.weight, seed)
-        for i, src in enumerate(cfg.mix):
-            more = _collect(problems, src.path, src.format, key=f"data.mix[{i}].format")
-            if more is None or main is None:
-                continue
-            if (more[1] == "text") != (fmt == "text"):
-                problems.append(f"data.mix[{i}] {src.path}: {more[1]} records cannot be mixed with {fmt} records; "
-                                "mix chats with chats, text with text")
-                continue
-            records += weighted_sample(more[0], src.weight, seed + i + 1)
-            digest = text_sha256(digest, more[2], str(src.weight))
-            log.info("mixed in %s x%.2f", src.path, src.weight)
-        if main and not records:
-            problems.append("data.weight/data.mix sampled no records at all; raise the weights")
-    val = None
-    if cfg.validation_path:
-        val = _collect(problems, cfg.validation_path, fmt, cfg.split, cfg.revision, cfg.subset, cfg.columns, key=None)
-        digest = text_sha256(digest, val[2]) if val else digest
-    if problems:
-        raise DataError("\n".join(problems))
-    return Gathered(records, val[0] if val else None, fmt, digest)
+    n_skipped: int = 0  # records left out for a problem (data.skip_invalid)
+    skipped_path: str | None = None  # JSONL of {where, problem}, one line per skipped record
 
 
 def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
     """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
     out_dir = Path(out_dir)
-    g = gather_records(cfg, seed)
-    write_jsonl(g.records, out_dir / "records.jsonl")
-    val_path = None
-    if g.val_records is not None:
-        val_path = str(out_dir / "val_records.jsonl")
-        write_jsonl(g.val_records, val_path)
-    return DataResult(str(out_dir / "records.jsonl"), val_path, g.format, g.sha256, len(g.records))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".arrow-") as work:
+        g = gather_dataset(cfg, seed, work=Path(work), keys=False)  # the split keys formatted records
+        write_column(g.records, "record", out_dir / "records.jsonl")
+        val_path = skipped_path = None
+        if g.val_records is not None:
+            val_path = str(out_dir / "val_records.jsonl")
+            write_column(g.val_records, "record", val_path)
+        if g.skipped:
+            skipped_path = str(out_dir / "skipped.jsonl")
+            write_jsonl([row for part in g.skipped for row in part], skipped_path)
+        return DataResult(str(out_dir / "records.jsonl"), val_path, g.format, g.sha256, len(g.records), g.n_skipped,
+                          skipped_path)
 
 
 @dataclass(frozen=True)
@@ -364,30 +145,61 @@ class SplitResult:
     tokenizer_dir: str  # the tokenizer (and chat template) the rows were encoded with
 
 
+def _target_tokens(ds) -> int:
+    """The trained-on tokens of `ds` (its assistant_masks summed), a batch at a time with pyarrow."""
+    import pyarrow.compute as pc
+
+    batches = ds.select_columns(["assistant_masks"]).with_format("arrow").iter(batch_size=10_000)
+    return sum(pc.sum(pc.list_flatten(b.column(0))).as_py() or 0 for b in batches)
+
+
 def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: str = "") -> SplitResult:
-    """Conversation-level, seed-deterministic split of the formatted dataset; `repeat` applies to train only."""
+    """Conversation-level, seed-deterministic split of the formatted dataset; `repeat` applies to train only.
+    Streams: the sides are index selections of the memory-mapped dataset, saved and written out batch by batch."""
     import datasets
+    import pyarrow.compute as pc
+
+    from lora_core.streaming import progress
 
     out_dir = Path(out_dir)
     ds = datasets.load_from_disk(formatted_dir)
-    sources = ds["source"]
-    if "val" in sources:  # a separate validation file replaces the random split
-        train_idx = [i for i, s in enumerate(sources) if s == "train"]
-        val_idx = [i for i, s in enumerate(sources) if s == "val"]
+    sources = ds.data.column("source")
+    if pc.any(pc.equal(sources, "val")).as_py():  # a separate validation file replaces the random split
+        train_idx, val_idx = where_true(pc.equal(sources, "train")), where_true(pc.equal(sources, "val"))
     else:
-        train_idx, val_idx = split_indices(ds["key"], cfg.val_fraction, cfg.val_size, cfg.seed)
-    train = ds.select(train_idx * cfg.repeat)
-    val = ds.select(val_idx)
-    train.save_to_disk(str(out_dir / "train"))
-    val.save_to_disk(str(out_dir / "val"))
-    write_jsonl([json.loads(r) for r in val["record"]], out_dir / "val_records.jsonl")
-    write_jsonl([json.loads(r) for r in ds.select(train_idx)["record"]], out_dir / "train_records.jsonl")  # the prepared data, readable
+        train_idx, val_idx = split_indices(ds.data.column("key"), cfg.val_fraction, cfg.val_size, cfg.seed)
+    log.info("split %d records: %d train (x%d), %d validation", len(ds), len(train_idx), cfg.repeat, len(val_idx))
+    train, val, train_once = ds.select(train_idx * cfg.repeat), ds.select(val_idx), ds.select(train_idx)
+    with progress(len(ds)):  # datasets' bars: records done/total and records/s, for big inputs
+        train.save_to_disk(str(out_dir / "train"))
+        val.save_to_disk(str(out_dir / "val"))
+        write_column(val, "record", out_dir / "val_records.jsonl", desc="writing val_records.jsonl")
+        write_column(train_once, "record", out_dir / "train_records.jsonl", desc="writing train_records.jsonl")
     return SplitResult(
         str(out_dir / "train"),
         str(out_dir / "val"),
         str(out_dir / "val_records.jsonl"),
         len(train),
         len(val),
-        int(sum(sum(m) for m in train["assistant_masks"])),
+        _target_tokens(train_once) * cfg.repeat,
         tokenizer_dir,
     )
+
+
+LOGGED_ROWS = 10_000  # records of a split shown as a run's dataset: enough to browse, ~10 MB of short chats in pandas
+
+
+def records_head(path: str | Path, rows: int = LOGGED_ROWS):
+    """The first `rows` records of a JSONL file as a pandas DataFrame, nested values as JSON text (as a UI shows
+    them), and how many records the whole file holds (counted line by line: a 1M-record split never sits in memory)."""
+    import itertools
+
+    import pandas as pd
+
+    with open(path, encoding="utf-8") as f:
+        head = [json.loads(line) for line in itertools.islice((ln for ln in f if ln.strip()), rows)]
+        total = len(head) + sum(1 for ln in f if ln.strip())
+    df = pd.DataFrame(head)
+    for col in df.columns:
+        df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    return df, total

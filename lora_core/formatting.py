@@ -20,19 +20,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from lora_core.errors import LoraFlowError
+from lora_core.encoding import (NO_TEMPLATE, Encoded, FormatError, encode_conversations,  # noqa: F401 - public here too
+                                encode_records, encode_text)
 
 log = logging.getLogger(__name__)
-
-
-class FormatError(LoraFlowError):
-    """A conversation cannot be rendered with this tokenizer's chat template."""
-
-
-@dataclass(frozen=True)
-class Encoded:
-    input_ids: list[int]
-    assistant_masks: list[int]  # 1 where the token is trained on
 
 
 def _render(tokenizer, messages, tools, add_generation_prompt=False) -> str:
@@ -41,63 +32,18 @@ def _render(tokenizer, messages, tools, add_generation_prompt=False) -> str:
     )
 
 
-def assistant_spans(tokenizer, messages: list[dict], tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans of each assistant reply (with its end-of-turn)."""
-    full = _render(tokenizer, messages, tools)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = _render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], tools)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise FormatError(
-                f"the chat template renders message {i} differently depending on what follows it, so the "
-                "assistant tokens cannot be located; use a template that renders conversations as prefixes "
-                "of each other, or set format.assistant_only_loss=false"
-            )
-        reply = upto[len(before):]
-        end = len(before) + len(reply.rstrip())  # trailing newline after end-of-turn is not a target
-        spans.append((len(before), end))
-    return full, spans
-
-
-NO_TEMPLATE = ("the base tokenizer has no chat template (GGUF files often carry none); set template.chat_template to a "
-               "Jinja chat-template file for this model family, or use a 'text' dataset")
+def _one(encoded: Encoded | FormatError) -> Encoded:
+    if isinstance(encoded, FormatError):
+        raise encoded
+    return encoded
 
 
 def encode_conversation(tokenizer, messages: list[dict], tools: list | None = None, assistant_only: bool = True) -> Encoded:
-    if not tokenizer.chat_template:
-        raise FormatError(NO_TEMPLATE)
-    full, spans = assistant_spans(tokenizer, messages, tools)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if not assistant_only:
-        return Encoded(ids, [1] * len(ids))
-    mask = [0] * len(ids)
-    s = 0
-    for t, (start, _end) in enumerate(enc["offset_mapping"]):
-        while s < len(spans) and start >= spans[s][1]:
-            s += 1
-        if s < len(spans) and spans[s][0] <= start < spans[s][1]:
-            mask[t] = 1
-    if not any(mask):
-        raise FormatError("no assistant tokens after rendering; the conversation would teach nothing")
-    return Encoded(ids, mask)
-
-
-def encode_text(tokenizer, text: str) -> Encoded:
-    """Plain-text records: every token is a target, and the text ends with EOS so the model learns to stop."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids = ids + [tokenizer.eos_token_id]
-    return Encoded(ids, [1] * len(ids))
+    return _one(encode_conversations(tokenizer, [(messages, tools)], assistant_only)[0])
 
 
 def encode_record(tokenizer, record: dict, assistant_only: bool = True) -> Encoded:
-    if "text" in record:
-        return encode_text(tokenizer, record["text"])
-    return encode_conversation(tokenizer, record["messages"], record.get("tools"), assistant_only)
+    return _one(encode_records(tokenizer, [record], assistant_only)[0])
 
 
 PROBE = [{"role": "user", "content": "Probe question?"}, {"role": "assistant", "content": "Probe reply 42."}]
@@ -261,57 +207,121 @@ def with_default_system_prompt(template: str, system_prompt: str) -> str:
     return head + template
 
 
-def format_dataset(records_path: str, val_records_path: str | None, tokenizer_path: str, cfg, out_dir, trust_remote_code: bool = False) -> FormatResult:
-    """Render every conversation with the base tokenizer's chat template and build its loss mask.
-    Problems of the model (no chat template, unknown end-of-turn token) are one line, raised before any record
-    is encoded; problems of records are listed by record, at most 20."""
+COLUMNS = ("input_ids", "assistant_masks", "key", "source", "record")  # of the saved dataset, in this order
+
+
+def _features():
+    import datasets
+
+    ints = {"input_ids": "int32", "assistant_masks": "int64"}  # what Dataset.from_dict chose: the saved rows unchanged
+    return datasets.Features({name: datasets.Sequence(datasets.Value(ints[name])) if name in ints else datasets.Value("string")
+                              for name in COLUMNS + ("problem",)})
+
+
+def _format_batch(batch: dict, tokenizer, system_prompt: str | None, assistant_only: bool) -> dict:
+    """A batch of records JSONL lines encoded (source, line, index -> COLUMNS and the problem, if any)."""
     import json
-    from pathlib import Path
+
+    from lora_core.records import inject_system_prompt, record_key
+
+    records = inject_system_prompt([json.loads(line) for line in batch["line"]], system_prompt)
+    out: dict[str, list] = {name: [] for name in COLUMNS + ("problem",)}
+    for source, i, rec, enc in zip(batch["source"], batch["index"], records, encode_records(tokenizer, records, assistant_only)):
+        bad = isinstance(enc, FormatError)
+        out["input_ids"].append([] if bad else enc.input_ids)
+        out["assistant_masks"].append([] if bad else enc.assistant_masks)
+        out["key"].append(record_key(rec))
+        out["source"].append(source)
+        out["record"].append(json.dumps(rec, ensure_ascii=False))
+        out["problem"].append(f"{source} record {i}: {enc}" if bad else None)
+    return out
+
+
+def _first_record(path: str) -> dict | None:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        line = f.readline()
+    return json.loads(line) if line.strip() else None
+
+
+def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int | None]:
+    """The end-of-turn token and its id (None for text records without template.end_of_turn), raised as one line before any
+    record is encoded when the template cannot end a turn; checked against the first record's mask, once (a property of
+    the template)."""
+    from lora_core.records import inject_system_prompt
+
+    first = _first_record(records_path)
+    chats = first is not None and "messages" in first  # every record of a run has one kind: chats or text
+    if not (cfg.end_of_turn or chats):
+        return None, None
+    eot = end_of_turn(tokenizer, cfg.end_of_turn)
+    eot_id = tokenizer.convert_tokens_to_ids(eot)
+    log.info("end of turn: %r (id %d), %s", eot, eot_id, "template.end_of_turn" if cfg.end_of_turn else "from the chat template")
+    if chats and cfg.assistant_only_loss:
+        enc = encode_records(tokenizer, inject_system_prompt([first], cfg.system_prompt))[0]
+        if not isinstance(enc, FormatError):  # a record that cannot be encoded is reported with the others
+            check_end_of_turn_trained(tokenizer, enc, eot_id)
+    return eot, eot_id
+
+
+def _encoded(sources: list[tuple[str, str]], tokenizer, cfg, work):
+    """Every records JSONL line (source "train" or "val") encoded by a batched datasets map over Arrow files in `work`,
+    with progress for big inputs; the dataset has COLUMNS and "problem"."""
+    import time
 
     import datasets
 
-    from lora_core.base_model import load_tokenizer, save_generation_config
-    from lora_core.data import inject_system_prompt, read_jsonl, record_key
+    from lora_core.streaming import BATCH, progress, workers, write_arrow
 
+    started = time.monotonic()
+    lines = datasets.Dataset.from_file(write_arrow(sources, work / "lines.arrow"))
+    with progress(len(lines)):
+        ds = lines.map(_format_batch, batched=True, batch_size=BATCH, num_proc=workers(len(lines)),
+                       remove_columns=lines.column_names, features=_features(), desc="formatting",
+                       fn_kwargs={"tokenizer": tokenizer, "system_prompt": cfg.system_prompt,
+                                  "assistant_only": cfg.assistant_only_loss},
+                       cache_file_name=str(work / "formatted.arrow"), new_fingerprint="formatted")
+    seconds = time.monotonic() - started
+    log.info("formatted %d records in %.1f s (%.0f records/s)", len(ds), seconds, len(ds) / max(seconds, 1e-9))
+    return ds
+
+
+def format_dataset(records_path: str, val_records_path: str | None, tokenizer_path: str, cfg, out_dir,
+                   trust_remote_code: bool = False) -> FormatResult:
+    """Render every conversation with the base tokenizer's chat template and build its loss mask, a batch at a time
+    through Arrow files (memory stays flat in the number of records). Problems of the model (no chat template, unknown
+    end-of-turn token) are one line, raised before any record is encoded; problems of records are listed by record,
+    at most 20."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.compute as pc
+
+    from lora_core.base_model import load_tokenizer, save_generation_config
+    from lora_core.streaming import first_values
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
     if cfg.chat_template:
         template = Path(cfg.chat_template)
         if not template.is_file():
             raise FormatError(f"template.chat_template {cfg.chat_template!r}: no such file; point it at a .jinja chat template")
         tokenizer.chat_template = template.read_text()
+    eot, eot_id = _check_template(tokenizer, records_path, cfg)
     sources = [("train", records_path)] + ([("val", val_records_path)] if val_records_path else [])
-    loaded = [(source, inject_system_prompt(read_jsonl(path), cfg.system_prompt)) for source, path in sources]
-    eot = eot_id = None
-    if cfg.end_of_turn or any("messages" in r for _, records in loaded for r in records):
-        eot = end_of_turn(tokenizer, cfg.end_of_turn)
-        eot_id = tokenizer.convert_tokens_to_ids(eot)
-        log.info("end of turn: %r (id %d), %s", eot, eot_id, "template.end_of_turn" if cfg.end_of_turn else "from the chat template")
-    columns: dict[str, list] = {"input_ids": [], "assistant_masks": [], "key": [], "source": [], "record": []}
-    problems = []
-    checked_eot = False
-    for source, records in loaded:
-        for i, rec in enumerate(records):
-            try:
-                enc = encode_record(tokenizer, rec, cfg.assistant_only_loss)
-            except FormatError as exc:
-                problems.append(f"{source} record {i}: {exc}")
-                continue
-            if cfg.assistant_only_loss and "messages" in rec and not checked_eot:
-                check_end_of_turn_trained(tokenizer, enc, eot_id)  # a property of the template: checked once, raised once
-                checked_eot = True
-            columns["input_ids"].append(enc.input_ids)
-            columns["assistant_masks"].append(enc.assistant_masks)
-            columns["key"].append(record_key(rec))
-            columns["source"].append(source)
-            columns["record"].append(json.dumps(rec, ensure_ascii=False))
-    if problems:
-        raise FormatError("\n".join(problems[:20]))
-    ds = datasets.Dataset.from_dict(columns)
-    ds.save_to_disk(str(Path(out_dir) / "formatted"))
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".arrow-") as work:
+        ds = _encoded(sources, tokenizer, cfg, Path(work))
+        problems = first_values(ds, "problem", 20)
+        if problems:
+            raise FormatError("\n".join(problems))
+        ds.select_columns(list(COLUMNS)).save_to_disk(str(out_dir / "formatted"))
+        n_rows, max_tokens = len(ds), pc.max(pc.list_value_length(ds.data.column("input_ids"))).as_py()
     if cfg.system_prompt:  # what was trained on is what every saved model folder and registry version serves
         tokenizer.chat_template = with_default_system_prompt(tokenizer.chat_template, cfg.system_prompt)
-    tokenizer_dir = Path(out_dir) / "tokenizer"
+    tokenizer_dir = out_dir / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
     if eot_id is not None:
         save_generation_config(tokenizer_path, [eot_id], tokenizer_dir, trust_remote_code)
-    return FormatResult(str(Path(out_dir) / "formatted"), str(tokenizer_dir), len(ds), max(len(x) for x in columns["input_ids"]), eot)
+    return FormatResult(str(out_dir / "formatted"), str(tokenizer_dir), n_rows, max_tokens, eot)

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_core.base_model import _COMPLETE, EMBEDDED, BaseModelError, load_tokenizer, pick_device, quantization_config
 from lora_core.config import PipelineConfig
-from lora_core.data import DataError, gather_records, inject_system_prompt, record_key, split_indices
+from lora_core.data import DataError, inject_system_prompt, split_indices
+from lora_core.streaming import column, gather_dataset
 from lora_core.formatting import (PROBE, FormatError, check_end_of_turn_trained, encode_conversation, encode_record,
                                   end_of_turn)
 from lora_core.hashing import file_sha256
@@ -58,9 +60,14 @@ def check(cfg: PipelineConfig) -> list[str]:
 
 def review(cfg: PipelineConfig) -> Review:
     """`check`'s problems, and notes naming what could not be checked."""
+    with tempfile.TemporaryDirectory(prefix="lora-flow-validate-") as work:  # the data's Arrow files, memory-mapped
+        return _review(cfg, Path(work))
+
+
+def _review(cfg: PipelineConfig, work: Path) -> Review:
     found = Review()
     problems = found.problems
-    train_records, fmt = _data(cfg, problems)
+    train_records, fmt = _data(cfg, problems, work)
     problems += _device(cfg)
     problems += _template_file(cfg)
     source = _tokenizer_source(cfg, found)
@@ -83,22 +90,25 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- data, split, device
 
 
-def _data(cfg: PipelineConfig, problems: list[str]) -> tuple[list[dict] | None, str]:
-    """The training conversations as the format and split stages will see them, and the data format."""
-    try:
-        gathered = gather_records(cfg.data, cfg.split.seed)  # the flow seeds the mix sampling with split.seed
+def _data(cfg: PipelineConfig, problems: list[str], work: Path) -> tuple[Iterator[dict] | None, str]:
+    """The training conversations as the format and split stages will see them (read lazily from Arrow files in
+    `work`), and the data format."""
+    system_prompt = cfg.template.system_prompt
+    try:  # the flow seeds the mix sampling with split.seed; keys are those of the records with the system prompt
+        gathered = gather_dataset(cfg.data, cfg.split.seed, work=work, system_prompt=system_prompt)
     except DataError as exc:
         problems.extend(str(exc).splitlines())
         return None, cfg.data.format
-    records = inject_system_prompt(gathered.records, cfg.template.system_prompt)
-    if gathered.val_records is not None:  # a validation file replaces the random split
-        return records, gathered.format
-    try:
-        train, _ = split_indices([record_key(r) for r in records], cfg.split.val_fraction, cfg.split.val_size, cfg.split.seed)
-    except DataError as exc:
-        problems.append(f"{exc} (data.path {cfg.data.path})")
-        return None, gathered.format
-    return [records[i] for i in train], gathered.format
+    records = gathered.records
+    if gathered.val_records is None:  # else a validation file replaces the random split
+        try:
+            train, _ = split_indices(column(records, "key"), cfg.split.val_fraction, cfg.split.val_size, cfg.split.seed)
+        except DataError as exc:
+            problems.append(f"{exc} (data.path {cfg.data.path})")
+            return None, gathered.format
+        records = records.select(train)
+    rows = (json.loads(r) for batch in records.select_columns(["record"]).iter(batch_size=100) for r in batch["record"])
+    return (inject_system_prompt([r], system_prompt)[0] for r in rows), gathered.format
 
 
 def _device(cfg: PipelineConfig) -> list[str]:
@@ -296,7 +306,7 @@ def _end_of_turn(cfg: PipelineConfig, tokenizer, chat: bool) -> list[str]:
     return []
 
 
-def _fits(cfg: PipelineConfig, tokenizer, records: list[dict]) -> list[str]:
+def _fits(cfg: PipelineConfig, tokenizer, records: Iterator[dict]) -> list[str]:
     """Encode training conversations until one keeps a target token within train.max_length."""
     from jinja2 import TemplateError
 

@@ -13,7 +13,7 @@ import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from lora_core.errors import LoraFlowError
 from lora_core.hashing import text_sha256, tree_sha256
@@ -36,6 +36,13 @@ class RawRecord:
     where: str  # "data/x.jsonl:17" or "hub org/name record 17"
     value: Any  # the parsed record, or None when it could not be parsed
     error: str | None = None
+
+
+class Line(NamedTuple):
+    """One record as JSON text, not parsed yet (parsing runs in the data stages' worker processes)."""
+    where: str
+    text: str | None  # None when `problem` says why there is no record here
+    problem: str | None
 
 
 # --------------------------------------------------------------------------- text checks
@@ -61,26 +68,35 @@ def _is_binary(sample: bytes) -> bool:
     return odd > 0.1 * len(sample)
 
 
-def read_text(path: Path) -> str:
-    """The file as text, or a DataError naming the encoding problem (UTF-16/32, binary, other 8-bit text)."""
-    data = path.read_bytes()
+def _check_head(path: Path, head: bytes) -> None:
+    """A DataError when the first bytes show UTF-16/32 (with or without a byte-order mark) or binary data."""
     for bom, name in BOMS:
-        if data.startswith(bom):
+        if head.startswith(bom):
             raise DataError(f"{path}: {name} text (it starts with a {name} byte-order mark), not UTF-8; {FIX_UTF8}")
-    sample = data[:SNIFF_BYTES]
+    sample = head[:SNIFF_BYTES]
     wide = _wide_encoding(sample)
     if wide:
         raise DataError(f"{path}: looks like {wide} text without a byte-order mark (a NUL in every other byte), not UTF-8; {FIX_UTF8}")
     if _is_binary(sample):
         raise DataError(f"{path}: binary data, not text (NUL or control bytes in its first {len(sample)} bytes); "
                         f"data.path needs UTF-8 text ({', '.join(LOCAL_SUFFIXES[:3])}) or a real .parquet file")
+
+
+def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
+    return DataError(f"{path}:{line}: not UTF-8 (byte 0x{byte:02x} at column {column}, "
+                     f"perhaps Latin-1/Windows-1252 text); {FIX_UTF8}")
+
+
+def read_text(path: Path) -> str:
+    """The file as text, or a DataError naming the encoding problem (UTF-16/32, binary, other 8-bit text)."""
+    data = path.read_bytes()
+    _check_head(path, data[:SNIFF_BYTES])
     try:
         return data.decode("utf-8-sig")  # a UTF-8 byte-order mark (Windows editors) is still UTF-8
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {column}, "
-                        f"perhaps Latin-1/Windows-1252 text); {FIX_UTF8}") from None
+        raise _not_utf8(path, line, column, data[exc.start]) from None
 
 
 # --------------------------------------------------------------------------- files
@@ -103,34 +119,61 @@ def _local_files(path: Path) -> list[Path]:
     raise DataError(f"{path}: no such file or directory; set data.path to an existing file, directory or hub dataset id")
 
 
-def _blank(path: Path, first: int, last: int) -> RawRecord:
+def _blank(path: Path, first: int, last: int) -> str:
     lines = f"line {first} is" if first == last else f"lines {first}-{last} are"
-    return RawRecord(f"{path}:{first}", None, f"{lines} blank inside the JSONL file (one JSON record per line); "
-                     "delete the blank line(s) or restore the lost record (only trailing blank lines are ignored)")
+    return (f"{lines} blank inside the JSONL file (one JSON record per line); "
+            "delete the blank line(s) or restore the lost record (only trailing blank lines are ignored)")
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[RawRecord]:
-    lines = text.replace("\r\n", "\n").split("\n")  # not splitlines(): U+2028 is legal inside a JSON string
-    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
-    if last >= 0 and next(line for line in lines if line.strip()).strip() in ("{", "["):
-        try:
-            json.loads(text)
-            raise DataError(f"{path}: holds one JSON document spread over several lines, not one record per line; "
-                            "rename it to .json or write one record per line (JSON Lines)")
-        except json.JSONDecodeError:
-            pass  # not one document either: report the lines below
-    blank_from = None
-    for n, line in enumerate(lines[: last + 1], start=1):
-        if not line.strip():
-            blank_from = blank_from or n
-            continue
-        if blank_from:
-            yield _blank(path, blank_from, n - 1)
-            blank_from = None
-        try:
-            yield RawRecord(f"{path}:{n}", json.loads(line))
-        except json.JSONDecodeError as exc:
-            yield RawRecord(f"{path}:{n}", None, f"not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
+def _one_document(path: Path) -> None:
+    """A DataError when the whole .jsonl file parses as one JSON document spread over several lines."""
+    try:
+        json.loads(read_text(path))
+    except json.JSONDecodeError:
+        return  # not one document either: each line is reported
+    raise DataError(f"{path}: holds one JSON document spread over several lines, not one record per line; "
+                    "rename it to .json or write one record per line (JSON Lines)")
+
+
+def _jsonl_lines(path: Path) -> Iterator[Line]:
+    """(where, line, problem) of every record, read line by line: memory stays flat whatever the file size. Lines
+    split at \\n only (U+2028 is legal inside a JSON string); a trailing \\r (Windows line ends) is dropped."""
+    with open(path, "rb") as f:
+        _check_head(path, f.read(SNIFF_BYTES))
+        f.seek(0)
+        if f.read(3) != codecs.BOM_UTF8:  # a UTF-8 byte-order mark (Windows editors) is still UTF-8
+            f.seek(0)
+        blank_from, first = None, True
+        for n, raw in enumerate(f, start=1):
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            raw = raw[:-1] if raw.endswith(b"\r") else raw
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, n, exc.start + 1, raw[exc.start]) from None
+            if not line.strip():
+                blank_from = blank_from or n
+                continue
+            if first and line.strip() in ("{", "["):
+                _one_document(path)
+            first = False
+            if blank_from:  # blank lines followed by a record; trailing ones are never reported
+                yield Line(f"{path}:{blank_from}", None, _blank(path, blank_from, n - 1))
+                blank_from = None
+            yield Line(f"{path}:{n}", line, None)
+
+
+def _parsed(line: Line) -> RawRecord:
+    if line.text is None:
+        return RawRecord(line.where, None, line.problem)
+    try:
+        return RawRecord(line.where, json.loads(line.text))
+    except json.JSONDecodeError as exc:
+        return RawRecord(line.where, None, bad_json(exc))
+
+
+def bad_json(exc: json.JSONDecodeError) -> str:
+    return f"not valid JSON ({exc.msg} at column {exc.colno}); fix or remove the line"
 
 
 def _read_json(path: Path, text: str) -> Iterator[RawRecord]:
@@ -151,7 +194,7 @@ def _read_json(path: Path, text: str) -> Iterator[RawRecord]:
 
 def _read_file(path: Path) -> Iterator[RawRecord]:
     if path.suffix == ".jsonl":
-        yield from _read_jsonl(path, read_text(path))
+        yield from map(_parsed, _jsonl_lines(path))
         return
     if path.suffix == ".json":
         yield from _read_json(path, read_text(path))
@@ -174,24 +217,52 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(where, rec)
 
 
+def _hub_dataset(path: str, split: str, revision: str | None, subset: str | None):
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, subset, split=split, revision=revision)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the fix, chained
+        raise DataError(
+            f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the id, split and revision, network access, or use a local file"
+        ) from exc
+
+
 def read_records(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> tuple[list[RawRecord], str]:
     """Raw records and a content hash of the source (file bytes, or the hub dataset's fingerprint)."""
     if is_hub_id(path):
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(path, subset, split=split, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the fix, chained
-            raise DataError(
-                f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "check the id, split and revision, network access, or use a local file"
-            ) from exc
-        digest = text_sha256("hub", path, subset or "", revision or "", split, ds._fingerprint)
-        return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], digest
+        ds = _hub_dataset(path, split, revision, subset)
+        return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], source_digest(path, split, revision, subset)
     local = Path(path).expanduser()
-    files = _local_files(local)
-    records = [r for f in files for r in _read_file(f)]
+    records = [r for f in _local_files(local) for r in _read_file(f)]
     return records, tree_sha256(local)
+
+
+def source_digest(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> str:
+    """The content hash of one source: its file bytes, or the hub dataset's fingerprint."""
+    if is_hub_id(path):
+        ds = _hub_dataset(path, split, revision, subset)
+        return text_sha256("hub", path, subset or "", revision or "", split, ds._fingerprint)
+    local = Path(path).expanduser()
+    _local_files(local)  # a missing file or an unsupported type: the DataError that names the fix
+    return tree_sha256(local)
+
+
+def raw_lines(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> Iterator[Line]:
+    """Every record of a source as a Line (JSON text), streamed: a .jsonl file line by line, other files and hub
+    datasets record by record (values JSON cannot hold, such as dates, as their text)."""
+    if is_hub_id(path):
+        rows: Iterator[RawRecord] = (RawRecord(f"{path} record {i}", rec)
+                                     for i, rec in enumerate(_hub_dataset(path, split, revision, subset)))
+    else:
+        files = _local_files(Path(path).expanduser())
+        rows = (r for f in files for r in (_jsonl_lines(f) if f.suffix == ".jsonl" else _read_file(f)))
+    for r in rows:
+        if isinstance(r, Line):
+            yield r
+        else:
+            yield Line(r.where, None if r.error else json.dumps(r.value, ensure_ascii=False, default=str), r.error)
 
 
 def source_fingerprint(cfg) -> str:

@@ -180,3 +180,13 @@ def test_cli_run_refuses_every_bad_input_in_one_line_and_starts_nothing(tmp_path
         assert len(errors) == 1 and all(w in errors[0] for w in want), (name, captured.err)
         assert "Traceback" not in captured.err + captured.out and "Retrying" not in captured.err + captured.out, name
     assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()  # MLflow never started: no store, no run
+
+
+def test_skipped_records_in_the_middle_leave_a_sound_recipe(tmp_path, tiny_model_dir):
+    # the records kept are a selection of the Arrow file: validate splits their keys, not the file's (which has a gap)
+    lines = GOOD_DATA.read_text().splitlines()
+    data = tmp_path / "gap.jsonl"
+    data.write_text("\n".join(lines[:5] + ['{"messages": [{"role": "assistant", "content": "Hi."}]}'] + lines[5:]) + "\n")
+    path = recipe(tmp_path, "gap", tiny_model_dir, f"{{path: '{data}', skip_invalid: true}}")
+    assert preflight.check(load_recipe(path)) == []
+    assert preflight.check(load_recipe(path, ["data.weight=1.5"])) == []

@@ -173,3 +173,22 @@ def test_gather_reports_every_source_at_once(tmp_path):
 def test_split_config_bounds():
     with pytest.raises(Exception, match="less than 1"):
         SplitConfig(val_fraction=1.5)
+
+
+def test_split_of_an_arrow_column_matches_the_split_of_a_list():
+    import pyarrow as pa
+
+    keys = [f"k{i % 37}" for i in range(200)]  # duplicates among them
+    for seed in range(3):
+        assert split_indices(pa.chunked_array([keys[:90], keys[90:]]), 0.2, None, seed) == split_indices(keys, 0.2, None, seed)
+
+
+def test_records_head_reads_only_the_first_rows_and_counts_them_all(tmp_path):
+    from lora_core.data import records_head
+
+    path = tmp_path / "train_records.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(25)))
+    df, total = records_head(path, rows=10)
+    assert (len(df), total) == (10, 25)
+    assert json.loads(df["messages"][3]) == [{"role": "user", "content": "3"}]  # nested values as JSON text
+    assert records_head(path)[0].equals(records_head(path, rows=100)[0]) and len(records_head(path)[0]) == 25
