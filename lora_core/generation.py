@@ -4,19 +4,17 @@ On a CPU a small model's decoding step costs nearly the same for 1 row as for 8:
 So the prompts go in large batches (eval.generate_batch_size), sorted by length so that rows of a batch need little
 padding, and the prefix every prompt starts with (the system prompt, a tool list) is run once: each batch continues
 from a copy of its key/value cache, its rows padded between the shared prefix and their own tokens (the attention
-mask and the position ids skip the padding). transformers stops a batch when every row has emitted a stop token.
-Greedy decoding of one prompt alone (`model.generate` on it) gives the same replies to float rounding: bench/eval_speed.py
-counts the replies that differ, and tests hold the served model to the replies the evaluation wrote.
+mask and the position ids skip the padding). `generate` decodes CHUNK tokens per call and the rows that stopped
+leave the batch before the next call continues the others from their cache. Greedy decoding of one prompt alone
+(`model.generate` on it, generate_one_by_one) gives the same replies to float rounding: bench/eval_speed.py counts
+the replies that differ, and tests hold the served model to the replies the evaluation wrote.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 
 from lora_core.progress import Progress
-
-log = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 CHUNK = 16  # new tokens per generate call; rows that stopped leave the batch between calls
