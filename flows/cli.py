@@ -215,7 +215,8 @@ def cmd_chat(args) -> int:
             break
         messages.append({"role": "user", "content": text})
         print("model> ", end="", flush=True)
-        answer = "".join(print(chunk, end="", flush=True) or chunk for chunk in stream_reply(model, tokenizer, messages, settings))
+        chunks = stream_reply(model, tokenizer, messages, settings=settings)
+        answer = "".join(print(chunk, end="", flush=True) or chunk for chunk in chunks)
         print()
         messages.append({"role": "assistant", "content": answer.strip()})
     return 0
@@ -228,7 +229,7 @@ def cmd_generate(args) -> int:
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
     model, tokenizer, settings = _load(args)
-    replies = reply_batch(model, tokenizer, [(c, None) for c in chats], settings)  # batched as the evaluation does
+    replies = reply_batch(model, tokenizer, [(c, None) for c in chats], settings=settings)  # batched as evaluation
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))

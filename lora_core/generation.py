@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import copy
 
+from lora_core.evaluate import MIN_SHARED_PREFIX  # below it the cache copies cost more than the prefix saves
 from lora_core.progress import Progress
 
-MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 CHUNK = 16  # new tokens per generate call; rows that stopped leave the batch between calls
 
 
@@ -33,14 +33,13 @@ class _StepCounter:
     """A transformers streamer that only counts decoding steps, for progress lines (every put after the prompt's is
     one new token per row)."""
 
-    def __init__(self, progress: Progress | None, rows: int):
+    def __init__(self, progress: Progress, rows: int):
         self.progress, self.rows, self.prompt_seen = progress, rows, False
 
     def put(self, value) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-        elif self.progress is not None:
+        if self.prompt_seen:
             self.progress.advance(self.rows)
+        self.prompt_seen = True
 
     def end(self) -> None:
         pass

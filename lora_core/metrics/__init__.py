@@ -13,6 +13,7 @@ Perplexity stays plain code in lora_core/evaluate.py (masked to assistant tokens
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -38,10 +39,14 @@ def inputs(kind: str, replies: list[str], prompts: list[dict]) -> dict[str, list
             "references": [json.dumps(p.get("reference")) for p in prompts]}
 
 
-def score(kind: str, replies: list[str], prompts: list[dict]) -> dict[str, float]:
-    """Metric name -> value, computed by the `evaluate` module of `kind` (an empty dict for kind "none")."""
-    if kind == "none":
-        return {}
+@functools.cache
+def load(kind: str):
+    """The `evaluate` module of behaviour metric `kind`, loaded once per process (base and tuned replies share it)."""
     import evaluate
 
-    return evaluate.load(module_path(kind), keep_in_memory=True).compute(**inputs(kind, replies, prompts))
+    return evaluate.load(module_path(kind), keep_in_memory=True)
+
+
+def score(kind: str, replies: list[str], prompts: list[dict]) -> dict[str, float]:
+    """Metric name -> value, computed by the `evaluate` module of `kind` (an empty dict for kind "none")."""
+    return {} if kind == "none" else load(kind).compute(**inputs(kind, replies, prompts))
