@@ -3,14 +3,15 @@
     .venv/bin/python bench/eval_speed.py [--recipe recipes/socratic-tutor.yaml] [--prompts 24] [--part all]
     .venv/bin/python bench/eval_speed.py --part perplexity --conversations 105 --repeat 3
 
-generation: the recipe's held-out prompts (eval.prompts_path, system prompt injected; `--prompts N`, the first N),
-answered greedily with eval.max_new_tokens by the base model two ways: lora_core.generation.generate_many (what
-the evaluate stage and `lora-flow generate` run: eval.generate_batch_size rows per generate call, length-sorted,
-the shared prefix run once) and a plain loop, one `model.generate` per prompt with the same settings. Printed: wall
-time and generated tokens/s of each, the speed-up, how many greedy replies differ from the loop's, and the matmul
-FLOPs the stage needs (2 per weight per prompt or generated token; attention's own FLOPs left out) against the fp32
-and bf16 matmul peaks measured in the same run. `--bf16` also runs the stage's path on a bf16 copy and counts the
-replies that differ from fp32's.
+generation: the recipe's held-out prompts (eval.prompts_path, system prompt injected; `--prompts N`, the first
+    N),
+answered greedily with eval.max_new_tokens by the base model two ways: lora_core.generation.generate_many
+(what the evaluate stage and `lora-flow generate` run: eval.generate_batch_size rows per generate call,
+length-sorted, the shared prefix run once) and a plain loop, one `model.generate` per prompt with the same
+settings. Printed: wall time and generated tokens/s of each, the speed-up, how many greedy replies differ from
+the loop's, and the matmul FLOPs the stage needs (2 per weight per prompt or generated token; attention's own
+FLOPs left out) against the fp32 and bf16 matmul peaks measured in the same run. `--bf16` also runs the
+stage's path on a bf16 copy and counts the replies that differ from fp32's.
 
 perplexity: lora_core.evaluate.perplexity against a per-example loop on the recipe's conversations
 (`--conversations N`), as before: wall time, speed-up, both perplexities and their relative difference.
@@ -45,8 +46,11 @@ def held_out_chats(cfg, n: int) -> list:
 
     if not cfg.eval.prompts_path:
         raise SystemExit(f"{cfg.name}: no eval.prompts_path; the generation bench answers held-out prompts")
-    prompts = _eval_prompts("", cfg.eval.model_copy(update={"prompts_path": str(REPO / cfg.eval.prompts_path)}),
-                            cfg.template.system_prompt)
+    prompts = _eval_prompts(
+        "",
+        cfg.eval.model_copy(update={"prompts_path": str(REPO / cfg.eval.prompts_path)}),
+        cfg.template.system_prompt,
+    )
     return [(p["messages"], p["tools"]) for p in prompts[:n]]
 
 
@@ -70,27 +74,45 @@ def generation(cfg, model, tokenizer, a) -> None:
     loop = generate_one_by_one(model, tokenizer, chats, settings)
     loop_s = time.perf_counter() - started
     prompt_tokens = sum(map(len, encode_prompts(tokenizer, chats)))
-    generated = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in loop)  # + its stop token
+    generated = sum(
+        len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in loop
+    )  # + its stop token
     weights = sum(p.numel() for p in model.parameters())  # tied embedding counted once: it is the LM head
     flops = 2 * weights * (prompt_tokens + generated)
     differ = [i for i, (x, y) in enumerate(zip(ours, loop)) if x != y]
-    print(f"generation: {len(chats)} held-out prompts ({prompt_tokens} prompt tokens, ~{generated} generated, at most "
-          f"{settings.max_new_tokens} each); batch size {bs}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"generation: {len(chats)} held-out prompts ({prompt_tokens} prompt tokens, ~{generated} generated, "
+        "at most "
+        f"{settings.max_new_tokens} each); batch size {bs}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"per-prompt loop  {loop_s:7.1f} s  {generated / loop_s:6.1f} generated tokens/s")
     print(f"lora_core        {ours_s:7.1f} s  {generated / ours_s:6.1f} generated tokens/s")
-    print(f"speed-up {loop_s / ours_s:.2f}x (goal >= 4x); replies differing from the loop's: {len(differ)} of {len(chats)} "
-          f"{differ[:10]}")
-    print(f"matmul peaks here: " + ", ".join(f"{d} {v / 1e9:.0f}" for d, v in peak.items()) + " GFLOP/s; the stage needs "
-          f"{flops / 1e12:.2f} TFLOP: {flops / peak['float32']:.1f} s at the fp32 peak; achieved {flops / ours_s / 1e9:.0f} "
-          f"GFLOP/s = {flops / ours_s / peak['float32']:.0%} of it (goal >= 50%), the loop {flops / loop_s / peak['float32']:.0%}")
+    print(
+        f"speed-up {loop_s / ours_s:.2f}x (goal >= 4x); replies differing from the loop's: {len(differ)} of "
+        f"{len(chats)} "
+        f"{differ[:10]}"
+    )
+    print(
+        "matmul peaks here: "
+        + ", ".join(f"{d} {v / 1e9:.0f}" for d, v in peak.items())
+        + " GFLOP/s; the stage needs "
+        f"{flops / 1e12:.2f} TFLOP: {flops / peak['float32']:.1f} s at the fp32 peak; achieved "
+        f"{flops / ours_s / 1e9:.0f} "
+        f"GFLOP/s = {flops / ours_s / peak['float32']:.0%} of it (goal >= 50%), the loop "
+        f"{flops / loop_s / peak['float32']:.0%}"
+    )
     if a.bf16:
         half = copy.deepcopy(model).to(torch.bfloat16)
         started = time.perf_counter()
         low = generate_many(half, tokenizer, chats, settings, bs)
         low_s = time.perf_counter() - started
         changed = sum(x != y for x, y in zip(low, ours))
-        print(f"bf16 copy        {low_s:7.1f} s  {generated / low_s:6.1f} tokens/s; replies differing from fp32: {changed} of "
-              f"{len(chats)}")
+        print(
+            f"bf16 copy        {low_s:7.1f} s  {generated / low_s:6.1f} tokens/s; replies differing from "
+            f"fp32: {changed} of "
+            f"{len(chats)}"
+        )
 
 
 def perplexity_part(cfg, base, model, tokenizer, a) -> None:
@@ -128,24 +150,43 @@ def perplexity_part(cfg, base, model, tokenizer, a) -> None:
     prefix = shared_prefix(rows)
     loop_flops = 2 * (body + head) * tokens
     ours_flops = 2 * body * (tokens - prefix * (len(rows) - 1)) + 2 * head * ours.tokens
-    print(f"perplexity: {len(rows)} conversations, {tokens} tokens, {ours.tokens} scored; batch size {bs}; "
-          f"{torch.get_num_threads()} threads; best of {a.repeat}")
+    print(
+        f"perplexity: {len(rows)} conversations, {tokens} tokens, {ours.tokens} scored; batch size {bs}; "
+        f"{torch.get_num_threads()} threads; best of {a.repeat}"
+    )
     print(f"per-example loop  {loop_s:7.2f} s  perplexity {loop_ppl:.6f}")
     print(f"lora_core         {ours_s:7.2f} s  perplexity {ours.perplexity:.6f}")
-    print(f"speed-up {loop_s / ours_s:.2f}x; relative difference {abs(ours.perplexity - loop_ppl) / loop_ppl:.1e} (goal <= 1e-4)")
-    print(f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; lora_core {ours_flops / 1e12:.2f} TFLOP at "
-          f"{ours_flops / ours_s / 1e9:.0f} GFLOP/s; the loop {loop_flops / 1e12:.2f} TFLOP at {loop_flops / loop_s / 1e9:.0f}")
+    print(
+        f"speed-up {loop_s / ours_s:.2f}x; relative difference "
+        f"{abs(ours.perplexity - loop_ppl) / loop_ppl:.1e} (goal <= 1e-4)"
+    )
+    print(
+        f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; lora_core {ours_flops / 1e12:.2f} TFLOP at "
+        f"{ours_flops / ours_s / 1e9:.0f} GFLOP/s; the loop {loop_flops / 1e12:.2f} TFLOP at "
+        f"{loop_flops / loop_s / 1e9:.0f}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="recipes/socratic-tutor.yaml")
     p.add_argument("--part", choices=("all", "generation", "perplexity"), default="all")
-    p.add_argument("--prompts", type=int, default=24, help="held-out prompts answered (the first N); the loop takes ~5 s each")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's eval.generate_batch_size")
-    p.add_argument("--bf16", action="store_true", help="also generate with a bf16 copy and count changed replies")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=24,
+        help="held-out prompts answered (the first N); the loop takes ~5 s each",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: the recipe's eval.generate_batch_size"
+    )
+    p.add_argument(
+        "--bf16", action="store_true", help="also generate with a bf16 copy and count changed replies"
+    )
     p.add_argument("--conversations", type=int, default=40, help="perplexity: the first N conversations")
-    p.add_argument("--repeat", type=int, default=1, help="perplexity: timed repetitions (the best is reported)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="perplexity: timed repetitions (the best is reported)"
+    )
     a = p.parse_args()
     cfg, base, model, tokenizer = setup(a.recipe)
     if a.part in ("all", "generation"):

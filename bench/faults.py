@@ -41,8 +41,13 @@ def kill_step(save_steps: int, max_steps: int) -> int:
 def lora_flow(recipe: str, overrides: list[str], env: dict, log: Path) -> tuple[int, float]:
     t = time.perf_counter()
     with open(log, "w") as out:
-        rc = subprocess.run([sys.executable, "-m", "flows.cli", "run", recipe, *overrides], cwd=REPO, env=env,
-                            stdout=out, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", recipe, *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode
     return rc, time.perf_counter() - t
 
 
@@ -72,20 +77,33 @@ def outcome(name: str) -> dict:
     }
 
 
-def scenario(point: str | None, recipe: str, overrides: list[str], base_name: str, work: Path, env: dict, at: int) -> dict:
+def scenario(
+    point: str | None, recipe: str, overrides: list[str], base_name: str, work: Path, env: dict, at: int
+) -> dict:
     name = f"{base_name}-{point.replace('.', '-') if point else 'no-kill'}"
-    args = [*overrides, f"name={name}", f"tracking.experiment={name}", f"registry.model_name={name}",
-            f"output_dir={work / 'outputs'}"]
+    args = [
+        *overrides,
+        f"name={name}",
+        f"tracking.experiment={name}",
+        f"registry.model_name={name}",
+        f"output_dir={work / 'outputs'}",
+    ]
     row: dict = {"point": point or "(no kill)", "name": name}
     if point:
         armed = f"{point}={at}" if point == "train.step" else point
-        row["killed_rc"], row["killed_s"] = lora_flow(recipe, args, {**env, ENV: armed}, work / f"{name}.killed.log")
+        row["killed_rc"], row["killed_s"] = lora_flow(
+            recipe, args, {**env, ENV: armed}, work / f"{name}.killed.log"
+        )
     row["rerun_rc"], row["rerun_s"] = lora_flow(recipe, args, env, work / f"{name}.log")
     row.update(outcome(name))
     if point == "train.step":
         row["steps_redone"] = at - row["resumed_from_step"]
     else:  # the re-run trained again only if training was not finished (and cached) before the kill
-        row["steps_redone"] = row["global_step"] - row["resumed_from_step"] if "train-lora" in row["recomputed"] and point else 0
+        row["steps_redone"] = (
+            row["global_step"] - row["resumed_from_step"]
+            if "train-lora" in row["recomputed"] and point
+            else 0
+        )
     return row
 
 
@@ -93,20 +111,38 @@ def check(rows: list[dict]) -> list[str]:
     """Where a re-run after a kill did not end as the uninterrupted run did."""
     base, problems = rows[0], []
     for r in rows[1:]:
-        want = {"killed_rc": -signal.SIGKILL, "rerun_rc": 0, "runs": ["FINISHED"], "versions": 1, "adapters": 1,
-                "aliases": base["aliases"], "tags": base["tags"], "described": True}
+        want = {
+            "killed_rc": -signal.SIGKILL,
+            "rerun_rc": 0,
+            "runs": ["FINISHED"],
+            "versions": 1,
+            "adapters": 1,
+            "aliases": base["aliases"],
+            "tags": base["tags"],
+            "described": True,
+        }
         problems += [f"{r['point']}: {k} is {r[k]!r}, expected {v!r}" for k, v in want.items() if r[k] != v]
     return problems
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'kill point':24} {'killed':>7} {'re-run':>6} {'steps redone':>12} {'versions':>8}  {'aliases':14} {'MLflow runs':12} re-run recomputed"
+    head = (
+        f"{'kill point':24} {'killed':>7} {'re-run':>6} {'steps redone':>12} {'versions':>8}  "
+        f"{'aliases':14} {'MLflow runs':12} re-run recomputed"
+    )
     lines = [head, "-" * (len(head) + 30)]
     for r in rows:
-        killed = "-" if "killed_rc" not in r else ("SIGKILL" if r["killed_rc"] == -signal.SIGKILL else str(r["killed_rc"]))
+        killed = (
+            "-"
+            if "killed_rc" not in r
+            else ("SIGKILL" if r["killed_rc"] == -signal.SIGKILL else str(r["killed_rc"]))
+        )
         aliases = ",".join(f"{a}=v{v}" for a, v in sorted(r["aliases"].items())) or "none"
-        lines.append(f"{r['point']:24} {killed:>7} {r['rerun_rc']:>6} {r['steps_redone']:>12} {r['versions']:>8}  {aliases:14} "
-                     f"{','.join(r['runs']):12} {r['recomputed'] or '(all cached)'}")
+        lines.append(
+            f"{r['point']:24} {killed:>7} {r['rerun_rc']:>6} {r['steps_redone']:>12} {r['versions']:>8}  "
+            f"{aliases:14} "
+            f"{','.join(r['runs']):12} {r['recomputed'] or '(all cached)'}"
+        )
     return "\n".join(lines)
 
 
@@ -130,7 +166,9 @@ def prefect_server(env: dict):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("recipe_and_overrides", nargs="*", help="RECIPE [key=value ...] (default: " + " ".join(DEFAULT) + ")")
+    ap.add_argument(
+        "recipe_and_overrides", nargs="*", help="RECIPE [key=value ...] (default: " + " ".join(DEFAULT) + ")"
+    )
     ap.add_argument("--points", nargs="+", choices=POINTS, default=list(POINTS))
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ap.add_argument("--work", type=Path, help="folder for outputs and logs (default: a new temporary one)")
@@ -139,12 +177,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_recipe(REPO / recipe if not Path(recipe).is_absolute() else Path(recipe), overrides)
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-faults-"))
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(work / "prefect"))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(work / "prefect")),
+    }
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     env.pop(ENV, None)
-    at = kill_step(cfg.train.save_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else cfg.train.save_steps + 1
+    at = (
+        kill_step(cfg.train.save_steps, cfg.train.max_steps)
+        if cfg.train.max_steps > 0
+        else cfg.train.save_steps + 1
+    )
     import mlflow
-
     from flows.tracking import ensure_experiment
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
@@ -152,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     with prefect_server(env) as url:
         env["PREFECT_API_URL"] = url
         rows = [scenario(p, recipe, overrides, cfg.name, work, env, at) for p in [None, *a.points]]
-    print(f"{cfg.name}: checkpoint every {cfg.train.save_steps} steps, train.step killed at step {at}; logs in {work}")
+    print(
+        f"{cfg.name}: checkpoint every {cfg.train.save_steps} steps, train.step killed at step {at}; logs in "
+        f"{work}"
+    )
     print(table(rows))
     problems = check(rows)
     print("\n".join(problems) if problems else "every re-run ended as the uninterrupted run did")

@@ -28,8 +28,13 @@ from lora_core.train import checkpoint_step, last_checkpoint  # noqa: E402
 
 
 def lora_flow(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], cwd=REPO, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def timed(args, env, log) -> float:
@@ -45,7 +50,11 @@ def main() -> None:
     recipe, overrides = args[0], args[1:]
     cfg = load_recipe(REPO / recipe, overrides)
     work = Path(tempfile.mkdtemp(prefix="bench-rerun-"))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "PREFECT_HOME": str(work / "prefect")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "PREFECT_HOME": str(work / "prefect"),
+    }
     env.pop("PREFECT_API_URL", None)
     common = [recipe, *overrides, f"cache_dir={REPO / cfg.cache_dir}"]
 
@@ -72,14 +81,20 @@ def main() -> None:
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.tracking.MlflowClient()
-    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
-                                filter_string=f"tags.recipe = '{recipe}' and attributes.status = 'RUNNING'", max_results=1)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+        filter_string=f"tags.recipe = '{recipe}' and attributes.status = 'RUNNING'",
+        max_results=1,
+    )
     logged_before_kill = max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     resume_time = timed([*common, f"output_dir={out_b}"], env, work / "resumed.log")
     resumed_from = int(client.get_run(run.info.run_id).data.metrics["train_resumed_from_step"])
     redone = logged_before_kill - resumed_from
     print(f"killed at step      {logged_before_kill:8d}  (checkpoint every {cfg.train.save_steps} steps)")
-    print(f"resumed from step   {resumed_from:8d}  -> {redone} steps redone (goal <= {cfg.train.save_steps}); resume run {resume_time:.1f} s")
+    print(
+        f"resumed from step   {resumed_from:8d}  -> {redone} steps redone (goal <= {cfg.train.save_steps}); "
+        f"resume run {resume_time:.1f} s"
+    )
     print(f"logs and stores: {work}")
 
 

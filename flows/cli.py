@@ -1,15 +1,15 @@
 """`lora-flow`: run, validate and inspect recipes.
 
-  lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
-  lora-flow sweep RECIPE [key=value ...] # Optuna trials of the recipe's `sweep:` block, best one registered
-  lora-flow resume                      # continue the newest interrupted run
-  lora-flow data push RECIPE [FILE]     # new data: append FILE, emit lora-flow.dataset.updated (retrains)
-  lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
-  lora-flow promote NAME [--version V | --to V | --list] [--margin M]
-  lora-flow chat MODEL                  # MODEL: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID, or a folder
-  lora-flow generate MODEL (--prompt TEXT | --input FILE) [--output FILE]
-  lora-flow validate RECIPE [RECIPE ...] [key=value ...]
-  lora-flow show-config [RECIPE] [key=value ...]
+lora-flow run [RECIPE] [key=value ...] [--no-cache] [--refresh STAGE ...]
+lora-flow sweep RECIPE [key=value ...] # Optuna trials of the recipe's `sweep:` block, best one registered
+lora-flow resume                      # continue the newest interrupted run
+lora-flow data push RECIPE [FILE]     # new data: append FILE, emit lora-flow.dataset.updated (retrains)
+lora-flow runs [--limit N]            # recent flow runs, their MLflow run, checkpoint, resumability
+lora-flow promote NAME [--version V | --to V | --list] [--margin M]
+lora-flow chat MODEL                  # MODEL: models:/NAME@champion, models:/NAME/3, runs:/RUN_ID, or a
+folder lora-flow generate MODEL (--prompt TEXT | --input FILE) [--output FILE]
+lora-flow validate RECIPE [RECIPE ...] [key=value ...]
+lora-flow show-config [RECIPE] [key=value ...]
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _terminate(signum, frame):
 
 
 class _UserErrorsOnce(logging.Filter):
-    """Console only: a task or flow failing on a LoraFlowError (or a Ctrl-C) prints its one line from main(), not
+    """Console only: a task or flow failing on a LoraFlowError (or a Ctrl-C) prints its one line from main(),
+    not
     Prefect's traceback (which still reaches the flow-run logs in the Prefect API)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -82,26 +83,35 @@ def _print_summary(s: dict) -> None:
     registered = "(registration disabled)"
     if s["registered_version"]:
         p = s["promotion"]
-        verdict = "" if p is None else (f" -> champion ({p['reason']})" if p["promoted"]
-                                        else f" (champion kept: {p['reason']})")
+        verdict = (
+            ""
+            if p is None
+            else (f" -> champion ({p['reason']})" if p["promoted"] else f" (champion kept: {p['reason']})")
+        )
         registered = f"version {s['registered_version']}{verdict}"
-    print(textwrap.dedent(f"""
+    base, tuned, change = s["base_perplexity"], s["tuned_perplexity"], s["perplexity_change_pct"]
+    perplexity = f"base {base:.3f} -> tuned {tuned:.3f} ({change:+.1f}%)"
+    print(
+        textwrap.dedent(f"""
         ==== lora-flow: done ====
-        MLflow run:            {s['mlflow_run_id']}{resumed}
-        validation perplexity: base {s['base_perplexity']:.3f} -> tuned {s['tuned_perplexity']:.3f} ({s['perplexity_change_pct']:+.1f}%)
-        adapter:               {s['adapter_dir']}
-        merged model:          {s['merged_dir'] or '(merge disabled)'}
+        MLflow run:            {s["mlflow_run_id"]}{resumed}
+        validation perplexity: {perplexity}
+        adapter:               {s["adapter_dir"]}
+        merged model:          {s["merged_dir"] or "(merge disabled)"}
         registry:              {registered}
-        samples:               {s['samples_path']}
-        open the MLflow UI:    {s['ui_command']}
-    """))
+        samples:               {s["samples_path"]}
+        open the MLflow UI:    {s["ui_command"]}
+    """)
+    )
 
 
 def cmd_run(args) -> int:
     recipes, overrides = _split_args(args.args)
     if len(recipes) > 1:
         raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
-    cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)  # every config error before Prefect starts
+    cfg = load_recipe(
+        recipes[0] if recipes else DEFAULT_RECIPE, overrides
+    )  # every config error before Prefect starts
     return _run_flow(cfg, args.no_cache, args.refresh)
 
 
@@ -110,10 +120,14 @@ def cmd_sweep(args) -> int:
 
     recipes, overrides = _split_args(args.args)
     if len(recipes) != 1:
-        raise ConfigError(f"sweep takes one recipe with a `sweep:` block, got {recipes}; overrides look like key=value")
+        raise ConfigError(
+            f"sweep takes one recipe with a `sweep:` block, got {recipes}; overrides look like key=value"
+        )
     cfg = load_recipe(recipes[0], overrides)
     space.check(cfg, recipes[0])  # every problem of the search space before Prefect starts
-    signal.signal(signal.SIGTERM, _terminate)  # as for run: the trial's MLflow run ends KILLED, its Optuna trial is redone
+    signal.signal(
+        signal.SIGTERM, _terminate
+    )  # as for run: the trial's MLflow run ends KILLED, its Optuna trial is redone
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.sweep import sweep
 
@@ -123,8 +137,21 @@ def cmd_sweep(args) -> int:
     print("  ".join(["trial", "state   ", f"{cfg.sweep.objective:>16}", *keys, "note"]))
     for row in zip(*(out["trials"][k] for k in ["trial", "state", "objective", *keys, "note"])):
         value = "-" if row[2] is None else f"{row[2]:.4f}"
-        print("  ".join([f"{row[0]:>5}", f"{row[1]:8}", f"{value:>16}", *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[3:-1]), row[-1]]))
-    print(f"best: trial {out['best_trial']} {out['best_params']} -> {out['best_value']}; registered version: {out['registered_version']}")
+        print(
+            "  ".join(
+                [
+                    f"{row[0]:>5}",
+                    f"{row[1]:8}",
+                    f"{value:>16}",
+                    *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row[3:-1]),
+                    row[-1],
+                ]
+            )
+        )
+    print(
+        f"best: trial {out['best_trial']} {out['best_params']} -> {out['best_value']}; registered version: "
+        f"{out['registered_version']}"
+    )
     return 0
 
 
@@ -133,10 +160,15 @@ def cmd_resume(args) -> int:
 
     row = next((r for r in runs.recent_runs(limit=50, with_prefect=False) if r["resumable"]), None)
     if row is None:
-        print("nothing to resume: no interrupted run with a checkpoint whose config has not completed since "
-              "(`lora-flow runs` lists them); start one with `lora-flow run`")
+        print(
+            "nothing to resume: no interrupted run with a checkpoint whose config has not completed since "
+            "(`lora-flow runs` lists them); start one with `lora-flow run`"
+        )
         return 0
-    print(f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step {row['checkpoint_step']})")
+    print(
+        f"resuming MLflow run {row['mlflow_run_id']} ({row['recipe']}, checkpoint step "
+        f"{row['checkpoint_step']})"
+    )
     return _run_flow(tracking.resolved_config(row["mlflow_run_id"]))
 
 
@@ -148,9 +180,11 @@ def cmd_data_push(args) -> int:
         raise ConfigError(f"data push takes RECIPE [FILE] and key=value overrides, got {recipes}")
     cfg = load_recipe(recipes[0], overrides)
     event_id, sha, added = events.push_data(cfg, recipes[1] if len(recipes) == 2 else None)
-    print(f"{cfg.data.path}: {added} records added, data sha256 {sha[:12]}; "
-          f"event {events.DATASET_UPDATED} {event_id} for recipe {cfg.name} "
-          "(deployments triggered by it start a run after their debounce)")
+    print(
+        f"{cfg.data.path}: {added} records added, data sha256 {sha[:12]}; "
+        f"event {events.DATASET_UPDATED} {event_id} for recipe {cfg.name} "
+        "(deployments triggered by it start a run after their debounce)"
+    )
     return 0
 
 
@@ -163,10 +197,16 @@ def cmd_runs(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'started':19}  {'prefect state':14}  {'mlflow':9}  {'mlflow run id':32}  {'ckpt':>5}  resumable  recipe")
+    print(
+        f"{'started':19}  {'prefect state':14}  {'mlflow':9}  {'mlflow run id':32}  {'ckpt':>5}  resumable  "
+        "recipe"
+    )
     for r in rows:
-        print(f"{r['started']:19}  {r['prefect_state']:14}  {r['status']:9}  {r['mlflow_run_id']:32}  "
-              f"{r['checkpoint_step'] if r['checkpoint_step'] is not None else '-':>5}  {'yes' if r['resumable'] else 'no':9}  {r['recipe']}")
+        print(
+            f"{r['started']:19}  {r['prefect_state']:14}  {r['status']:9}  {r['mlflow_run_id']:32}  "
+            f"{r['checkpoint_step'] if r['checkpoint_step'] is not None else '-':>5}  "
+            f"{'yes' if r['resumable'] else 'no':9}  {r['recipe']}"
+        )
     return 0
 
 
@@ -176,7 +216,10 @@ def cmd_promote(args) -> int:
     if args.list:
         tracking.connect()
         for v in registry.list_versions(args.name):
-            print(f"v{v['version']:>3}  ppl {v['val_perplexity'] or '-':>10}  {','.join(v['aliases']) or '-':28}  {v['decision'] or '-':14}  run {v['run_id']}")
+            print(
+                f"v{v['version']:>3}  ppl {v['val_perplexity'] or '-':>10}  "
+                f"{','.join(v['aliases']) or '-':28}  {v['decision'] or '-':14}  run {v['run_id']}"
+            )
         return 0
     from flows.promote import promote
 
@@ -192,10 +235,15 @@ def _load(args):
 
     path, base, defaults = resolve_model(args.model)
     if not defaults and (Path(path) / "adapter_config.json").is_file():
-        print(f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation "
-              "decoding: greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, "
-              "runs:/RUN_ID and the merged folder decode as evaluated)", file=sys.stderr)
-    given = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
+        print(
+            f"note: {path} is an adapter folder, written before evaluation, so it carries no evaluation "
+            "decoding: greedy, 256 new tokens unless options say otherwise (models:/NAME@ALIAS, "
+            "runs:/RUN_ID and the merged folder decode as evaluated)",
+            file=sys.stderr,
+        )
+    given = {
+        k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+    }
     settings = GenerationSettings(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
     return *load_chat_model(path, base_path=args.base_model or base), settings
 
@@ -229,7 +277,9 @@ def cmd_generate(args) -> int:
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
     model, tokenizer, settings = _load(args)
-    replies = reply_batch(model, tokenizer, [(c, None) for c in chats], settings=settings)  # batched as evaluation
+    replies = reply_batch(
+        model, tokenizer, [(c, None) for c in chats], settings=settings
+    )  # batched as evaluation
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -241,13 +291,25 @@ def cmd_generate(args) -> int:
 
 
 def _generation_args(p) -> None:
-    p.add_argument("model", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, an adapter folder or a merged-model folder")
-    p.add_argument("--base-model", help="local base model folder (default: the one recorded with the adapter)")
-    p.add_argument("--max-new-tokens", type=int, help="default: what the registry version was evaluated with, else 256")
+    p.add_argument(
+        "model",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, an adapter folder or a merged-model "
+        "folder",
+    )
+    p.add_argument(
+        "--base-model", help="local base model folder (default: the one recorded with the adapter)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, help="default: what the registry version was evaluated with, else 256"
+    )
     p.add_argument("--temperature", type=float, help="0 = greedy (the default); above 0 samples")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
-    p.add_argument("--repetition-penalty", type=float, help="default: the registry version's evaluation setting, else 1.0")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help="default: the registry version's evaluation setting, else 1.0",
+    )
 
 
 def cmd_validate(args) -> int:
@@ -301,10 +363,23 @@ def cmd_show_config(args) -> int:
 def _training_commands(sub) -> None:
     p = sub.add_parser("run", help=f"run a recipe end to end (default {DEFAULT_RECIPE})")
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument("--no-cache", action="store_true", help="recompute every stage and train afresh (earlier outputs are kept aside)")
-    p.add_argument("--refresh", nargs="+", default=[], metavar="STAGE", help="recompute these stages: download format split train evaluate merge")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute every stage and train afresh (earlier outputs are kept aside)",
+    )
+    p.add_argument(
+        "--refresh",
+        nargs="+",
+        default=[],
+        metavar="STAGE",
+        help="recompute these stages: download format split train evaluate merge",
+    )
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("sweep", help="run the recipe's `sweep:` block: Optuna trials of the flow, child runs of one MLflow run")
+    p = sub.add_parser(
+        "sweep",
+        help="run the recipe's `sweep:` block: Optuna trials of the flow, child runs of one MLflow run",
+    )
     p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
@@ -316,25 +391,43 @@ def _training_commands(sub) -> None:
     p = sub.add_parser("runs", help="list recent flow runs: state, MLflow run, last checkpoint, resumable")
     p.add_argument("--limit", type=int, default=10)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states")
+    p.add_argument(
+        "--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states"
+    )
     p.set_defaults(fn=cmd_runs)
-    p = sub.add_parser("validate", help="check recipes, their data and their base model's tokenizer without loading weights")
+    p = sub.add_parser(
+        "validate", help="check recipes, their data and their base model's tokenizer without loading weights"
+    )
     p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("show-config", help="print the fully resolved config of a recipe")
     p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument("--describe", action="store_true", help="also list every field with its default and meaning")
-    p.add_argument("--markdown", action="store_true", help="print the field reference as a Markdown table (docs/recipes.md's)")
-    p.add_argument("--json", action="store_true", help="print the resolved config as JSON (the fine-tune flow's `config` parameter)")
+    p.add_argument(
+        "--describe", action="store_true", help="also list every field with its default and meaning"
+    )
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the field reference as a Markdown table (docs/recipes.md's)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the resolved config as JSON (the fine-tune flow's `config` parameter)",
+    )
     p.set_defaults(fn=cmd_show_config)
 
 
 def _model_commands(sub) -> None:
-    p = sub.add_parser("promote", help="make a registered adapter version the champion if it beats the current one")
+    p = sub.add_parser(
+        "promote", help="make a registered adapter version the champion if it beats the current one"
+    )
     p.add_argument("name", help="registered model name")
     p.add_argument("--version", help="candidate version (default: the newest)")
     p.add_argument("--to", help="make this version the champion unconditionally (rollback)")
-    p.add_argument("--margin", type=float, default=0.0, help="relative perplexity improvement required (0.01 = 1%%)")
+    p.add_argument(
+        "--margin", type=float, default=0.0, help="relative perplexity improvement required (0.01 = 1%%)"
+    )
     p.add_argument("--list", action="store_true", help="list versions, aliases and decisions")
     p.set_defaults(fn=cmd_promote)
     p = sub.add_parser("chat", help="chat with a tuned model, streaming")
@@ -350,7 +443,9 @@ def _model_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lora-flow", description="LoRA fine-tuning as a Prefect flow tracked in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="lora-flow", description="LoRA fine-tuning as a Prefect flow tracked in MLflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _training_commands(sub)
     _model_commands(sub)
@@ -363,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: an MLflow run in progress is marked KILLED; finished stages stay cached", file=sys.stderr)
-        gc.freeze()  # exit now: the interpreter's last collections over torch/prefect/mlflow objects took 10 s under load
+        print(
+            "interrupted: an MLflow run in progress is marked KILLED; finished stages stay cached",
+            file=sys.stderr,
+        )
+        # exit now: the interpreter's last collections over torch/prefect/mlflow objects took 10 s under load
+        gc.freeze()
         return 130
 
 

@@ -1,8 +1,8 @@
 """Prefect events of the retraining loop, for deployments' triggers and automations to act on.
 
-  lora-flow.dataset.updated  `lora-flow data push RECIPE [FILE]`: the recipe's data has new content
-                             (payload: its sha256, path, records added); it triggers the nightly run
-  lora-flow.champion.moved   a registry version became champion (payload: model, old and new version, reason)
+lora-flow.dataset.updated  `lora-flow data push RECIPE [FILE]`: the recipe's data has new content
+                           (payload: its sha256, path, records added); it triggers the nightly run
+lora-flow.champion.moved   a registry version became champion (payload: model, old and new version, reason)
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def push_data(cfg, new_file: str | None) -> tuple[str, str, int]:
     from lora_core.sources import append_records, source_fingerprint
 
     if not PREFECT_API_URL.value():
-        raise ConfigError("data push: PREFECT_API_URL is not set: the event goes to the server whose "
-                          "deployments it triggers (`lora-flow stack up`, `source .lora-flow-stack/env`)")
+        raise ConfigError(
+            "data push: PREFECT_API_URL is not set: the event goes to the server whose "
+            "deployments it triggers (`lora-flow stack up`, `source .lora-flow-stack/env`)"
+        )
     added = append_records(cfg.data.path, new_file, cfg.data.format) if new_file else 0
     sha = source_fingerprint(cfg.data)
     payload = {"data_sha256": sha, "path": cfg.data.path, "records_added": added}

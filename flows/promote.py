@@ -1,16 +1,16 @@
 """The promote flow: make a registered adapter version the champion if it beats the current one.
 
-  promote(model_name)                 newest version vs champion, on the newest version's validation set
-  promote(model_name, version="3")    that version vs champion
-  promote(model_name, to="2")         roll back / forward to version 2 unconditionally
+promote(model_name)                 newest version vs champion, on the newest version's validation set
+promote(model_name, version="3")    that version vs champion
+promote(model_name, to="2")         roll back / forward to version 2 unconditionally
 """
 
 from __future__ import annotations
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
+import mlflow
 from flows import registry, tracking
 from lora_core.config import RegistryConfig
 
@@ -29,5 +29,9 @@ def promote(model_name: str, version: str | None = None, to: str | None = None, 
     decision = registry.promote(model_name, version, RegistryConfig(margin=margin))
     champ = registry.champion(MlflowClient(), model_name)
     logger.info("%s v%s: %s", model_name, version, decision.reason)
-    return {"champion": champ.version if champ else None, "promoted": decision.promote, "reason": decision.reason,
-            "tracking_uri": mlflow.get_tracking_uri()}
+    return {
+        "champion": champ.version if champ else None,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "tracking_uri": mlflow.get_tracking_uri(),
+    }

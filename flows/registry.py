@@ -22,16 +22,16 @@ import logging
 import tempfile
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows import events, lora_flow_pyfunc
 from lora_core.errors import LoraFlowError
-from lora_core.faults import failpoint
 from lora_core.evaluate import PER_CONVERSATION
+from lora_core.faults import failpoint
 from lora_core.registry import Decision, Scored, decide
 from tasks.cache import one_writer
 
@@ -83,13 +83,30 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
         pip_requirements=_requirements(),
         model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
     )
-    with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+    with (
+        contextlib.nullcontext()
+        if active and active.info.run_id == run_id
+        else mlflow.start_run(run_id=run_id)
+    ):
         if base_path is None:
             info = mlflow.transformers.log_model(name="model", **kwargs)
-        else:  # the adapter only; its pyfunc finds the base by identity wherever it is loaded (flows/lora_flow_pyfunc.py)
-            base = {"source": tags["base_model.source"], "identity": tags["base_model.identity"], "path": base_path}
-            info = Model.log(artifact_path=None, name="model", flavor=lora_flow_pyfunc, base=base, base_model_path=base_path,
-                             validate_serving_input=False, **kwargs)
+        # the adapter only; its pyfunc finds the base by identity wherever it is loaded
+        # (flows/lora_flow_pyfunc.py)
+        else:
+            base = {
+                "source": tags["base_model.source"],
+                "identity": tags["base_model.identity"],
+                "path": base_path,
+            }
+            info = Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=lora_flow_pyfunc,
+                base=base,
+                base_model_path=base_path,
+                validate_serving_input=False,
+                **kwargs,
+            )
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     failpoint("register.created")
     log.info("registered %s version %s (run %s)", name, mv.version, run_id)
@@ -114,7 +131,9 @@ def _version(client: MlflowClient, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
     except MlflowException:
-        raise RegistryError(f"{name} has no version {version}; see the Models tab or `lora-flow promote {name} --list`") from None
+        raise RegistryError(
+            f"{name} has no version {version}; see the Models tab or `lora-flow promote {name} --list`"
+        ) from None
 
 
 def champion(client: MlflowClient, name: str):
@@ -132,14 +151,16 @@ def champion(client: MlflowClient, name: str):
 def _check_usable(client: MlflowClient, mv, allow_running_run: str | None = None) -> None:
     status = client.get_run(mv.run_id).info.status
     if status != "FINISHED" and mv.run_id != allow_running_run:
-        raise RegistryError(f"{mv.name} version {mv.version} comes from run {mv.run_id} that ended {status}; promote a version of a finished run")
+        raise RegistryError(
+            f"{mv.name} version {mv.version} comes from run {mv.run_id} that ended {status}; promote a "
+            "version of a finished run"
+        )
 
 
 def _perplexity_on(mv, val_dir: str, max_length: int):
     """Re-evaluate a registered adapter on another validation set (the candidate's), for a fair comparison."""
-    from lora_core.registry import rescore
-
     from flows.serve import base_of
+    from lora_core.registry import rescore
 
     base_path = base_of(mv.tags, mv.tags.get("base_model.source"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,18 +225,29 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
             return Decision(False, "already champion")
         # the alias moved, then the run was interrupted before the decision was written
         client.set_model_version_tag(name, cand.version, DECISION, "promoted")
-        return Decision(True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)")
-    decision = decide(*_contest(cand, champ), margin=gate.margin, behaviour_margin=gate.behaviour_margin,
-                      confidence=gate.confidence)
+        return Decision(
+            True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)"
+        )
+    decision = decide(
+        *_contest(cand, champ),
+        margin=gate.margin,
+        behaviour_margin=gate.behaviour_margin,
+        confidence=gate.confidence,
+    )
     figures = {k: json.dumps(v) if isinstance(v, list) else v for k, v in decision.figures.items()}
-    tags = {"promotion.reason": decision.reason, "promotion.champion_version": champ.version if champ else "",
-            **{f"promotion.{k}": v for k, v in figures.items()}}
+    tags = {
+        "promotion.reason": decision.reason,
+        "promotion.champion_version": champ.version if champ else "",
+        **{f"promotion.{k}": v for k, v in figures.items()},
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, cand.version, key, str(value))
         failpoint("register.tagging")  # after the first of the decision's tags
     if decision.promote:
         _move_champion(client, name, cand.version, champ, decision.reason)
-    client.set_model_version_tag(name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion")
+    client.set_model_version_tag(
+        name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion"
+    )
     log.info("%s v%s: %s", name, cand.version, decision.reason)
     return decision
 
@@ -236,12 +268,16 @@ def _move_champion(client: MlflowClient, name: str, version: str, old, reason: s
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
     payload = dict(model=name, old_version=old and str(old.version), new_version=version, reason=reason)
-    events.emit(events.CHAMPION_MOVED, {"prefect.resource.id": f"mlflow.registered-model.{name}",
-                                        "prefect.resource.name": name}, payload)  # for automations to act on
+    events.emit(
+        events.CHAMPION_MOVED,
+        {"prefect.resource.id": f"mlflow.registered-model.{name}", "prefect.resource.name": name},
+        payload,
+    )  # for automations to act on
 
 
 def roll_to(name: str, version: str) -> None:
-    """Make `version` the champion unconditionally (a rollback); the replaced one stays as previous-champion."""
+    """Make `version` the champion unconditionally (a rollback); the replaced one stays as
+    previous-champion."""
     client = MlflowClient()
     target = _version(client, name, version)
     _check_usable(client, target)
@@ -260,12 +296,20 @@ def list_versions(name: str) -> list[dict]:
     except MlflowException as exc:
         if not _not_found(exc):
             raise
-        raise RegistryError(f"registered model {name!r} not found; register one by running a recipe") from None
+        raise RegistryError(
+            f"registered model {name!r} not found; register one by running a recipe"
+        ) from None
     versions = client.search_model_versions(f"name = '{name}'")
-    return [{"version": str(v.version),
-             "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
-             "val_perplexity": v.tags.get("val_perplexity"), "decision": v.tags.get(DECISION), "run_id": v.run_id}
-            for v in sorted(versions, key=lambda v: int(v.version))]
+    return [
+        {
+            "version": str(v.version),
+            "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+            "val_perplexity": v.tags.get("val_perplexity"),
+            "decision": v.tags.get(DECISION),
+            "run_id": v.run_id,
+        }
+        for v in sorted(versions, key=lambda v: int(v.version))
+    ]
 
 
 def version_tags(cfg, base, data, split, trained, ev, settings) -> dict:
@@ -273,39 +317,57 @@ def version_tags(cfg, base, data, split, trained, ev, settings) -> dict:
     from lora_core.hashing import file_sha256, text_sha256
 
     return {
-        "val_perplexity": ev.tuned_perplexity, "base_perplexity": ev.base_perplexity,
-        "perplexity_change_pct": 100 * ev.perplexity_change, "train.max_length": cfg.train.max_length,
-        "val.sha256": text_sha256(file_sha256(split.val_records_path), base.identity, str(cfg.train.max_length)),
-        "val.dir": split.val_dir, "base_model.source": base.source, "base_model.identity": base.identity,
-        "base_model.path": base.path, "data.sha256": data.sha256, "recipe": cfg.name,
-        "adapter.sha256": trained.adapter_sha256, "train.method": cfg.train.method,
-        "serving.system_prompt": cfg.template.system_prompt or "", "serving.generation": json.dumps(dataclasses.asdict(settings)),
+        "val_perplexity": ev.tuned_perplexity,
+        "base_perplexity": ev.base_perplexity,
+        "perplexity_change_pct": 100 * ev.perplexity_change,
+        "train.max_length": cfg.train.max_length,
+        "val.sha256": text_sha256(
+            file_sha256(split.val_records_path), base.identity, str(cfg.train.max_length)
+        ),
+        "val.dir": split.val_dir,
+        "base_model.source": base.source,
+        "base_model.identity": base.identity,
+        "base_model.path": base.path,
+        "data.sha256": data.sha256,
+        "recipe": cfg.name,
+        "adapter.sha256": trained.adapter_sha256,
+        "train.method": cfg.train.method,
+        "serving.system_prompt": cfg.template.system_prompt or "",
+        "serving.generation": json.dumps(dataclasses.asdict(settings)),
     }
 
 
 def describe(cfg, base, ev) -> str:
     what = "full fine-tune" if cfg.train.method == "full" else f"LoRA r={cfg.lora.r}"
-    return (f"{cfg.name}: {what} on {base.source}; validation perplexity {ev.base_perplexity:.3f} -> "
-            f"{ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)")
+    return (
+        f"{cfg.name}: {what} on {base.source}; validation perplexity {ev.base_perplexity:.3f} -> "
+        f"{ev.tuned_perplexity:.3f} ({100 * ev.perplexity_change:+.1f}%)"
+    )
 
 
 def check_base(cfg, identity: str | None) -> None:
     """Refuse, before training, a run whose adapter would compete with a champion of another base model."""
     name = cfg.registry.model_name or cfg.name
-    champ = champion(MlflowClient(), name) if cfg.registry.enabled and cfg.registry.promote and identity else None
+    champ = (
+        champion(MlflowClient(), name) if cfg.registry.enabled and cfg.registry.promote and identity else None
+    )
     if champ is not None and champ.tags.get("base_model.identity") != identity:
         raise RegistryError(
             f"registry.model_name {name!r}: its champion (version {champ.version}) was trained on base "
-            f"{champ.tags.get('base_model.source')!r}, this run's base is {cfg.model.base!r}: perplexities are not comparable; "
-            "give this recipe its own registry.model_name (or name), or set registry.promote=false to register without promotion")
+            f"{champ.tags.get('base_model.source')!r}, this run's base is {cfg.model.base!r}: perplexities "
+            "are not comparable; "
+            "give this recipe its own registry.model_name (or name), or set registry.promote=false to "
+            "register without promotion"
+        )
 
 
 def base_problems(cfg) -> list[str]:
-    """`check_base` for `lora-flow validate`, with the base's identity computed without loading it (a hub base's
-    commit is known only once resolved: checked at run time). A local store that does not exist yet has no champion."""
-    from lora_core.base_model import identity_of
-
+    """`check_base` for `lora-flow validate`, with the base's identity computed without loading it (a hub
+    base's
+    commit is known only once resolved: checked at run time). A local store that does not exist yet has no
+    champion."""
     from flows import tracking
+    from lora_core.base_model import identity_of
 
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():

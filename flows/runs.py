@@ -1,4 +1,5 @@
-"""Recent flow runs, joined from MLflow (run, tags, training folder) and Prefect (flow-run state); the temporary
+"""Recent flow runs, joined from MLflow (run, tags, training folder) and Prefect (flow-run state); the
+temporary
 Prefect API a run started from a terminal talks to."""
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows import tracking
 from lora_core.config import PipelineConfig, merge_tree
 from lora_core.errors import LoraFlowError
@@ -27,9 +28,10 @@ LATE_FACTOR = 3  # a temporary server slow to start gets this many times its sta
 def shielded_prefect_server() -> None:
     """Start Prefect's temporary API server (what a run uses when PREFECT_API_URL is unset) deaf to Ctrl-C.
 
-    Prefect starts it as a child in our process group, so a terminal's Ctrl-C killed it too: the flow could not
-    report its end (2.5 min of HTTP retries, a traceback, the flow run left Running). Started with SIGINT blocked
-    (a blocked signal stays blocked across fork and exec), only lora-flow sees the Ctrl-C; Prefect stops the
+    Prefect starts it as a child in our process group, so a terminal's Ctrl-C killed it too: the flow could
+    not report its end (2.5 min of HTTP retries, a traceback, the flow run left Running). Started with SIGINT
+    blocked (a blocked signal stays blocked across fork and exec), only lora-flow sees the Ctrl-C; Prefect
+    stops the
     server with SIGTERM at exit. get_client() finds this same (singleton) server running and uses it."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
@@ -54,8 +56,11 @@ def _wait_longer(server, exc: RuntimeError) -> None:
 
     process, waited = server.server_process, TIMEOUT.value()
     deadline = time.monotonic() + LATE_FACTOR * waited
-    log.warning("the temporary Prefect API server has not answered in %s s; waiting up to %s s more", waited,
-                LATE_FACTOR * waited)
+    log.warning(
+        "the temporary Prefect API server has not answered in %s s; waiting up to %s s more",
+        waited,
+        LATE_FACTOR * waited,
+    )
     while process is not None and process.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{server.api_url}/health", timeout=5).status_code == 200:
@@ -66,9 +71,11 @@ def _wait_longer(server, exc: RuntimeError) -> None:
     total = (1 + LATE_FACTOR) * waited
     exited = f"it exited with code {process.returncode}" if gone else f"no answer in {total:.0f} s"
     server.stop()
-    raise LoraFlowError(f"the temporary Prefect API server did not start ({exited}); on a busy machine raise "
-                        f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {waited}), or start a "
-                        "lasting server with `lora-flow stack up` (or point PREFECT_API_URL at one)") from exc
+    raise LoraFlowError(
+        f"the temporary Prefect API server did not start ({exited}); on a busy machine raise "
+        f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {waited}), or start a "
+        "lasting server with `lora-flow stack up` (or point PREFECT_API_URL at one)"
+    ) from exc
 
 
 def _prefect_states(flow_run_ids: list[str]) -> dict[str, str]:
@@ -87,28 +94,48 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.`{tracking.RUN_KEY}` != ''",
-                              order_by=["attributes.start_time DESC"], max_results=limit) if experiments else []
+    runs = (
+        client.search_runs(
+            experiments,
+            filter_string=f"tags.`{tracking.RUN_KEY}` != ''",
+            order_by=["attributes.start_time DESC"],
+            max_results=limit,
+        )
+        if experiments
+        else []
+    )
     states = _prefect_states([r.data.tags.get("prefect.flow_run_id") for r in runs]) if with_prefect else {}
-    rows, completed_since = [], set()  # run keys with a FINISHED run newer than the row at hand (runs come newest first)
+    rows, completed_since = (
+        [],
+        set(),
+    )  # run keys with a FINISHED run newer than the row at hand (runs come newest first)
     for r in runs:
         tags = r.data.tags
         ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None
         status = r.info.status
-        if status == "RUNNING" and not tracking.pid_alive(tags.get("lora_flow.pid"), tags.get("lora_flow.host")):
+        if status == "RUNNING" and not tracking.pid_alive(
+            tags.get("lora_flow.pid"), tags.get("lora_flow.host")
+        ):
             status = "DIED"  # SIGKILL or power loss: nobody will end this run
-        rows.append({
-            "host": tags.get("lora_flow.host"),
-            "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-            "status": status,
-            "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
-            "mlflow_run_id": r.info.run_id,
-            "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
-            "recipe": tags.get("recipe", "?"),
-            "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
-            # a config that has completed since (a later run of the same run key) has nothing left to resume
-            "resumable": status in ("FAILED", "KILLED", "DIED") and ckpt is not None and tags.get(tracking.RUN_KEY) not in completed_since,
-        })
+        rows.append(
+            {
+                "host": tags.get("lora_flow.host"),
+                "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime(
+                    "%Y-%m-%d %H:%M:%S"
+                ),
+                "status": status,
+                "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
+                "mlflow_run_id": r.info.run_id,
+                "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+                "recipe": tags.get("recipe", "?"),
+                "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
+                # a config that has completed since (a later run of the same run key) has nothing left to
+                # resume
+                "resumable": status in ("FAILED", "KILLED", "DIED")
+                and ckpt is not None
+                and tags.get(tracking.RUN_KEY) not in completed_since,
+            }
+        )
         if status == "FINISHED":
             completed_since.add(tags.get(tracking.RUN_KEY))
     return rows
@@ -122,8 +149,13 @@ def end_dead_flow_runs(rows: list[dict]) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    dead = [r for r in rows if r["status"] == "DIED" and r["host"] == socket.gethostname()
-            and r["prefect_state"] in ("Running", "Pending")]
+    dead = [
+        r
+        for r in rows
+        if r["status"] == "DIED"
+        and r["host"] == socket.gethostname()
+        and r["prefect_state"] in ("Running", "Pending")
+    ]
     with get_client(sync_client=True) as client:
         for r in dead:
             message = f"its process on {r['host']} is gone (MLflow run {r['mlflow_run_id']})"

@@ -6,10 +6,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows import tracking
 from lora_core.base_model import locate_base
 from lora_core.config import PipelineConfig
@@ -20,7 +20,8 @@ CACHE = Path(".cache/lora-flow/served")
 
 
 def base_of(tags: dict, source: str | None) -> str | None:
-    """The base of a registered adapter on this machine, found by identity (see lora_core.base_model.locate_base)."""
+    """The base of a registered adapter on this machine, found by identity (see
+    lora_core.base_model.locate_base)."""
     if tags.get("train.method") == "full" or not tags.get("base_model.identity"):
         return None  # a full model: nothing to attach to
     cache_dir = PipelineConfig.model_fields["cache_dir"].default
@@ -32,7 +33,9 @@ def resolve_model(ref: str) -> tuple[str, str | None, dict]:
     are downloaded once into .cache; a registry version serves what its evaluation decoded with."""
     if not ref.startswith(("models:/", "runs:/")):
         if not Path(ref).exists():
-            raise InferenceError(f"{ref}: no such folder; pass a folder, models:/NAME@champion or runs:/RUN_ID")
+            raise InferenceError(
+                f"{ref}: no such folder; pass a folder, models:/NAME@champion or runs:/RUN_ID"
+            )
         return ref, None, generation_defaults(ref)  # a merged folder decodes as it was evaluated
     tracking.connect()
     client = MlflowClient()
@@ -47,7 +50,11 @@ def resolve_model(ref: str) -> tuple[str, str | None, dict]:
             dst = CACHE / f"{mv.name}-v{mv.version}"
             dst.mkdir(parents=True, exist_ok=True)
             path = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=str(dst))
-            return path, base_of(mv.tags, mv.tags.get("base_model.source")), json.loads(mv.tags.get("serving.generation", "{}"))
+            return (
+                path,
+                base_of(mv.tags, mv.tags.get("base_model.source")),
+                json.loads(mv.tags.get("serving.generation", "{}")),
+            )
         run_id = ref.removeprefix("runs:/").strip("/")
         run = client.get_run(run_id)
         dst = CACHE / f"run-{run_id}"

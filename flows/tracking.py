@@ -11,12 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
-import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
 from lora_core.evaluate import PER_CONVERSATION
@@ -43,7 +43,8 @@ class TrackingUnreachable(LoraFlowError):
 
 
 def connect() -> str:
-    """Point MLflow at the store and, for a server, check it answers (MLflow itself would retry for minutes)."""
+    """Point MLflow at the store and, for a server, check it answers (MLflow itself would retry for
+    minutes)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
@@ -54,7 +55,8 @@ def connect() -> str:
                 resp.read()
         except OSError as exc:
             raise TrackingUnreachable(
-                f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({getattr(exc, 'reason', exc)}); "
+                f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer "
+                f"({getattr(exc, 'reason', exc)}); "
                 "start it (mlflow/serve.sh) or fix the variable"
             ) from None
     return uri
@@ -67,7 +69,8 @@ def ui_url(uri: str) -> str:
 
 def experiment_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
     """The experiment's training-runs table with the perplexity columns (the shared view), or one run's page.
-    MLflow 3.17's UI takes the GenAI-or-training choice from `workflowType` (URL, else the browser's last choice,
+    MLflow 3.17's UI takes the GenAI-or-training choice from `workflowType` (URL, else the browser's last
+    choice,
     default GenAI), not from the experiment tag: the link carries it."""
     page = f"runs/{run_id}?" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&"
     return f"{ui_url(uri)}/#/experiments/{experiment_id}/{page}workflowType=machine_learning"
@@ -80,16 +83,32 @@ def ui_command(uri: str, experiment_id: str) -> str:
     return f"open {link}"
 
 
-VIEW_KEY = "lora-flow"  # the runs table's columns: the UI loads an experiment tag mlflow.sharedViewState.<key>
-RUNS_VIEW = {"selectedColumns": [f"metrics.`{m}`" for m in ("base_perplexity", "tuned_perplexity", "perplexity_change_pct",
-                                                            "eval_loss_final", "train_tokens_per_second")],
-             "orderByKey": "attributes.start_time", "orderByAsc": False}
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",  # the UI's own kind selector writes this tag
-                   f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(RUNS_VIEW)}
+VIEW_KEY = (
+    "lora-flow"  # the runs table's columns: the UI loads an experiment tag mlflow.sharedViewState.<key>
+)
+RUNS_VIEW = {
+    "selectedColumns": [
+        f"metrics.`{m}`"
+        for m in (
+            "base_perplexity",
+            "tuned_perplexity",
+            "perplexity_change_pct",
+            "eval_loss_final",
+            "train_tokens_per_second",
+        )
+    ],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",  # the UI's own kind selector writes this tag
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(RUNS_VIEW),
+}
 
 
 def ensure_experiment(name: str) -> str:
-    """The experiment, created if new; tagged as model training with the runs view (a kind chosen in the UI is kept)."""
+    """The experiment, created if new; tagged as model training with the runs view (a kind chosen in the UI is
+    kept)."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
         artifacts, uri = None, mlflow.get_tracking_uri()
@@ -109,7 +128,9 @@ def ensure_experiment(name: str) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -141,37 +162,60 @@ def pid_alive(pid: str | None, host: str | None) -> bool:
 def find_resumable(experiment_id: str, run_key: str):
     """The newest unfinished run of the same config + data whose process is gone, or None."""
     runs = MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_KEY}` = '{run_key}'", order_by=["attributes.start_time DESC"], max_results=1
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     if not runs or runs[0].info.status == "FINISHED":
         return None
     run = runs[0]
-    if run.info.status == "RUNNING" and pid_alive(run.data.tags.get("lora_flow.pid"), run.data.tags.get("lora_flow.host")):
+    if run.info.status == "RUNNING" and pid_alive(
+        run.data.tags.get("lora_flow.pid"), run.data.tags.get("lora_flow.host")
+    ):
         return None  # another flow is training it right now
     return run
 
 
 @contextlib.contextmanager
-def start_run(cfg: PipelineConfig, flow_run_id: str | None, run_key: str, resume: bool = True,
-              trigger: dict | None = None):
+def start_run(
+    cfg: PipelineConfig,
+    flow_run_id: str | None,
+    run_key: str,
+    resume: bool = True,
+    trigger: dict | None = None,
+):
     """One MLflow run per flow run, or the continuation of an interrupted one with the same
     config and data (tagged resumed). Ends FINISHED, FAILED, or KILLED on Ctrl-C / SIGTERM;
     never left RUNNING by anything short of SIGKILL."""
     connect()
     experiment_id = ensure_experiment(cfg.experiment)
-    tags = {"prefect.flow_run_id": flow_run_id or "none", "git.commit": git_commit(), "recipe": cfg.name, RUN_KEY: run_key,
-            "lora_flow.pid": str(os.getpid()), "lora_flow.host": socket.gethostname(),
-            **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()}}
+    tags = {
+        "prefect.flow_run_id": flow_run_id or "none",
+        "git.commit": git_commit(),
+        "recipe": cfg.name,
+        RUN_KEY: run_key,
+        "lora_flow.pid": str(os.getpid()),
+        "lora_flow.host": socket.gethostname(),
+        **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()},
+    }
     previous = find_resumable(experiment_id, run_key) if resume else None
-    nested = mlflow.active_run() is not None  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
+    nested = (
+        mlflow.active_run() is not None
+    )  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
     if previous is not None:
         count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
         run = mlflow.start_run(run_id=previous.info.run_id, nested=nested, log_system_metrics=True)
         set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
         log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags, nested=nested,
-                               log_system_metrics=True)  # CPU, memory, disk, network; GPUs too where pynvml is installed
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=cfg.tracking.run_name or cfg.name,
+            tags=tags,
+            nested=nested,
+            log_system_metrics=True,
+        )  # CPU, memory, disk, network; GPUs too where pynvml is installed
     try:
         if previous is None:
             _log_config(run.info.run_id, cfg)
@@ -194,15 +238,20 @@ def _retire_if_unchanged(run_id: str) -> None:
 
     if deployment.id and MlflowClient().get_run(run_id).data.tags.get("lora_flow.from_cache") == "true":
         MlflowClient().delete_run(run_id)
-        log.info("nothing changed: MLflow run %s kept out of the runs table (deleted; `mlflow runs restore "
-                 "--run-id %s` brings it back)", run_id, run_id)
+        log.info(
+            "nothing changed: MLflow run %s kept out of the runs table (deleted; `mlflow runs restore "
+            "--run-id %s` brings it back)",
+            run_id,
+            run_id,
+        )
 
 
 RESOLVED = "recipe/resolved.yaml"
 
 
 def _log_config(run_id: str, cfg: PipelineConfig) -> None:
-    """Every resolved setting as a param, and the resolved recipe as an artifact (what `lora-flow resume` reloads)."""
+    """Every resolved setting as a param, and the resolved recipe as an artifact (what `lora-flow resume`
+    reloads)."""
     client = MlflowClient()
     params = param_items(cfg)
     for i in range(0, len(params), BATCH):
@@ -225,8 +274,9 @@ def metrics_callback(run_id: str):
     client, last_step = MlflowClient(), {}
 
     def sink(step: int, metrics: dict) -> None:
-        # once per step: the Trainer repeats epoch / num_input_tokens_seen in its eval and final logs at the last step;
-        # its own train_tokens_per_second (a different count) would hide the flow's summary figure of that name
+        # once per step: the Trainer repeats epoch / num_input_tokens_seen in its eval and final logs at the
+        # last step; its own train_tokens_per_second (a different count) would hide the flow's summary figure
+        # of that name
         fresh = {k: v for k, v in metrics.items() if k not in SUMMARY_METRICS and last_step.get(k, -1) < step}
         last_step.update(dict.fromkeys(fresh, step))
         now = int(time.time() * 1000)
@@ -268,14 +318,29 @@ def set_tags(tags: dict) -> None:
 
 
 def log_data(cfg: PipelineConfig, base, data, split, train_dir: str) -> None:
-    set_tags({"base_model": base.source, "base_model.identity": base.identity, "base_model.path": base.path,
-              "data.sha256": data.sha256, "train.dir": train_dir})
+    set_tags(
+        {
+            "base_model": base.source,
+            "base_model.identity": base.identity,
+            "base_model.path": base.path,
+            "data.sha256": data.sha256,
+            "train.dir": train_dir,
+        }
+    )
     name = Path(cfg.data.path).stem
-    log_dataset(str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training")
+    log_dataset(
+        str(Path(split.val_records_path).with_name("train_records.jsonl")), f"{name}-train", "training"
+    )
     log_dataset(split.val_records_path, f"{name}-validation", "validation")
     skipped = getattr(data, "n_skipped", 0)  # records left out by data.skip_invalid (which and why: a file)
-    mlflow.log_metrics({"data.train_conversations": split.n_train, "data.val_conversations": split.n_val,
-                        "data.train_target_tokens": split.train_target_tokens, "data.skipped": skipped})
+    mlflow.log_metrics(
+        {
+            "data.train_conversations": split.n_train,
+            "data.val_conversations": split.n_val,
+            "data.train_target_tokens": split.train_target_tokens,
+            "data.skipped": skipped,
+        }
+    )
     if skipped:
         mlflow.log_artifact(data.skipped_path, "data")
 
@@ -286,16 +351,31 @@ def _last_logged(metrics_path: str, key: str) -> float:
 
 
 def log_training(trained, full: bool) -> None:
-    mlflow.log_metrics({"train_loss_final": trained.train_loss, "train_tokens_per_second": trained.train_tokens_per_second,
-                        "train_runtime_s": trained.runtime_s, "global_step": trained.global_step,
-                        "train_resumed_from_step": trained.resumed_from_step,
-                        "train_truncated_conversations": trained.truncated_conversations,
-                        **({"base_end_of_turn_prob": trained.end_of_turn_prob,
-                            "base_end_of_turn_rank": trained.end_of_turn_rank}
-                           if trained.end_of_turn_prob is not None else {})})
+    mlflow.log_metrics(
+        {
+            "train_loss_final": trained.train_loss,
+            "train_tokens_per_second": trained.train_tokens_per_second,
+            "train_runtime_s": trained.runtime_s,
+            "global_step": trained.global_step,
+            "train_resumed_from_step": trained.resumed_from_step,
+            "train_truncated_conversations": trained.truncated_conversations,
+            **(
+                {
+                    "base_end_of_turn_prob": trained.end_of_turn_prob,
+                    "base_end_of_turn_rank": trained.end_of_turn_rank,
+                }
+                if trained.end_of_turn_prob is not None
+                else {}
+            ),
+        }
+    )
     if trained.eval_loss is not None:
-        mlflow.log_metrics({"eval_loss_final": trained.eval_loss,
-                            "eval_minus_train_loss": trained.eval_loss - _last_logged(trained.metrics_path, "loss")})
+        mlflow.log_metrics(
+            {
+                "eval_loss_final": trained.eval_loss,
+                "eval_minus_train_loss": trained.eval_loss - _last_logged(trained.metrics_path, "loss"),
+            }
+        )
     mlflow.log_artifact(trained.metrics_path, "training")
     if trained.best_checkpoint:
         set_tags({"train.best_checkpoint": trained.best_checkpoint})
@@ -303,10 +383,20 @@ def log_training(trained, full: bool) -> None:
 
 
 def log_evaluation(ev) -> None:
-    mlflow.log_metrics({"base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
-                        "perplexity_change_pct": 100 * ev.perplexity_change, "eval_runtime_s": ev.runtime_s, **ev.behaviour})
+    mlflow.log_metrics(
+        {
+            "base_perplexity": ev.base_perplexity,
+            "tuned_perplexity": ev.tuned_perplexity,
+            "perplexity_change_pct": 100 * ev.perplexity_change,
+            "eval_runtime_s": ev.runtime_s,
+            **ev.behaviour,
+        }
+    )
     samples = json.loads(Path(ev.samples_path).read_text())
-    mlflow.log_table({k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")}, artifact_file="samples.json")
+    mlflow.log_table(
+        {k: [s[k] for s in samples] for k in ("prompt", "reference", "base", "tuned")},
+        artifact_file="samples.json",
+    )
     mlflow.log_artifact(ev.report_path, "evaluation")
     for name in ("behaviour.json", PER_CONVERSATION):  # every scored reply with its checks; NLL per row
         if (path := Path(ev.report_path).with_name(name)).exists():
@@ -330,20 +420,32 @@ def log_cache_use(recomputed: list[str]) -> None:
         log.info("recomputed: %s", ", ".join(recomputed))
     else:
         log.info("nothing changed: every stage came from cache, no retraining")
-    set_tags({"lora_flow.from_cache": str(not recomputed).lower(), "lora_flow.recomputed": ",".join(recomputed)})
+    set_tags(
+        {"lora_flow.from_cache": str(not recomputed).lower(), "lora_flow.recomputed": ",".join(recomputed)}
+    )
 
 
 def summary(run_id: str, trained, ev, merged, registered: dict | None, latest: str) -> dict:
     uri, experiment_id = mlflow.get_tracking_uri(), MlflowClient().get_run(run_id).info.experiment_id
     model, version = (registered["model"], registered["version"]) if registered else (None, None)
     return {
-        "mlflow_run_id": run_id, "latest_dir": latest, "behaviour": ev.behaviour,
-        "registered_model": model, "registered_version": version, "promotion": registered and registered["promotion"],
-        "tracking_uri": uri, "base_perplexity": ev.base_perplexity, "tuned_perplexity": ev.tuned_perplexity,
-        "perplexity_change_pct": 100 * ev.perplexity_change, "resumed_from_step": trained.resumed_from_step,
+        "mlflow_run_id": run_id,
+        "latest_dir": latest,
+        "behaviour": ev.behaviour,
+        "registered_model": model,
+        "registered_version": version,
+        "promotion": registered and registered["promotion"],
+        "tracking_uri": uri,
+        "base_perplexity": ev.base_perplexity,
+        "tuned_perplexity": ev.tuned_perplexity,
+        "perplexity_change_pct": 100 * ev.perplexity_change,
+        "resumed_from_step": trained.resumed_from_step,
         "train_tokens_per_second": trained.train_tokens_per_second,  # the figure logged under that name
-        "adapter_dir": trained.adapter_dir, "merged_dir": merged and merged.merged_dir, "samples_path": ev.samples_path,
-        "ui_command": ui_command(uri, experiment_id), "run_url": experiment_link(uri, experiment_id, run_id),
+        "adapter_dir": trained.adapter_dir,
+        "merged_dir": merged and merged.merged_dir,
+        "samples_path": ev.samples_path,
+        "ui_command": ui_command(uri, experiment_id),
+        "run_url": experiment_link(uri, experiment_id, run_id),
         "version_url": version and f"{ui_url(uri)}/#/models/{model}/versions/{version}",
     }
 

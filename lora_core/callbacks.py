@@ -25,6 +25,10 @@ class StepLogs(TrainerCallback):
         failpoint("train.step", state.global_step)  # before this step's checkpoint is saved, as a crash would
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers = {
+            k: float(v)
+            for k, v in (logs or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if state.global_step > self.last and numbers:
             self.sink(state.global_step, numbers)

@@ -1,9 +1,9 @@
 """The data stages around the format stage: read and normalise (download), and the train/val split.
 
-Both stream: records live in Arrow files (the `datasets` library) and are written out batch by batch, so memory
-stays bounded whatever the file size (streaming.py reads and normalises, records.py holds the per-record rules).
-Problems are collected for every source and reported together, each naming the file and line (or record index)
-and the fix. Reading files lives in sources.py.
+Both stream: records live in Arrow files (the `datasets` library) and are written out batch by batch, so
+memory stays bounded whatever the file size (streaming.py reads and normalises, records.py holds the
+per-record rules). Problems are collected for every source and reported together, each naming the file and
+line (or record index) and the fix. Reading files lives in sources.py.
 """
 
 from __future__ import annotations
@@ -15,26 +15,58 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_core.records import (MAX_REPORTED, ROLES, SHAPES, SHAREGPT_ROLES, detect_format,  # noqa: F401 - public here too
-                               inject_system_prompt, normalise, record_key)
+from lora_core.records import (
+    MAX_REPORTED,  # noqa: F401 - public here too
+    ROLES,  # noqa: F401 - public here too
+    SHAPES,  # noqa: F401 - public here too
+    SHAREGPT_ROLES,  # noqa: F401 - public here too
+    detect_format,  # noqa: F401 - public here too
+    inject_system_prompt,  # noqa: F401 - public here too
+    normalise,  # noqa: F401 - public here too
+    record_key,  # noqa: F401 - public here too
+)
 from lora_core.sources import DataError, RawRecord, is_hub_id, read_records, source_fingerprint  # noqa: F401 - public here too
-from lora_core.streaming import GatheredData, gather_dataset, normalised, weighted_indices, where_true, write_column
+from lora_core.streaming import (
+    GatheredData,  # noqa: F401 - public here too
+    gather_dataset,
+    normalised,
+    weighted_indices,
+    where_true,
+    write_column,
+)
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- whole datasets in memory (small inputs)
+# --------------------------------------------------------------------------- whole datasets in memory (small
+# inputs)
 
 
-def load_normalised(path: str, fmt: str = "auto", split: str = "train", revision: str | None = None,
-                    subset: str | None = None, columns: dict[str, str] | None = None,
-                    key: str | None = "data.format") -> tuple[list[dict], str, str]:
-    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every problem.
-    `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"}). `key` is the
-    recipe key that sets `fmt`, named in the fix when the records are in another format (None: `fmt` is data.path's).
+def load_normalised(
+    path: str,
+    fmt: str = "auto",
+    split: str = "train",
+    revision: str | None = None,
+    subset: str | None = None,
+    columns: dict[str, str] | None = None,
+    key: str | None = "data.format",
+) -> tuple[list[dict], str, str]:
+    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every
+    problem. `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"}).
+    `key` is the recipe key that sets `fmt`, named in the fix when the records are in another format (None:
+    `fmt` is data.path's).
     For small inputs (a pushed file, tests); the stages stream (streaming.normalised)."""
     with tempfile.TemporaryDirectory() as work:
-        n = normalised(path, fmt, work=Path(work), split=split, revision=revision, subset=subset, columns=columns, key=key)
+        n = normalised(
+            path,
+            fmt,
+            work=Path(work),
+            split=split,
+            revision=revision,
+            subset=subset,
+            columns=columns,
+            key=key,
+        )
         if n.problems:
             raise DataError("\n".join(n.problems))
         return [json.loads(r) for r in n.ds["record"][:]], n.format, n.sha256
@@ -67,7 +99,8 @@ def gather_records(cfg, seed: int = 0) -> Gathered:
 def split_indices(keys, val_fraction: float, val_size: int | None, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic conversation-level split; identical conversations land on the same side.
     Sizes count distinct conversations, so duplicates can never make up the validation set alone.
-    `keys`: a list or a pyarrow array of record keys (membership is computed with pyarrow: 1M keys in ~2 s)."""
+    `keys`: a list or a pyarrow array of record keys (membership is computed with pyarrow: 1M keys in ~2
+    s)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -77,12 +110,21 @@ def split_indices(keys, val_fraction: float, val_size: int | None, seed: int) ->
     key = "split.val_size" if val_size is not None else "split.val_fraction"
     n_val = val_size if val_size is not None else max(1, round(len(order) * val_fraction))
     if n_val >= len(order):
-        dupes = (f" distinct ones ({len(keys)} records; identical conversations stay on one side of the split)"
-                 if len(order) < len(keys) else "")
+        dupes = (
+            f" distinct ones ({len(keys)} records; identical conversations stay on one side of the split)"
+            if len(order) < len(keys)
+            else ""
+        )
         limit = len(order) - 1
-        fix = "add distinct conversations" if limit < 1 else f"set split.val_size to at most {limit}, or add data"
-        raise DataError(f"{key} asks for {n_val} validation conversations out of {len(order)}{dupes}; "
-                        f"leave at least one for training: {fix}")
+        fix = (
+            "add distinct conversations"
+            if limit < 1
+            else f"set split.val_size to at most {limit}, or add data"
+        )
+        raise DataError(
+            f"{key} asks for {n_val} validation conversations out of {len(order)}{dupes}; "
+            f"leave at least one for training: {fix}"
+        )
     in_val = pc.is_in(keys, value_set=pa.array(order[:n_val], pa.string()))
     return where_true(pc.invert(in_val)), where_true(in_val)
 
@@ -117,7 +159,8 @@ class DataResult:
 
 
 def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
-    """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records JSONL."""
+    """Read `cfg.path` (and any `cfg.mix` sources, by weight), normalise to messages/text, write records
+    JSONL."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".arrow-") as work:
@@ -130,8 +173,15 @@ def download_dataset(cfg, out_dir: str | Path, seed: int = 0) -> DataResult:
         if g.skipped:
             skipped_path = str(out_dir / "skipped.jsonl")
             write_jsonl([row for part in g.skipped for row in part], skipped_path)
-        return DataResult(str(out_dir / "records.jsonl"), val_path, g.format, g.sha256, len(g.records), g.n_skipped,
-                          skipped_path)
+        return DataResult(
+            str(out_dir / "records.jsonl"),
+            val_path,
+            g.format,
+            g.sha256,
+            len(g.records),
+            g.n_skipped,
+            skipped_path,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,7 +205,8 @@ def _target_tokens(ds) -> int:
 
 def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: str = "") -> SplitResult:
     """Conversation-level, seed-deterministic split of the formatted dataset; `repeat` applies to train only.
-    Streams: the sides are index selections of the memory-mapped dataset, saved and written out batch by batch."""
+    Streams: the sides are index selections of the memory-mapped dataset, saved and written out batch by
+        batch."""
     import datasets
     import pyarrow.compute as pc
 
@@ -168,13 +219,17 @@ def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: s
         train_idx, val_idx = where_true(pc.equal(sources, "train")), where_true(pc.equal(sources, "val"))
     else:
         train_idx, val_idx = split_indices(ds.data.column("key"), cfg.val_fraction, cfg.val_size, cfg.seed)
-    log.info("split %d records: %d train (x%d), %d validation", len(ds), len(train_idx), cfg.repeat, len(val_idx))
+    log.info(
+        "split %d records: %d train (x%d), %d validation", len(ds), len(train_idx), cfg.repeat, len(val_idx)
+    )
     train, val, train_once = ds.select(train_idx * cfg.repeat), ds.select(val_idx), ds.select(train_idx)
     with progress(len(ds)):  # datasets' bars: records done/total and records/s, for big inputs
         train.save_to_disk(str(out_dir / "train"))
         val.save_to_disk(str(out_dir / "val"))
         write_column(val, "record", out_dir / "val_records.jsonl", desc="writing val_records.jsonl")
-        write_column(train_once, "record", out_dir / "train_records.jsonl", desc="writing train_records.jsonl")
+        write_column(
+            train_once, "record", out_dir / "train_records.jsonl", desc="writing train_records.jsonl"
+        )
     return SplitResult(
         str(out_dir / "train"),
         str(out_dir / "val"),
@@ -186,12 +241,16 @@ def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: s
     )
 
 
-LOGGED_ROWS = 10_000  # records of a split shown as a run's dataset: enough to browse, ~10 MB of short chats in pandas
+LOGGED_ROWS = (
+    10_000  # records of a split shown as a run's dataset: enough to browse, ~10 MB of short chats in pandas
+)
 
 
 def records_head(path: str | Path, rows: int = LOGGED_ROWS):
-    """The first `rows` records of a JSONL file as a pandas DataFrame, nested values as JSON text (as a UI shows
-    them), and how many records the whole file holds (counted line by line: a 1M-record split never sits in memory)."""
+    """The first `rows` records of a JSONL file as a pandas DataFrame, nested values as JSON text (as a UI
+    shows
+    them), and how many records the whole file holds (counted line by line: a 1M-record split never sits in
+    memory)."""
     import itertools
 
     import pandas as pd

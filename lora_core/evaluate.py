@@ -23,7 +23,9 @@ class Perplexity:
     perplexity: float
     mean_nll: float  # nats per target token
     tokens: int  # target tokens scored
-    row_nll: tuple[float, ...] = ()  # summed NLL (nats) of each row, in the rows' order: what a paired test resamples
+    row_nll: tuple[
+        float, ...
+    ] = ()  # summed NLL (nats) of each row, in the rows' order: what a paired test resamples
     row_tokens: tuple[int, ...] = ()  # target tokens of each row
 
 
@@ -52,14 +54,23 @@ def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
     return ids, attn, position_ids, labels
 
 
-# Config keys by which transformers models post-process their logits (soft-capping, scaling): TRL's fused head reads the same
-LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+# Config keys by which transformers models post-process their logits (soft-capping, scaling): TRL's fused head
+# reads the same
+LOGIT_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def _plain_head(model) -> bool:
     """Whether logits are just the output embedding applied to the decoder's last hidden state."""
     config = model.config.get_text_config()
-    return hasattr(model, "get_decoder") and all(getattr(config, key, None) in (None, 1, 1.0) for key in LOGIT_KEYS)
+    return hasattr(model, "get_decoder") and all(
+        getattr(config, key, None) in (None, 1, 1.0) for key in LOGIT_KEYS
+    )
 
 
 def _target_logits(model, ids, attn, pos, keep, past=None):
@@ -69,8 +80,9 @@ def _target_logits(model, ids, attn, pos, keep, past=None):
     cache of a prefix that every row of the batch starts with (see shared_prefix)."""
     if not _plain_head(model):
         return model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, :-1][keep]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past,
-                                 use_cache=past is not None).last_hidden_state
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=past is not None
+    ).last_hidden_state
     return model.get_output_embeddings()(hidden[:, :-1][keep])
 
 
@@ -84,15 +96,24 @@ def shared_prefix(rows: list[dict]) -> int:
     limit = min(len(r["input_ids"]) - 1 for r in rows)
     for r in rows:
         if 1 in r["assistant_masks"][1:]:
-            limit = min(limit, r["assistant_masks"].index(1, 1) - 1)  # target j is predicted by position j - 1
+            limit = min(
+                limit, r["assistant_masks"].index(1, 1) - 1
+            )  # target j is predicted by position j - 1
     first, n = rows[0]["input_ids"], 0
     while n < limit and all(r["input_ids"][n] == first[n] for r in rows):
         n += 1
     return n
 
 
-def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, padding_side: str = "right",
-               max_length: int | None = None, label: str = "perplexity") -> Perplexity:
+def perplexity(
+    model,
+    rows: list[dict],
+    batch_size: int = 8,
+    pad_id: int = 0,
+    padding_side: str = "right",
+    max_length: int | None = None,
+    label: str = "perplexity",
+) -> Perplexity:
     """Token-weighted corpus perplexity of `model` on encoded rows (input_ids + assistant_masks).
     Rows are batched by length (less padding); the sum does not depend on the order. When every row starts
     with the same tokens (a system prompt: 26% of the default recipe's tokens), the decoder runs on them once
@@ -100,7 +121,7 @@ def perplexity(model, rows: list[dict], batch_size: int = 8, pad_id: int = 0, pa
     import copy
 
     import torch
-    import torch.nn.functional as F
+    import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
     if max_length:
         rows = [{k: r[k][:max_length] for k in ("input_ids", "assistant_masks")} for r in rows]
@@ -171,8 +192,11 @@ def generation_settings(cfg):
     return GenerationSettings(max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty)
 
 
-def generate_replies(model, tokenizer, prompts: list[tuple[list[dict], list | None]], cfg, label: str = "replies") -> list[str]:
-    """Replies to chat prompts ((messages ending with a user turn, tools or None)) decoded as eval config `cfg` says
+def generate_replies(
+    model, tokenizer, prompts: list[tuple[list[dict], list | None]], cfg, label: str = "replies"
+) -> list[str]:
+    """Replies to chat prompts ((messages ending with a user turn, tools or None)) decoded as eval config
+    `cfg` says
     (greedy), eval.generate_batch_size at a time (lora_core/generation.py)."""
     from lora_core.generation import generate_many
 
@@ -192,7 +216,8 @@ class EvalResult:
 
 
 def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list[dict]:
-    """[{messages, tools, reference, answer}] from held-out prompts (eval.prompts_path; `answer`: a record's final
+    """[{messages, tools, reference, answer}] from held-out prompts (eval.prompts_path; `answer`: a record's
+    final
     answer, which the socratic metric checks a reply does not give away) or the validation conversations."""
     from lora_core.data import inject_system_prompt, read_jsonl
     from lora_core.formatting import prompt_messages
@@ -201,9 +226,15 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
         from lora_core.inference import read_prompts
 
         chats = inject_system_prompt([{"messages": m} for m in read_prompts(cfg.prompts_path)], system_prompt)
-        answers = [r.get("answer") if isinstance(r, dict) else None for r in read_jsonl(cfg.prompts_path)] \
-            if cfg.prompts_path.endswith(".jsonl") else [None] * len(chats)
-        return [{"messages": c["messages"], "tools": None, "reference": None, "answer": a} for c, a in zip(chats, answers)]
+        answers = (
+            [r.get("answer") if isinstance(r, dict) else None for r in read_jsonl(cfg.prompts_path)]
+            if cfg.prompts_path.endswith(".jsonl")
+            else [None] * len(chats)
+        )
+        return [
+            {"messages": c["messages"], "tools": None, "reference": None, "answer": a}
+            for c, a in zip(chats, answers)
+        ]
     out = []
     for r in read_jsonl(val_records_path):
         if "messages" in r:
@@ -214,7 +245,8 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
 
 
 def reference_text(prompt: dict) -> str:
-    """What samples.json shows as a prompt's reference: the reference reply (its text, or its tool calls as JSON), or
+    """What samples.json shows as a prompt's reference: the reference reply (its text, or its tool calls as
+    JSON), or
     for a held-out prompt without one, the final answer the reply is checked not to give away."""
     import json
 
@@ -227,18 +259,42 @@ def reference_text(prompt: dict) -> str:
 
 
 def behaviour_replies(kind: str, prompts: list[dict], base: list[str], tuned: list[str]) -> list[dict]:
-    """[{prompt, answer, base, tuned, base_checks, tuned_checks}] per scored prompt (evaluation/behaviour.json)."""
+    """[{prompt, answer, base, tuned, base_checks, tuned_checks}] per scored prompt
+    (evaluation/behaviour.json)."""
     from lora_core.behavior import behaviour_checks
 
-    return [{"prompt": p["messages"][-1]["content"], "answer": p.get("answer"), "base": b, "tuned": t, "base_checks": bc,
-             "tuned_checks": tc}
-            for p, b, t, bc, tc in zip(prompts, base, tuned, behaviour_checks(kind, base, prompts),
-                                       behaviour_checks(kind, tuned, prompts))]
+    return [
+        {
+            "prompt": p["messages"][-1]["content"],
+            "answer": p.get("answer"),
+            "base": b,
+            "tuned": t,
+            "base_checks": bc,
+            "tuned_checks": tc,
+        }
+        for p, b, t, bc, tc in zip(
+            prompts,
+            base,
+            tuned,
+            behaviour_checks(kind, base, prompts),
+            behaviour_checks(kind, tuned, prompts),
+        )
+    ]
 
 
-def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records_path: str, cfg, max_length: int, out_dir,
-                     trust_remote_code: bool = False, tokenizer_dir: str | None = None, full_model: bool = False,
-                     system_prompt: str | None = None) -> EvalResult:
+def evaluate_adapter(
+    base_path: str,
+    adapter_dir: str,
+    val_dir: str,
+    val_records_path: str,
+    cfg,
+    max_length: int,
+    out_dir,
+    trust_remote_code: bool = False,
+    tokenizer_dir: str | None = None,
+    full_model: bool = False,
+    system_prompt: str | None = None,
+) -> EvalResult:
     """Perplexity, sample replies and the behaviour metric of the base, then of the tuned model
     (base + adapter, or the fully fine-tuned model in `adapter_dir` when `full_model`)."""
     import gc
@@ -265,9 +321,17 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     chats = [(p["messages"], p["tools"]) for p in prompts]
 
     def measure(model, which: str):
-        ppl = perplexity(model, rows, cfg.batch_size, tokenizer.pad_token_id, max_length=max_length,
-                         label=f"evaluate: {which} model, perplexity")
-        return ppl, generate_replies(model, tokenizer, chats, cfg, f"evaluate: {which} model, {len(chats)} held-out replies")
+        ppl = perplexity(
+            model,
+            rows,
+            cfg.batch_size,
+            tokenizer.pad_token_id,
+            max_length=max_length,
+            label=f"evaluate: {which} model, perplexity",
+        )
+        return ppl, generate_replies(
+            model, tokenizer, chats, cfg, f"evaluate: {which} model, {len(chats)} held-out replies"
+        )
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
     base_ppl, base_replies = measure(model, "base")
@@ -279,18 +343,30 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
         tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned_ppl, tuned_replies = measure(tuned, "tuned")
 
-    behaviour = {f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()}  # lora_core/metrics
+    behaviour = {
+        f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()
+    }  # lora_core/metrics
     behaviour |= {f"tuned.{k}": v for k, v in score(cfg.behavior, tuned_replies, prompts).items()}
-    samples = [{"prompt": p["messages"][-1]["content"], "reference": reference_text(p), "base": b, "tuned": t}
-               for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)]
+    samples = [
+        {"prompt": p["messages"][-1]["content"], "reference": reference_text(p), "base": b, "tuned": t}
+        for p, b, t in zip(prompts[: cfg.num_samples], base_replies, tuned_replies)
+    ]
     samples_path = out_dir / "samples.json"
     samples_path.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     # per validation conversation, for the champion gate's paired test (lora_core/registry.py)
-    (out_dir / PER_CONVERSATION).write_text(json.dumps({"tokens": tuned_ppl.row_tokens, "base_nll": base_ppl.row_nll,
-                                                        "tuned_nll": tuned_ppl.row_nll}))
+    (out_dir / PER_CONVERSATION).write_text(
+        json.dumps(
+            {"tokens": tuned_ppl.row_tokens, "base_nll": base_ppl.row_nll, "tuned_nll": tuned_ppl.row_nll}
+        )
+    )
     if cfg.behavior != "none":  # every scored reply with its checks, so a share can be read reply by reply
-        (out_dir / "behaviour.json").write_text(json.dumps(behaviour_replies(cfg.behavior, prompts, base_replies, tuned_replies),
-                                                           indent=2, ensure_ascii=False))
+        (out_dir / "behaviour.json").write_text(
+            json.dumps(
+                behaviour_replies(cfg.behavior, prompts, base_replies, tuned_replies),
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
     change = (tuned_ppl.perplexity - base_ppl.perplexity) / base_ppl.perplexity
     report = {
         "base_perplexity": base_ppl.perplexity,
@@ -304,7 +380,20 @@ def evaluate_adapter(base_path: str, adapter_dir: str, val_dir: str, val_records
     }
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2))
-    log.info("validation perplexity: base %.3f -> tuned %.3f (%+.1f%%) %s", base_ppl.perplexity, tuned_ppl.perplexity,
-             100 * change, behaviour or "")
-    return EvalResult(base_ppl.perplexity, tuned_ppl.perplexity, change, base_ppl.tokens, str(samples_path), str(report_path),
-                      time.perf_counter() - started, behaviour)
+    log.info(
+        "validation perplexity: base %.3f -> tuned %.3f (%+.1f%%) %s",
+        base_ppl.perplexity,
+        tuned_ppl.perplexity,
+        100 * change,
+        behaviour or "",
+    )
+    return EvalResult(
+        base_ppl.perplexity,
+        tuned_ppl.perplexity,
+        change,
+        base_ppl.tokens,
+        str(samples_path),
+        str(report_path),
+        time.perf_counter() - started,
+        behaviour,
+    )

@@ -20,8 +20,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from lora_core.encoding import (NO_TEMPLATE, Encoded, FormatError, encode_conversations,  # noqa: F401 - public here too
-                                encode_records, encode_text)
+from lora_core.encoding import (
+    NO_TEMPLATE,
+    Encoded,
+    FormatError,
+    encode_conversations,
+    encode_records,
+    encode_text,  # noqa: F401 - public here too
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +44,9 @@ def _one(encoded: Encoded | FormatError) -> Encoded:
     return encoded
 
 
-def encode_conversation(tokenizer, messages: list[dict], tools: list | None = None, assistant_only: bool = True) -> Encoded:
+def encode_conversation(
+    tokenizer, messages: list[dict], tools: list | None = None, assistant_only: bool = True
+) -> Encoded:
     return _one(encode_conversations(tokenizer, [(messages, tools)], assistant_only)[0])
 
 
@@ -55,51 +63,69 @@ def special_tokens(tokenizer) -> set[str]:
 
 
 def token_after_reply(tokenizer) -> str | None:
-    """The special token the chat template writes right after an assistant reply (whitespace skipped), or None.
+    """The special token the chat template writes right after an assistant reply (whitespace skipped), or
+    None.
     Raises jinja2's TemplateError when the template cannot render a user/assistant exchange."""
     reply = PROBE[-1]["content"]
     text = _render(tokenizer, PROBE, None)
     at = text.rfind(reply)
     if at < 0:
         return None
-    ids = tokenizer(text[at + len(reply):].lstrip(), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text[at + len(reply) :].lstrip(), add_special_tokens=False)["input_ids"]
     token = tokenizer.convert_ids_to_tokens(ids[0]) if ids else None
     return token if token in special_tokens(tokenizer) else None
 
 
 def end_of_turn(tokenizer, override: str | None = None) -> str:
-    """The token that closes an assistant turn: `override` (template.end_of_turn), checked against the vocabulary,
-    else the one the chat template writes after a reply. A FormatError of one line, with the fix, when neither works."""
+    """The token that closes an assistant turn: `override` (template.end_of_turn), checked against the
+    vocabulary,
+    else the one the chat template writes after a reply. A FormatError of one line, with the fix, when neither
+    works."""
     from jinja2 import TemplateError
 
     if override is not None:
         if override not in tokenizer.get_vocab():
-            raise FormatError(f"template.end_of_turn {override!r} is not a token of the base tokenizer's vocabulary; set it "
-                              "to the token that closes an assistant turn (e.g. '<|im_end|>', '<end_of_turn>', '<|eot_id|>')")
+            raise FormatError(
+                f"template.end_of_turn {override!r} is not a token of the base tokenizer's vocabulary; set "
+                "it "
+                "to the token that closes an assistant turn (e.g. '<|im_end|>', '<end_of_turn>', "
+                "'<|eot_id|>')"
+            )
         return override
     if not tokenizer.chat_template:
         raise FormatError(NO_TEMPLATE)
     try:
         token = token_after_reply(tokenizer)
     except TemplateError as exc:
-        raise FormatError(f"the chat template cannot render a user/assistant exchange ({exc}); fix it or set "
-                          "template.chat_template to one that can") from None
+        raise FormatError(
+            f"the chat template cannot render a user/assistant exchange ({exc}); fix it or set "
+            "template.chat_template to one that can"
+        ) from None
     if token is None:
-        raise FormatError("the chat template writes no special token right after an assistant reply, so the token that ends a "
-                          "turn is unknown; set template.end_of_turn to it (e.g. '<|im_end|>', '<end_of_turn>', '<|eot_id|>')")
+        raise FormatError(
+            "the chat template writes no special token right after an assistant reply, so the token that "
+            "ends a "
+            "turn is unknown; set template.end_of_turn to it (e.g. '<|im_end|>', '<end_of_turn>', "
+            "'<|eot_id|>')"
+        )
     return token
 
 
 def check_end_of_turn_trained(tokenizer, encoded: Encoded, end_of_turn_id: int | None = None) -> None:
-    """Every trained run of tokens (a reply) must end with the end-of-turn token, or the tuned model never learns to stop.
+    """Every trained run of tokens (a reply) must end with the end-of-turn token, or the tuned model never
+    learns to stop.
     `end_of_turn_id` defaults to the one the chat template writes (end_of_turn)."""
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)) if end_of_turn_id is None else end_of_turn_id
+    eot = (
+        tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)) if end_of_turn_id is None else end_of_turn_id
+    )
     ids, mask = encoded.input_ids, encoded.assistant_masks
     run_ends = [ids[i] for i in range(len(ids)) if mask[i] and (i + 1 == len(ids) or not mask[i + 1])]
     if not run_ends or any(t != eot for t in run_ends):
         raise FormatError(
-            f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} does not close every assistant reply inside the "
-            "loss mask, so the tuned model would not learn to stop; set template.end_of_turn to the token the chat "
+            f"the end-of-turn token {tokenizer.convert_ids_to_tokens(eot)!r} does not close every assistant "
+            "reply inside the "
+            "loss mask, so the tuned model would not learn to stop; set template.end_of_turn to the token "
+            "the chat "
             "template writes after a reply"
         )
 
@@ -113,11 +139,18 @@ class EndOfTurnOdds:
     replies: int  # reply ends measured
 
 
-def end_of_turn_odds(model, tokenizer, input_ids: list[list[int]], assistant_masks: list[list[int]], max_length: int,
-                     rows: int = 16) -> EndOfTurnOdds | None:
-    """How likely `model` finds the token that ends the replies of encoded rows (cut to `max_length`), measured in one
-    no-grad forward of the first `rows` rows that have one; None when no row trains on a stop token. The stop tokens are
-    inference.stop_token_ids'; a reply ends where one is a target (each reply's mask closes with the end-of-turn token,
+def end_of_turn_odds(
+    model,
+    tokenizer,
+    input_ids: list[list[int]],
+    assistant_masks: list[list[int]],
+    max_length: int,
+    rows: int = 16,
+) -> EndOfTurnOdds | None:
+    """How likely `model` finds the token that ends the replies of encoded rows (cut to `max_length`),
+    measured in one no-grad forward of the first `rows` rows that have one; None when no row trains on a stop
+    token. The stop tokens are inference.stop_token_ids'; a reply ends where one is a target (each reply's
+    mask closes with the end-of-turn token,
     a text record with eos)."""
     import statistics
     from collections import Counter
@@ -128,51 +161,85 @@ def end_of_turn_odds(model, tokenizer, input_ids: list[list[int]], assistant_mas
     from lora_core.inference import stop_token_ids
 
     stops = set(stop_token_ids(model, tokenizer))
-    ends = [[t for t, i in enumerate(ids[:max_length]) if t > 0 and i in stops and masks[t]]
-            for ids, masks in zip(input_ids, assistant_masks)]
-    taught = [token for token, _ in Counter(ids[t] for ids, at in zip(input_ids, ends) for t in at).most_common()]
+    ends = [
+        [t for t, i in enumerate(ids[:max_length]) if t > 0 and i in stops and masks[t]]
+        for ids, masks in zip(input_ids, assistant_masks)
+    ]
+    taught = [
+        token for token, _ in Counter(ids[t] for ids, at in zip(input_ids, ends) for t in at).most_common()
+    ]
     if not taught:
         return None
     sample = []  # each cut after its last reply end, with a mask of 1 exactly at its end-of-turn targets
     for ids, at in zip(input_ids, ends):
         at = [t for t in at if ids[t] == taught[0]]
         if at and len(sample) < rows:
-            sample.append({"input_ids": ids[: at[-1] + 1], "assistant_masks": [int(t in at) for t in range(at[-1] + 1)]})
-    ids, attn, _, labels = pad_batch(sample, tokenizer.pad_token_id)  # right-padded: a causal model's logits unchanged
+            sample.append(
+                {"input_ids": ids[: at[-1] + 1], "assistant_masks": [int(t in at) for t in range(at[-1] + 1)]}
+            )
+    ids, attn, _, labels = pad_batch(
+        sample, tokenizer.pad_token_id
+    )  # right-padded: a causal model's logits unchanged
     keep = torch.zeros_like(attn, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100  # the positions predicting an end-of-turn token
     device = next(model.parameters()).device
     with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep.to(device)).logits.float()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=attn.to(device), logits_to_keep=keep.to(device)
+        ).logits.float()
     eot = logits[:, taught[0]]
-    return EndOfTurnOdds(taught, statistics.median(logits.softmax(-1)[:, taught[0]].tolist()),
-                         statistics.median_low((logits > eot[:, None]).sum(-1).add(1).tolist()), logits.shape[-1], len(logits))
+    return EndOfTurnOdds(
+        taught,
+        statistics.median(logits.softmax(-1)[:, taught[0]].tolist()),
+        statistics.median_low((logits > eot[:, None]).sum(-1).add(1).tolist()),
+        logits.shape[-1],
+        len(logits),
+    )
 
 
-# Median probability under which the base is taken never to predict the end-of-turn token: a loss above ln(1e4) = 9.2
-# nats on the one token that closes every reply, worse than a uniform guess over 10,000 tokens. Measured at the ends of
-# the tutoring replies: SmolLM2-135M-Instruct gives its <|im_end|> 0.15 (median rank 2); Gemma 3 270M gives its
-# <end_of_turn> 1.1e-11 (rank 256,693 of 262,144: its row sits by an unused token's), which a short LoRA run did not lift.
+# Median probability under which the base is taken never to predict the end-of-turn token: a loss above
+# ln(1e4) = 9.2 nats on the one token that closes every reply, worse than a uniform guess over 10,000 tokens.
+# Measured at the ends of the tutoring replies: SmolLM2-135M-Instruct gives its <|im_end|> 0.15 (median rank
+# 2); Gemma 3 270M gives its <end_of_turn> 1.1e-11 (rank 256,693 of 262,144: its row sits by an unused
+# token's), which a short LoRA run did not lift.
 UNLEARNT_PROB = 1e-4
 
 
-def check_base_predicts_end_of_turn(model, tokenizer, train_ds, max_length: int, *, rows_trained: bool) -> EndOfTurnOdds | None:
-    """The train stage's check, before training: the base's EndOfTurnOdds on the first 16 training rows, logged; below
-    UNLEARNT_PROB one warning with the fix, unless the token's rows are trained anyway (`rows_trained`:
-    lora.train_end_of_turn, or full fine-tuning). One no-grad forward: 22 s for Gemma 3 270M on 2 busy CPU cores, where
+def check_base_predicts_end_of_turn(
+    model, tokenizer, train_ds, max_length: int, *, rows_trained: bool
+) -> EndOfTurnOdds | None:
+    """The train stage's check, before training: the base's EndOfTurnOdds on the first 16 training rows,
+    logged; below UNLEARNT_PROB one warning with the fix, unless the token's rows are trained anyway
+    (`rows_trained`: lora.train_end_of_turn, or full fine-tuning). One no-grad forward: 22 s for Gemma 3 270M
+    on 2 busy CPU cores, where
     its training steps (8 conversations) took 9-12 s."""
     odds = end_of_turn_odds(model, tokenizer, train_ds["input_ids"], train_ds["assistant_masks"], max_length)
     if odds is None:
         return None
     token = tokenizer.convert_ids_to_tokens(odds.taught[0])
     if odds.prob >= UNLEARNT_PROB or rows_trained:
-        log.info("end of turn: the base gives %r a median probability of %.2g (rank %d) where %d training replies end%s", token,
-                 odds.prob, odds.rank, odds.replies, "; its rows are trained" if rows_trained else "")
+        log.info(
+            "end of turn: the base gives %r a median probability of %.2g (rank %d) where %d training replies "
+            "end%s",
+            token,
+            odds.prob,
+            odds.rank,
+            odds.replies,
+            "; its rows are trained" if rows_trained else "",
+        )
     else:
-        log.warning("the base model never predicts the end-of-turn token %r where training replies end (median probability "
-                    "%.1e, rank %d of %d, over %d replies): LoRA alone may not teach it to stop and replies can run to the "
-                    "token limit; set lora.train_end_of_turn=true to train that token's embedding and LM-head rows",
-                    token, odds.prob, odds.rank, odds.vocab, odds.replies)
+        log.warning(
+            "the base model never predicts the end-of-turn token %r where training replies end (median "
+            "probability "
+            "%.1e, rank %d of %d, over %d replies): LoRA alone may not teach it to stop and replies can run "
+            "to the "
+            "token limit; set lora.train_end_of_turn=true to train that token's embedding and LM-head rows",
+            token,
+            odds.prob,
+            odds.rank,
+            odds.vocab,
+            odds.replies,
+        )
     return odds
 
 
@@ -188,7 +255,9 @@ def prompt_messages(messages: list[dict]) -> tuple[list[dict], str]:
 @dataclass(frozen=True)
 class FormatResult:
     dataset_dir: str  # datasets.save_to_disk: input_ids, assistant_masks, key, source, record
-    tokenizer_dir: str  # the tokenizer used, with its (possibly replaced) chat template and generation_config.json
+    tokenizer_dir: (
+        str  # the tokenizer used, with its (possibly replaced) chat template and generation_config.json
+    )
     n_rows: int
     max_tokens: int
     end_of_turn: str | None = None  # the token that closes an assistant turn (None: no conversations)
@@ -201,9 +270,11 @@ def with_default_system_prompt(template: str, system_prompt: str) -> str:
     import json
 
     # a JSON string literal is a valid Jinja string literal (same escapes)
-    head = ("{%- if messages and messages[0]['role'] != 'system' -%}"
-            f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system_prompt)}}}] + messages -%}}"
-            "{%- endif -%}\n")
+    head = (
+        "{%- if messages and messages[0]['role'] != 'system' -%}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {json.dumps(system_prompt)}}}] + messages -%}}"
+        "{%- endif -%}\n"
+    )
     return head + template
 
 
@@ -213,9 +284,16 @@ COLUMNS = ("input_ids", "assistant_masks", "key", "source", "record")  # of the 
 def _features():
     import datasets
 
-    ints = {"input_ids": "int32", "assistant_masks": "int64"}  # what Dataset.from_dict chose: the saved rows unchanged
-    return datasets.Features({name: datasets.Sequence(datasets.Value(ints[name])) if name in ints else datasets.Value("string")
-                              for name in COLUMNS + ("problem",)})
+    ints = {
+        "input_ids": "int32",
+        "assistant_masks": "int64",
+    }  # what Dataset.from_dict chose: the saved rows unchanged
+    return datasets.Features(
+        {
+            name: datasets.Sequence(datasets.Value(ints[name])) if name in ints else datasets.Value("string")
+            for name in COLUMNS + ("problem",)
+        }
+    )
 
 
 def _format_batch(batch: dict, tokenizer, system_prompt: str | None, assistant_only: bool) -> dict:
@@ -226,7 +304,9 @@ def _format_batch(batch: dict, tokenizer, system_prompt: str | None, assistant_o
 
     records = inject_system_prompt([json.loads(line) for line in batch["line"]], system_prompt)
     out: dict[str, list] = {name: [] for name in COLUMNS + ("problem",)}
-    for source, i, rec, enc in zip(batch["source"], batch["index"], records, encode_records(tokenizer, records, assistant_only)):
+    for source, i, rec, enc in zip(
+        batch["source"], batch["index"], records, encode_records(tokenizer, records, assistant_only)
+    ):
         bad = isinstance(enc, FormatError)
         out["input_ids"].append([] if bad else enc.input_ids)
         out["assistant_masks"].append([] if bad else enc.assistant_masks)
@@ -246,8 +326,9 @@ def _first_record(path: str) -> dict | None:
 
 
 def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int | None]:
-    """The end-of-turn token and its id (None for text records without template.end_of_turn), raised as one line before any
-    record is encoded when the template cannot end a turn; checked against the first record's mask, once (a property of
+    """The end-of-turn token and its id (None for text records without template.end_of_turn), raised as one
+    line before any record is encoded when the template cannot end a turn; checked against the first record's
+    mask, once (a property of
     the template)."""
     from lora_core.records import inject_system_prompt
 
@@ -257,7 +338,12 @@ def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int 
         return None, None
     eot = end_of_turn(tokenizer, cfg.end_of_turn)
     eot_id = tokenizer.convert_tokens_to_ids(eot)
-    log.info("end of turn: %r (id %d), %s", eot, eot_id, "template.end_of_turn" if cfg.end_of_turn else "from the chat template")
+    log.info(
+        "end of turn: %r (id %d), %s",
+        eot,
+        eot_id,
+        "template.end_of_turn" if cfg.end_of_turn else "from the chat template",
+    )
     if chats and cfg.assistant_only_loss:
         enc = encode_records(tokenizer, inject_system_prompt([first], cfg.system_prompt))[0]
         if not isinstance(enc, FormatError):  # a record that cannot be encoded is reported with the others
@@ -266,7 +352,8 @@ def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int 
 
 
 def _encoded(sources: list[tuple[str, str]], tokenizer, cfg, work):
-    """Every records JSONL line (source "train" or "val") encoded by a batched datasets map over Arrow files in `work`,
+    """Every records JSONL line (source "train" or "val") encoded by a batched datasets map over Arrow files
+    in `work`,
     with progress for big inputs; the dataset has COLUMNS and "problem"."""
     import time
 
@@ -277,21 +364,41 @@ def _encoded(sources: list[tuple[str, str]], tokenizer, cfg, work):
     started = time.monotonic()
     lines = datasets.Dataset.from_file(write_arrow(sources, work / "lines.arrow"))
     with progress(len(lines)):
-        ds = lines.map(_format_batch, batched=True, batch_size=BATCH, num_proc=workers(len(lines)),
-                       remove_columns=lines.column_names, features=_features(), desc="formatting",
-                       fn_kwargs={"tokenizer": tokenizer, "system_prompt": cfg.system_prompt,
-                                  "assistant_only": cfg.assistant_only_loss},
-                       cache_file_name=str(work / "formatted.arrow"), new_fingerprint="formatted")
+        ds = lines.map(
+            _format_batch,
+            batched=True,
+            batch_size=BATCH,
+            num_proc=workers(len(lines)),
+            remove_columns=lines.column_names,
+            features=_features(),
+            desc="formatting",
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "system_prompt": cfg.system_prompt,
+                "assistant_only": cfg.assistant_only_loss,
+            },
+            cache_file_name=str(work / "formatted.arrow"),
+            new_fingerprint="formatted",
+        )
     seconds = time.monotonic() - started
-    log.info("formatted %d records in %.1f s (%.0f records/s)", len(ds), seconds, len(ds) / max(seconds, 1e-9))
+    log.info(
+        "formatted %d records in %.1f s (%.0f records/s)", len(ds), seconds, len(ds) / max(seconds, 1e-9)
+    )
     return ds
 
 
-def format_dataset(records_path: str, val_records_path: str | None, tokenizer_path: str, cfg, out_dir,
-                   trust_remote_code: bool = False) -> FormatResult:
-    """Render every conversation with the base tokenizer's chat template and build its loss mask, a batch at a time
-    through Arrow files (memory stays flat in the number of records). Problems of the model (no chat template, unknown
-    end-of-turn token) are one line, raised before any record is encoded; problems of records are listed by record,
+def format_dataset(
+    records_path: str,
+    val_records_path: str | None,
+    tokenizer_path: str,
+    cfg,
+    out_dir,
+    trust_remote_code: bool = False,
+) -> FormatResult:
+    """Render every conversation with the base tokenizer's chat template and build its loss mask, a batch at a
+    time through Arrow files (memory stays flat in the number of records). Problems of the model (no chat
+    template, unknown end-of-turn token) are one line, raised before any record is encoded; problems of
+    records are listed by record,
     at most 20."""
     import tempfile
     from pathlib import Path
@@ -307,7 +414,10 @@ def format_dataset(records_path: str, val_records_path: str | None, tokenizer_pa
     if cfg.chat_template:
         template = Path(cfg.chat_template)
         if not template.is_file():
-            raise FormatError(f"template.chat_template {cfg.chat_template!r}: no such file; point it at a .jinja chat template")
+            raise FormatError(
+                f"template.chat_template {cfg.chat_template!r}: no such file; point it at a .jinja chat "
+                "template"
+            )
         tokenizer.chat_template = template.read_text()
     eot, eot_id = _check_template(tokenizer, records_path, cfg)
     sources = [("train", records_path)] + ([("val", val_records_path)] if val_records_path else [])

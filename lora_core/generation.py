@@ -1,13 +1,15 @@
-"""Replies to many chats at once: what the evaluate stage and `lora-flow generate` run, with transformers' `generate`.
+"""Replies to many chats at once: what the evaluate stage and `lora-flow generate` run, with transformers'
+`generate`.
 
-On a CPU a small model's decoding step costs nearly the same for 1 row as for 8: it reads every weight either way.
-So the prompts go in large batches (eval.generate_batch_size), sorted by length so that rows of a batch need little
-padding, and the prefix every prompt starts with (the system prompt, a tool list) is run once: each batch continues
-from a copy of its key/value cache, its rows padded between the shared prefix and their own tokens (the attention
-mask and the position ids skip the padding). `generate` decodes CHUNK tokens per call and the rows that stopped
-leave the batch before the next call continues the others from their cache. Greedy decoding of one prompt alone
-(`model.generate` on it, generate_one_by_one) gives the same replies to float rounding: bench/eval_speed.py counts
-the replies that differ, and tests hold the served model to the replies the evaluation wrote.
+On a CPU a small model's decoding step costs nearly the same for 1 row as for 8: it reads every weight either
+way. So the prompts go in large batches (eval.generate_batch_size), sorted by length so that rows of a batch
+need little padding, and the prefix every prompt starts with (the system prompt, a tool list) is run once:
+each batch continues from a copy of its key/value cache, its rows padded between the shared prefix and their
+own tokens (the attention mask and the position ids skip the padding). `generate` decodes CHUNK tokens per
+call and the rows that stopped leave the batch before the next call continues the others from their cache.
+Greedy decoding of one prompt alone (`model.generate` on it, generate_one_by_one) gives the same replies to
+float rounding: bench/eval_speed.py counts the replies that differ, and tests hold the served model to the
+replies the evaluation wrote.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ CHUNK = 16  # new tokens per generate call; rows that stopped leave the batch be
 
 
 def shared_prefix(rows: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own (the step that yields logits)."""
+    """Tokens every row starts with, leaving each row at least one token of its own (the step that yields
+    logits)."""
     limit = min(len(r) for r in rows) - 1
     n = 0
     while n < limit and all(r[n] == rows[0][n] for r in rows):
@@ -30,7 +33,8 @@ def shared_prefix(rows: list[list[int]]) -> int:
 
 
 class _StepCounter:
-    """A transformers streamer that only counts decoding steps, for progress lines (every put after the prompt's is
+    """A transformers streamer that only counts decoding steps, for progress lines (every put after the
+    prompt's is
     one new token per row)."""
 
     def __init__(self, progress: Progress, rows: int):
@@ -46,8 +50,12 @@ class _StepCounter:
 
 
 def encode_prompts(tokenizer, chats: list[tuple[list[dict], list | None]]) -> list[list[int]]:
-    """Token ids of each chat rendered with its template up to the assistant's turn (the template writes any BOS)."""
-    texts = [tokenizer.apply_chat_template(m, tools=t, add_generation_prompt=True, tokenize=False) for m, t in chats]
+    """Token ids of each chat rendered with its template up to the assistant's turn (the template writes any
+    BOS)."""
+    texts = [
+        tokenizer.apply_chat_template(m, tools=t, add_generation_prompt=True, tokenize=False)
+        for m, t in chats
+    ]
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
@@ -60,22 +68,27 @@ def _batch_inputs(rows: list[list[int]], prefix: int, pad_id: int, device):
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         own = len(r) - prefix
-        ids[b, :prefix], ids[b, width - own:] = torch.tensor(r[:prefix]), torch.tensor(r[prefix:])
-        mask[b, :prefix], mask[b, width - own:] = 1, 1
+        ids[b, :prefix], ids[b, width - own :] = torch.tensor(r[:prefix]), torch.tensor(r[prefix:])
+        mask[b, :prefix], mask[b, width - own :] = 1, 1
     return ids.to(device), mask.to(device)
 
 
 def _even_batches(order: list[int], batch_size: int) -> list[list[int]]:
-    """`order` cut into the fewest batches of at most `batch_size`, of even sizes (70 at 64: 35 + 35, not 64 + 6)."""
+    """`order` cut into the fewest batches of at most `batch_size`, of even sizes (70 at 64: 35 + 35, not 64 +
+    6)."""
     count = -(-len(order) // batch_size)
     size = -(-len(order) // count)
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def _decode_in_chunks(model, ids, mask, past, settings, stops: list[int], pad_id: int, progress: Progress) -> list[list[int]]:
-    """Each row's new tokens up to and including its stop token. transformers' `generate` keeps a finished row in the
-    batch until every row has stopped; decoding `CHUNK` tokens per call and continuing only the unfinished rows from
-    their key/value cache (the documented way to continue a generation) spends the steps on rows still writing."""
+def _decode_in_chunks(
+    model, ids, mask, past, settings, stops: list[int], pad_id: int, progress: Progress
+) -> list[list[int]]:
+    """Each row's new tokens up to and including its stop token. transformers' `generate` keeps a finished row
+    in the batch until every row has stopped; decoding `CHUNK` tokens per call and continuing only the
+    unfinished rows from
+    their key/value cache (the documented way to continue a generation) spends the steps on rows still
+    writing."""
     import torch
 
     rows = list(range(ids.shape[0]))
@@ -83,10 +96,17 @@ def _decode_in_chunks(model, ids, mask, past, settings, stops: list[int], pad_id
     left = settings.max_new_tokens
     while rows and left > 0:
         step = min(CHUNK, left)
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=past,
-                             **{**settings.kwargs(), "max_new_tokens": step}, pad_token_id=pad_id, eos_token_id=stops,
-                             return_dict_in_generate=True, streamer=_StepCounter(progress, len(rows)))
-        new = out.sequences[:, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            past_key_values=past,
+            **{**settings.kwargs(), "max_new_tokens": step},
+            pad_token_id=pad_id,
+            eos_token_id=stops,
+            return_dict_in_generate=True,
+            streamer=_StepCounter(progress, len(rows)),
+        )
+        new = out.sequences[:, ids.shape[1] :].tolist()
         keep = []
         for b, (row, got) in enumerate(zip(rows, new)):
             end = next((j for j, t in enumerate(got) if t in stops), None)
@@ -99,14 +119,24 @@ def _decode_in_chunks(model, ids, mask, past, settings, stops: list[int], pad_id
         past = out.past_key_values
         past.batch_select_indices(torch.tensor(keep, device=ids.device))
         ids = out.sequences[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], out.sequences.shape[1] - mask.shape[1])], dim=1)[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], out.sequences.shape[1] - mask.shape[1])], dim=1)[
+            keep
+        ]
         rows = [rows[b] for b in keep]
     return tokens
 
 
-def generate_many(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings, batch_size: int = 64,
-                  label: str = "replies", share_prefix: bool = True) -> list[str]:
-    """Replies to `chats` ((messages, tools) each) in their order, decoded with `settings` (GenerationSettings)."""
+def generate_many(
+    model,
+    tokenizer,
+    chats: list[tuple[list[dict], list | None]],
+    settings,
+    batch_size: int = 64,
+    label: str = "replies",
+    share_prefix: bool = True,
+) -> list[str]:
+    """Replies to `chats` ((messages, tools) each) in their order, decoded with `settings`
+    (GenerationSettings)."""
     import torch
 
     from lora_core.inference import stop_token_ids
@@ -124,7 +154,9 @@ def generate_many(model, tokenizer, chats: list[tuple[list[dict], list | None]],
     with torch.inference_mode():
         cache = None
         if prefix:
-            cache = model(input_ids=torch.tensor([rows[0][:prefix]], device=device), use_cache=True).past_key_values
+            cache = model(
+                input_ids=torch.tensor([rows[0][:prefix]], device=device), use_cache=True
+            ).past_key_values
         for index in _even_batches(order, batch_size):
             ids, mask = _batch_inputs([rows[i] for i in index], prefix, tokenizer.pad_token_id, device)
             past = None
@@ -149,7 +181,12 @@ def generate_one_by_one(model, tokenizer, chats: list[tuple[list[dict], list | N
     for ids in encode_prompts(tokenizer, chats):
         ids = torch.tensor([ids], device=next(model.parameters()).device)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings.kwargs(),
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                **settings.kwargs(),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+            )
+        replies.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return replies

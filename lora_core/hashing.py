@@ -22,7 +22,11 @@ def tree_sha256(path: str | Path) -> str:
     if path.is_file():
         return file_sha256(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)):
+    for f in sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ):
         h.update(str(f.relative_to(path)).encode())
         h.update(b"\0")
         h.update(file_sha256(f).encode())

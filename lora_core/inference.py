@@ -1,4 +1,5 @@
-"""Load a tuned model (adapter folder, MLflow transformers-flavor folder, or merged model) and reply to chats."""
+"""Load a tuned model (adapter folder, MLflow transformers-flavor folder, or merged model) and reply to
+chats."""
 
 from __future__ import annotations
 
@@ -28,26 +29,43 @@ class GenerationSettings:
 
     def kwargs(self) -> dict:
         if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+            return {
+                "do_sample": False,
+                "max_new_tokens": self.max_new_tokens,
+                "repetition_penalty": self.repetition_penalty,
+            }
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
 
 
 def write_generation_defaults(folder: str | Path, settings: GenerationSettings) -> None:
-    """Write `settings` as the defaults of `folder`'s generation_config.json (kept: its stop tokens), so that a plain
+    """Write `settings` as the defaults of `folder`'s generation_config.json (kept: its stop tokens), so that
+    a plain
     transformers `generate()` on the folder decodes as the evaluation did: greedy unless asked to sample."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_pretrained(folder)
     sample = settings.temperature > 0
-    gen.update(do_sample=sample, max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
-               temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
-               top_k=settings.top_k if sample else None)
+    gen.update(
+        do_sample=sample,
+        max_new_tokens=settings.max_new_tokens,
+        repetition_penalty=settings.repetition_penalty,
+        temperature=settings.temperature if sample else None,
+        top_p=settings.top_p if sample else None,
+        top_k=settings.top_k if sample else None,
+    )
     gen.save_pretrained(folder)
 
 
 def generation_defaults(folder: str | Path) -> dict:
-    """The GenerationSettings fields a model folder's generation_config.json sets (write_generation_defaults), or {}."""
+    """The GenerationSettings fields a model folder's generation_config.json sets (write_generation_defaults),
+    or {}."""
     from lora_core.base_model import GENERATION_CONFIG
 
     path = Path(folder) / GENERATION_CONFIG
@@ -66,7 +84,9 @@ def _has_tokenizer(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
-def load_chat_model(path: str | Path, base_path: str | None = None, device: str = "auto", trust_remote_code: bool = False):
+def load_chat_model(
+    path: str | Path, base_path: str | None = None, device: str = "auto", trust_remote_code: bool = False
+):
     """(model, tokenizer) from a peft adapter folder (base from `base_path` or the adapter's config),
     an MLflow transformers-flavor model folder (peft/ + components/tokenizer), or a full model folder."""
     import torch
@@ -79,15 +99,26 @@ def load_chat_model(path: str | Path, base_path: str | None = None, device: str 
     elif (path / "adapter_config.json").is_file():
         adapter, tok_dir = path, path
     elif (path / "config.json").is_file():
-        return load_model(str(path), torch.float32, device, trust_remote_code).eval(), load_tokenizer(str(path), trust_remote_code)
+        return load_model(str(path), torch.float32, device, trust_remote_code).eval(), load_tokenizer(
+            str(path), trust_remote_code
+        )
     else:
-        raise InferenceError(f"{path}: neither an adapter (adapter_config.json) nor a model (config.json); pass an adapter or merged-model folder")
-    base = base_path or json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise InferenceError(
+            f"{path}: neither an adapter (adapter_config.json) nor a model (config.json); pass an adapter or "
+            "merged-model folder"
+        )
+    base = base_path or json.loads((adapter / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
     if not base or not (Path(base) / "config.json").is_file():
-        raise InferenceError(f"{adapter}: its base model {base!r} is not available locally; pass --base-model DIR")
+        raise InferenceError(
+            f"{adapter}: its base model {base!r} is not available locally; pass --base-model DIR"
+        )
     tokenizer = load_tokenizer(str(tok_dir if _has_tokenizer(tok_dir) else base), trust_remote_code)
     base_model = load_model(base, torch.float32, device, trust_remote_code)
-    if (adapter / GENERATION_CONFIG).is_file():  # the adapter's stop tokens (with the end-of-turn token), not the base's
+    if (
+        adapter / GENERATION_CONFIG
+    ).is_file():  # the adapter's stop tokens (with the end-of-turn token), not the base's
         from transformers import GenerationConfig
 
         base_model.generation_config = GenerationConfig.from_pretrained(adapter)
@@ -96,8 +127,10 @@ def load_chat_model(path: str | Path, base_path: str | None = None, device: str 
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json saved beside
-    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat template."""
+    """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json
+    saved beside
+    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat
+    template."""
     from jinja2 import TemplateError
     from transformers import GenerationConfig
 
@@ -123,17 +156,30 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def _inputs(model, tokenizer, messages: list[dict]):
-    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     device = next(model.parameters()).device
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings(), tools: list | None = None) -> str:
+def reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    settings: GenerationSettings = GenerationSettings(),
+    tools: list | None = None,
+) -> str:
     return reply_batch(model, tokenizer, [(messages, tools)], settings)[0]
 
 
-def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], settings: GenerationSettings = GenerationSettings(),
-                batch_size: int = 64) -> list[str]:
+def reply_batch(
+    model,
+    tokenizer,
+    chats: list[tuple[list[dict], list | None]],
+    settings: GenerationSettings = GenerationSettings(),
+    batch_size: int = 64,
+) -> list[str]:
     """Replies to several chats, `batch_size` per generate call, as the evaluate stage generates them
     (lora_core/generation.py: length-sorted batches, the shared prefix run once)."""
     from lora_core.generation import generate_many
@@ -141,7 +187,9 @@ def reply_batch(model, tokenizer, chats: list[tuple[list[dict], list | None]], s
     return generate_many(model, tokenizer, chats, settings, batch_size)
 
 
-def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+def stream_reply(
+    model, tokenizer, messages: list[dict], settings: GenerationSettings = GenerationSettings()
+) -> Iterator[str]:
     """Yields the reply as it is generated (transformers' TextIteratorStreamer on a worker thread)."""
     import threading
 
@@ -154,7 +202,13 @@ def stream_reply(model, tokenizer, messages: list[dict], settings: GenerationSet
 
     def work():
         with torch.inference_mode():
-            model.generate(**enc, **settings.kwargs(), pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, streamer=streamer)
+            model.generate(
+                **enc,
+                **settings.kwargs(),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stops,
+                streamer=streamer,
+            )
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -167,7 +221,11 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
-        records = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+        records = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as exc:
         raise InferenceError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file") from None
     chats = []
@@ -179,5 +237,7 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
         elif isinstance(r, dict) and isinstance(r.get("prompt"), str):
             chats.append([{"role": "user", "content": r["prompt"]}])
         else:
-            raise InferenceError(f"{path} record {i}: expected a string, {{\"prompt\": ...}} or {{\"messages\": [...]}}")
+            raise InferenceError(
+                f'{path} record {i}: expected a string, {{"prompt": ...}} or {{"messages": [...]}}'
+            )
     return chats

@@ -38,10 +38,17 @@ def max_logit_diff(model_a, model_b, rows: list[dict], pad_id: int) -> float:
     return float((a[keep] - b[keep]).abs().max())
 
 
-def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_dir: str | Path, atol: float = 1e-3, trust_remote_code: bool = False,
-                  settings=None) -> MergeResult:
-    """Load base (fp32) + adapter, merge_and_unload, save model + tokenizer + generation config (with `settings`,
-    the evaluation's GenerationSettings, as its decoding defaults when given).
+def merge_adapter(
+    base_path: str,
+    adapter_dir: str,
+    check_rows: list[dict],
+    out_dir: str | Path,
+    atol: float = 1e-3,
+    trust_remote_code: bool = False,
+    settings=None,
+) -> MergeResult:
+    """Load base (fp32) + adapter, merge_and_unload, save model + tokenizer + generation config (with
+    `settings`, the evaluation's GenerationSettings, as its decoding defaults when given).
 
     `check_rows` (encoded validation rows) are run through both the adapter model and the
     merged model; a logit difference above `atol` raises MergeMismatch and nothing is saved.
@@ -50,24 +57,37 @@ def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_
     from peft import PeftModel
 
     out_dir = Path(out_dir)
-    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)  # saved by the trainer, with the chat template used
-    adapted = PeftModel.from_pretrained(load_model(base_path, torch.float32, "cpu", trust_remote_code), adapter_dir).eval()
-    merged = PeftModel.from_pretrained(load_model(base_path, torch.float32, "cpu", trust_remote_code), adapter_dir)
+    tokenizer = load_tokenizer(
+        adapter_dir, trust_remote_code
+    )  # saved by the trainer, with the chat template used
+    adapted = PeftModel.from_pretrained(
+        load_model(base_path, torch.float32, "cpu", trust_remote_code), adapter_dir
+    ).eval()
+    merged = PeftModel.from_pretrained(
+        load_model(base_path, torch.float32, "cpu", trust_remote_code), adapter_dir
+    )
     merged = merged.merge_and_unload().eval()
     diff = max_logit_diff(adapted, merged, check_rows, tokenizer.pad_token_id)
     log.info("merged vs adapter max |logit diff| = %.2e (tolerance %.0e)", diff, atol)
     if not diff <= atol:
-        raise MergeMismatch(f"merged model logits differ from the adapter model's by {diff:.3e} > merge.atol={atol:.0e}; the merge is wrong, nothing was saved")
+        raise MergeMismatch(
+            f"merged model logits differ from the adapter model's by {diff:.3e} > merge.atol={atol:.0e}; the "
+            "merge is wrong, nothing was saved"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        carry_generation_config(adapter_dir, tmp)  # the adapter's stop tokens (eos + end-of-turn), not the base's
+        carry_generation_config(
+            adapter_dir, tmp
+        )  # the adapter's stop tokens (eos + end-of-turn), not the base's
         if settings is not None:
             from lora_core.inference import write_generation_defaults
 
-            write_generation_defaults(tmp, settings)  # decodes as it was evaluated (a base's own defaults may sample)
+            write_generation_defaults(
+                tmp, settings
+            )  # decodes as it was evaluated (a base's own defaults may sample)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -77,8 +97,11 @@ def merge_adapter(base_path: str, adapter_dir: str, check_rows: list[dict], out_
     return MergeResult(str(out_dir), diff, reload_and_generate(out_dir, check_rows[0], trust_remote_code))
 
 
-def reload_and_generate(model_dir: str | Path, row: dict, trust_remote_code: bool = False, max_new_tokens: int = 32) -> str:
-    """Load the saved model from disk alone and continue the prompt part of a validation row: proves it stands on its own."""
+def reload_and_generate(
+    model_dir: str | Path, row: dict, trust_remote_code: bool = False, max_new_tokens: int = 32
+) -> str:
+    """Load the saved model from disk alone and continue the prompt part of a validation row: proves it stands
+    on its own."""
     import torch
 
     model = load_model(str(model_dir), torch.float32, "cpu", trust_remote_code).eval()
@@ -87,17 +110,32 @@ def reload_and_generate(model_dir: str | Path, row: dict, trust_remote_code: boo
     first_target = masks.index(1) if 1 in masks and masks.index(1) > 0 else min(16, len(masks))
     prompt = torch.tensor([row["input_ids"][:first_target]])
     with torch.inference_mode():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
     log.info("merged model reloaded from %s answers: %r", model_dir, text[:80])
     return text
 
 
-def merge_from_dirs(base_path: str, adapter_dir: str, val_dir: str, cfg, out_dir, trust_remote_code: bool = False, check_rows: int = 4,
-                    max_length: int | None = None, settings=None) -> MergeResult:
+def merge_from_dirs(
+    base_path: str,
+    adapter_dir: str,
+    val_dir: str,
+    cfg,
+    out_dir,
+    trust_remote_code: bool = False,
+    check_rows: int = 4,
+    max_length: int | None = None,
+    settings=None,
+) -> MergeResult:
     """merge_adapter with the equivalence check run on the first `check_rows` validation conversations, cut to
-    `max_length` tokens like training's (train.max_length): one very long reply cannot make the check run for minutes."""
+    `max_length` tokens like training's (train.max_length): one very long reply cannot make the check run for
+    minutes."""
     import datasets
 
     val = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"])

@@ -1,7 +1,8 @@
-"""Progress lines for long stages: `label: done/total unit (rate/s)` at most every `every` seconds, and a last line.
+"""Progress lines for long stages: `label: done/total unit (rate/s)` at most every `every` seconds, and a last
+line.
 
-Logged through `logging` (the flow's console and its Prefect run logs show lora_core's INFO lines), so a stage that
-runs for minutes says what it is doing without a terminal progress bar in the run logs.
+Logged through `logging` (the flow's console and its Prefect run logs show lora_core's INFO lines), so a stage
+that runs for minutes says what it is doing without a terminal progress bar in the run logs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ EVERY_S = 15.0  # at most this long between two lines while work goes on
 
 
 class Progress:
-    def __init__(self, label: str, total: int, unit: str, every: float | None = None, logger: logging.Logger = log):
+    def __init__(
+        self, label: str, total: int, unit: str, every: float | None = None, logger: logging.Logger = log
+    ):
         self.label, self.total, self.unit, self.log = label, total, unit, logger
         self.every = EVERY_S if every is None else every
         self.done, self.shown = 0, -1  # shown: the count the last line printed

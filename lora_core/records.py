@@ -1,4 +1,5 @@
-"""One record at a time: normalising any supported format to chat messages or text, the system prompt, the key.
+"""One record at a time: normalising any supported format to chat messages or text, the system prompt, the
+key.
 
 Every record becomes either `{"messages": [...], "tools": [...]?}` or `{"text": "..."}`, or a problem naming
 what is wrong and the fix. Pure functions on plain values: the data stages call them in batches (data.py).
@@ -67,7 +68,9 @@ def _content_text(content: Any) -> str | None:
 def _check_messages(messages: list[dict]) -> str | None:
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
-        return "conversation has no assistant message; add an assistant reply to learn from, or drop the record"
+        return (
+            "conversation has no assistant message; add an assistant reply to learn from, or drop the record"
+        )
     first = next((r for r in roles if r != "system"), None)
     if first != "user":
         return f"first non-system message has role '{first}'; a conversation must open with a user message"
@@ -80,15 +83,24 @@ def _normalise_messages(raw: Any) -> tuple[list[dict] | None, str | None]:
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict) or "role" not in m:
-            return None, f"message {i} is not an object with a 'role'; expected {{\"role\": ..., \"content\": ...}}"
+            return (
+                None,
+                f'message {i} is not an object with a \'role\'; expected {{"role": ..., "content": ...}}',
+            )
         if m["role"] not in ROLES:
             return None, f"message {i} has role {m['role']!r}; expected one of {'/'.join(ROLES)}"
         if m.get("content") is None and not (m["role"] == "assistant" and m.get("tool_calls")):
-            return None, (f"message {i} ({m['role']}) has no 'content'; add \"content\": \"...\" "
-                          "(only an assistant message with tool_calls may leave it out)")
+            return None, (
+                f'message {i} ({m["role"]}) has no \'content\'; add "content": "..." '
+                "(only an assistant message with tool_calls may leave it out)"
+            )
         text = _content_text(m.get("content"))
         if text is None:
-            return None, f"message {i} has content of type {type(m.get('content')).__name__}; expected a string or text parts"
+            return (
+                None,
+                f"message {i} has content of type {type(m.get('content')).__name__}; expected a string or "
+                "text parts",
+            )
         msg = {"role": m["role"], "content": text}
         if m.get("tool_calls"):
             msg["tool_calls"] = m["tool_calls"]
@@ -113,7 +125,9 @@ def normalise(record: Any, fmt: str) -> tuple[dict | None, str | None]:
             return None, err
         out: dict = {"messages": msgs}
         if record.get("tools"):
-            out["tools"] = json.loads(record["tools"]) if isinstance(record["tools"], str) else record["tools"]
+            out["tools"] = (
+                json.loads(record["tools"]) if isinstance(record["tools"], str) else record["tools"]
+            )
         return out, None
     if fmt == "sharegpt":
         conv = record.get("conversations")
@@ -125,7 +139,10 @@ def normalise(record: Any, fmt: str) -> tuple[dict | None, str | None]:
                 return None, f"turn {i} is not a {{from, value}} object"
             role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
             if role is None:
-                return None, f"turn {i} has from={turn['from']!r}; expected one of {'/'.join(sorted(SHAREGPT_ROLES))}"
+                return (
+                    None,
+                    f"turn {i} has from={turn['from']!r}; expected one of {'/'.join(sorted(SHAREGPT_ROLES))}",
+                )
             msgs.append({"role": role, "content": str(turn["value"])})
         if record.get("system"):
             msgs.insert(0, {"role": "system", "content": str(record["system"])})
@@ -164,4 +181,3 @@ def inject_system_prompt(records: list[dict], system_prompt: str | None) -> list
 
 def record_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-

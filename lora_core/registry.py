@@ -1,8 +1,10 @@
-"""The champion gate, free of any registry client: a candidate replaces the champion only when, scored on the same
-validation conversations, its perplexity is lower by more than `margin` with confidence (the whole interval of a
-paired bootstrap over conversations lies below -margin), and, where the recipe has a behaviour metric, its share
-of passing replies on the same prompts is not worse by more than `behaviour_margin` (non-inferiority: the
-interval's lower end above -behaviour_margin). A 0.1% gain on 40 conversations is noise; it does not promote."""
+"""The champion gate, free of any registry client: a candidate replaces the champion only when, scored on the
+same validation conversations, its perplexity is lower by more than `margin` with confidence (the whole
+interval of a paired bootstrap over conversations lies below -margin), and, where the recipe has a behaviour
+metric, its share of passing replies on the same prompts is not worse by more than `behaviour_margin`
+(non-inferiority: the
+interval's lower end above -behaviour_margin). A 0.1% gain on 40 conversations is noise; it does not
+promote."""
 
 from __future__ import annotations
 
@@ -16,29 +18,39 @@ TEST = "paired bootstrap over conversations (perplexity) and prompts (behaviour)
 class Decision:
     promote: bool
     reason: str
-    figures: dict = field(default_factory=dict)  # estimates, intervals and sample sizes: the version's promotion.* tags
+    figures: dict = field(
+        default_factory=dict
+    )  # estimates, intervals and sample sizes: the version's promotion.* tags
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One model's per-conversation NLL (nats) and per-prompt behaviour pass/fail, on the same rows as the other's."""
+    """One model's per-conversation NLL (nats) and per-prompt behaviour pass/fail, on the same rows as the
+    other's."""
 
     nll: tuple[float, ...]
     tokens: tuple[int, ...]
-    passes: tuple[bool, ...] | None = None  # None: no behaviour metric, or prompts the other was not scored on
+    passes: tuple[bool, ...] | None = (
+        None  # None: no behaviour metric, or prompts the other was not scored on
+    )
 
 
 def _interval(stat, n: int, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
     import numpy as np
 
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))  # the same resamples for both models: paired
+    idx = np.random.default_rng(seed).integers(
+        0, n, size=(resamples, n)
+    )  # the same resamples for both models: paired
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(stat(idx), [tail, 1 - tail])
     return float(lo), float(hi)
 
 
-def _perplexity(cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int) -> tuple[float, float, float]:
-    """Relative perplexity change of the candidate against the champion (-0.05 = 5% lower) and its interval."""
+def _perplexity(
+    cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int
+) -> tuple[float, float, float]:
+    """Relative perplexity change of the candidate against the champion (-0.05 = 5% lower) and its
+    interval."""
     import numpy as np
 
     c, h, t = (np.asarray(v, dtype=float) for v in (cand.nll, champ.nll, cand.tokens))
@@ -46,7 +58,9 @@ def _perplexity(cand: Scored, champ: Scored, confidence: float, resamples: int, 
     return float(change(np.arange(len(t)))), *_interval(change, len(t), confidence, resamples, seed)
 
 
-def _behaviour(cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int) -> tuple[float, float, float]:
+def _behaviour(
+    cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int
+) -> tuple[float, float, float]:
     """Difference of the passing shares (candidate - champion, in share points) and its interval."""
     import numpy as np
 
@@ -54,27 +68,50 @@ def _behaviour(cand: Scored, champ: Scored, confidence: float, resamples: int, s
     return float(d.mean()), *_interval(lambda idx: d[idx].mean(-1), len(d), confidence, resamples, seed)
 
 
-def decide(cand: Scored, champ: Scored | None, margin: float, behaviour_margin: float = 0.1, confidence: float = 0.95,
-           resamples: int = 2000, seed: int = 0) -> Decision:
+def decide(
+    cand: Scored,
+    champ: Scored | None,
+    margin: float,
+    behaviour_margin: float = 0.1,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Decision:
     if champ is None:
         return Decision(True, "no champion yet")
     if len(cand.nll) != len(champ.nll) or cand.tokens != champ.tokens:
         raise ValueError("candidate and champion must be scored on the same validation conversations")
     ppl, lo, hi = _perplexity(cand, champ, confidence, resamples, seed)
     per_token = [sum(m.nll) / sum(m.tokens) for m in (cand, champ)]
-    figures = {"candidate_perplexity": math.exp(per_token[0]), "champion_perplexity": math.exp(per_token[1]),
-               "perplexity_change": ppl, "perplexity_interval": [lo, hi], "conversations": len(cand.nll),
-               "confidence": confidence, "test": TEST}
-    why = f"perplexity {ppl:+.2%} ({confidence:.0%} interval {lo:+.2%} to {hi:+.2%}, {len(cand.nll)} conversations)"
+    figures = {
+        "candidate_perplexity": math.exp(per_token[0]),
+        "champion_perplexity": math.exp(per_token[1]),
+        "perplexity_change": ppl,
+        "perplexity_interval": [lo, hi],
+        "conversations": len(cand.nll),
+        "confidence": confidence,
+        "test": TEST,
+    }
+    interval = f"{confidence:.0%} interval {lo:+.2%} to {hi:+.2%}"
+    why = f"perplexity {ppl:+.2%} ({interval}, {len(cand.nll)} conversations)"
     if not hi < -margin:
         return Decision(False, f"{why}: not below -{margin:.1%} with confidence", figures)
-    if cand.passes is not None and champ.passes is not None and len(cand.passes) == len(champ.passes) and cand.passes:
+    if (
+        cand.passes is not None
+        and champ.passes is not None
+        and len(cand.passes) == len(champ.passes)
+        and cand.passes
+    ):
         diff, blo, bhi = _behaviour(cand, champ, confidence, resamples, seed)
         figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": len(cand.passes)}
-        why += f"; behaviour {100 * diff:+.1f} pts (interval {100 * blo:+.1f} to {100 * bhi:+.1f}, {len(cand.passes)} prompts)"
+        interval = f"interval {100 * blo:+.1f} to {100 * bhi:+.1f}"
+        why += f"; behaviour {100 * diff:+.1f} pts ({interval}, {len(cand.passes)} prompts)"
         if not blo > -behaviour_margin:
-            return Decision(False, f"{why}: may be worse than the champion by more than {100 * behaviour_margin:.0f} pts",
-                            figures)
+            return Decision(
+                False,
+                f"{why}: may be worse than the champion by more than {100 * behaviour_margin:.0f} pts",
+                figures,
+            )
     return Decision(True, why, figures)
 
 
@@ -85,10 +122,14 @@ def load_for_logging(model_dir: str, base_path: str | None, settings) -> tuple:
     from lora_core.inference import load_chat_model, stop_token_ids
 
     model, tokenizer = load_chat_model(model_dir, base_path=base_path, device="cpu")
-    # the served prompt is the chat template's text; its tokens must be the evaluation's: a template that writes
-    # bos_token itself (Gemma's, Llama 3's) would get a second BOS from the tokenizer's special tokens
-    defaults = {**settings.kwargs(), "eos_token_id": stop_token_ids(model, tokenizer), "pad_token_id": tokenizer.pad_token_id,
-                "add_special_tokens": False}
+    # the served prompt is the chat template's text; its tokens must be the evaluation's: a template that
+    # writes bos_token itself (Gemma's, Llama 3's) would get a second BOS from the tokenizer's special tokens
+    defaults = {
+        **settings.kwargs(),
+        "eos_token_id": stop_token_ids(model, tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "add_special_tokens": False,
+    }
     return model, tokenizer, defaults
 
 
@@ -102,4 +143,6 @@ def rescore(adapter_dir: str, base_path: str, val_dir: str, max_length: int, bat
 
     model, tokenizer = load_chat_model(adapter_dir, base_path=base_path, device="cpu")
     rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
-    return perplexity(model, rows, batch_size, pad_id=tokenizer.pad_token_id, max_length=max_length)  # per row too
+    return perplexity(
+        model, rows, batch_size, pad_id=tokenizer.pad_token_id, max_length=max_length
+    )  # per row too

@@ -20,8 +20,12 @@ from lora_core.hashing import text_sha256, tree_sha256
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Checked longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
-BOMS = ((codecs.BOM_UTF32_LE, "UTF-32-LE"), (codecs.BOM_UTF32_BE, "UTF-32-BE"),
-        (codecs.BOM_UTF16_LE, "UTF-16-LE"), (codecs.BOM_UTF16_BE, "UTF-16-BE"))
+BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32-LE"),
+    (codecs.BOM_UTF32_BE, "UTF-32-BE"),
+    (codecs.BOM_UTF16_LE, "UTF-16-LE"),
+    (codecs.BOM_UTF16_BE, "UTF-16-BE"),
+)
 SNIFF_BYTES = 8192  # like git, judge text vs binary on the first 8 KiB
 CONTROL = set(range(0x00, 0x09)) | {0x0B} | set(range(0x0E, 0x20)) | {0x7F}  # never in UTF-8 text data
 FIX_UTF8 = "save the file as UTF-8 (editor: 'save with encoding UTF-8'; shell: iconv -t UTF-8)"
@@ -40,6 +44,7 @@ class RawRecord:
 
 class Line(NamedTuple):
     """One record as JSON text, not parsed yet (parsing runs in the data stages' worker processes)."""
+
     where: str
     text: str | None  # None when `problem` says why there is no record here
     problem: str | None
@@ -49,7 +54,8 @@ class Line(NamedTuple):
 
 
 def _wide_encoding(sample: bytes) -> str | None:
-    """UTF-16 without a byte-order mark: mostly-ASCII text puts a NUL in every other byte, on one side only."""
+    """UTF-16 without a byte-order mark: mostly-ASCII text puts a NUL in every other byte, on one side
+    only."""
     even, odd = sample[0::2], sample[1::2]
     if not odd:
         return None
@@ -72,19 +78,28 @@ def _check_head(path: Path, head: bytes) -> None:
     """A DataError when the first bytes show UTF-16/32 (with or without a byte-order mark) or binary data."""
     for bom, name in BOMS:
         if head.startswith(bom):
-            raise DataError(f"{path}: {name} text (it starts with a {name} byte-order mark), not UTF-8; {FIX_UTF8}")
+            raise DataError(
+                f"{path}: {name} text (it starts with a {name} byte-order mark), not UTF-8; {FIX_UTF8}"
+            )
     sample = head[:SNIFF_BYTES]
     wide = _wide_encoding(sample)
     if wide:
-        raise DataError(f"{path}: looks like {wide} text without a byte-order mark (a NUL in every other byte), not UTF-8; {FIX_UTF8}")
+        raise DataError(
+            f"{path}: looks like {wide} text without a byte-order mark (a NUL in every other byte), not "
+            f"UTF-8; {FIX_UTF8}"
+        )
     if _is_binary(sample):
-        raise DataError(f"{path}: binary data, not text (NUL or control bytes in its first {len(sample)} bytes); "
-                        f"data.path needs UTF-8 text ({', '.join(LOCAL_SUFFIXES[:3])}) or a real .parquet file")
+        raise DataError(
+            f"{path}: binary data, not text (NUL or control bytes in its first {len(sample)} bytes); "
+            f"data.path needs UTF-8 text ({', '.join(LOCAL_SUFFIXES[:3])}) or a real .parquet file"
+        )
 
 
 def _not_utf8(path: Path, line: int, column: int, byte: int) -> DataError:
-    return DataError(f"{path}:{line}: not UTF-8 (byte 0x{byte:02x} at column {column}, "
-                     f"perhaps Latin-1/Windows-1252 text); {FIX_UTF8}")
+    return DataError(
+        f"{path}:{line}: not UTF-8 (byte 0x{byte:02x} at column {column}, "
+        f"perhaps Latin-1/Windows-1252 text); {FIX_UTF8}"
+    )
 
 
 def read_text(path: Path) -> str:
@@ -109,20 +124,28 @@ def is_hub_id(path: str) -> bool:
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
-            raise DataError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}")
+            raise DataError(
+                f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(LOCAL_SUFFIXES)}"
+            )
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
-            raise DataError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files; point data.path at a data file")
+            raise DataError(
+                f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files; point data.path at a data file"
+            )
         return files
-    raise DataError(f"{path}: no such file or directory; set data.path to an existing file, directory or hub dataset id")
+    raise DataError(
+        f"{path}: no such file or directory; set data.path to an existing file, directory or hub dataset id"
+    )
 
 
 def _blank(path: Path, first: int, last: int) -> str:
     lines = f"line {first} is" if first == last else f"lines {first}-{last} are"
-    return (f"{lines} blank inside the JSONL file (one JSON record per line); "
-            "delete the blank line(s) or restore the lost record (only trailing blank lines are ignored)")
+    return (
+        f"{lines} blank inside the JSONL file (one JSON record per line); "
+        "delete the blank line(s) or restore the lost record (only trailing blank lines are ignored)"
+    )
 
 
 def _one_document(path: Path) -> None:
@@ -131,13 +154,17 @@ def _one_document(path: Path) -> None:
         json.loads(read_text(path))
     except json.JSONDecodeError:
         return  # not one document either: each line is reported
-    raise DataError(f"{path}: holds one JSON document spread over several lines, not one record per line; "
-                    "rename it to .json or write one record per line (JSON Lines)")
+    raise DataError(
+        f"{path}: holds one JSON document spread over several lines, not one record per line; "
+        "rename it to .json or write one record per line (JSON Lines)"
+    )
 
 
 def _jsonl_lines(path: Path) -> Iterator[Line]:
-    """(where, line, problem) of every record, read line by line: memory stays flat whatever the file size. Lines
-    split at \\n only (U+2028 is legal inside a JSON string); a trailing \\r (Windows line ends) is dropped."""
+    """(where, line, problem) of every record, read line by line: memory stays flat whatever the file size.
+    Lines
+    split at \\n only (U+2028 is legal inside a JSON string); a trailing \\r (Windows line ends) is
+    dropped."""
     with open(path, "rb") as f:
         _check_head(path, f.read(SNIFF_BYTES))
         f.seek(0)
@@ -205,8 +232,10 @@ def _read_file(path: Path) -> Iterator[RawRecord]:
     else:
         with open(path, "rb") as f:
             if f.read(4) != b"PAR1":  # every Parquet file starts with this magic
-                raise DataError(f"{path}: not a Parquet file (no PAR1 header); write it with pandas' to_parquet, "
-                                "or give the file the suffix of its real type")
+                raise DataError(
+                    f"{path}: not a Parquet file (no PAR1 header); write it with pandas' to_parquet, "
+                    "or give the file the suffix of its real type"
+                )
     import datasets
 
     builder = "csv" if path.suffix == ".csv" else "parquet"
@@ -222,24 +251,31 @@ def _hub_dataset(path: str, split: str, revision: str | None, subset: str | None
 
     try:
         return datasets.load_dataset(path, subset, split=split, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the fix, chained
+    except Exception as exc:
         raise DataError(
-            f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"data.path {path!r}: could not load hub dataset ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); "
             "check the id, split and revision, network access, or use a local file"
         ) from exc
 
 
-def read_records(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> tuple[list[RawRecord], str]:
+def read_records(
+    path: str, split: str = "train", revision: str | None = None, subset: str | None = None
+) -> tuple[list[RawRecord], str]:
     """Raw records and a content hash of the source (file bytes, or the hub dataset's fingerprint)."""
     if is_hub_id(path):
         ds = _hub_dataset(path, split, revision, subset)
-        return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], source_digest(path, split, revision, subset)
+        return [RawRecord(f"{path} record {i}", rec) for i, rec in enumerate(ds)], source_digest(
+            path, split, revision, subset
+        )
     local = Path(path).expanduser()
     records = [r for f in _local_files(local) for r in _read_file(f)]
     return records, tree_sha256(local)
 
 
-def source_digest(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> str:
+def source_digest(
+    path: str, split: str = "train", revision: str | None = None, subset: str | None = None
+) -> str:
     """The content hash of one source: its file bytes, or the hub dataset's fingerprint."""
     if is_hub_id(path):
         ds = _hub_dataset(path, split, revision, subset)
@@ -249,12 +285,17 @@ def source_digest(path: str, split: str = "train", revision: str | None = None, 
     return tree_sha256(local)
 
 
-def raw_lines(path: str, split: str = "train", revision: str | None = None, subset: str | None = None) -> Iterator[Line]:
-    """Every record of a source as a Line (JSON text), streamed: a .jsonl file line by line, other files and hub
+def raw_lines(
+    path: str, split: str = "train", revision: str | None = None, subset: str | None = None
+) -> Iterator[Line]:
+    """Every record of a source as a Line (JSON text), streamed: a .jsonl file line by line, other files and
+    hub
     datasets record by record (values JSON cannot hold, such as dates, as their text)."""
     if is_hub_id(path):
-        rows: Iterator[RawRecord] = (RawRecord(f"{path} record {i}", rec)
-                                     for i, rec in enumerate(_hub_dataset(path, split, revision, subset)))
+        rows: Iterator[RawRecord] = (
+            RawRecord(f"{path} record {i}", rec)
+            for i, rec in enumerate(_hub_dataset(path, split, revision, subset))
+        )
     else:
         files = _local_files(Path(path).expanduser())
         rows = (r for f in files for r in (_jsonl_lines(f) if f.suffix == ".jsonl" else _read_file(f)))
@@ -262,7 +303,9 @@ def raw_lines(path: str, split: str = "train", revision: str | None = None, subs
         if isinstance(r, Line):
             yield r
         else:
-            yield Line(r.where, None if r.error else json.dumps(r.value, ensure_ascii=False, default=str), r.error)
+            yield Line(
+                r.where, None if r.error else json.dumps(r.value, ensure_ascii=False, default=str), r.error
+            )
 
 
 def source_fingerprint(cfg) -> str:
@@ -286,13 +329,16 @@ def source_fingerprint(cfg) -> str:
 
 
 def append_records(data_path: str, new_file: str, fmt: str) -> int:
-    """Append the records of `new_file` to the local JSONL file `data_path` once every one of them reads in format
+    """Append the records of `new_file` to the local JSONL file `data_path` once every one of them reads in
+    format
     `fmt` (a bad record: DataError naming it, nothing appended); returns how many were added."""
     from lora_core.data import load_normalised
 
     target = Path(data_path).expanduser()
     if is_hub_id(data_path) or target.suffix != ".jsonl" or not target.is_file():
-        raise DataError(f"data.path {data_path}: new records can be pushed only into an existing local .jsonl file")
+        raise DataError(
+            f"data.path {data_path}: new records can be pushed only into an existing local .jsonl file"
+        )
     load_normalised(new_file, fmt)  # every problem of the new file, before anything is written
     raw = Path(new_file).read_bytes()
     lines = [line for line in raw.splitlines() if line.strip()]

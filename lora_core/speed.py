@@ -8,7 +8,8 @@ SDPA attention), which are already fast there.
   tokens of the default recipe), once, with plain autograd. TRL's fused head on a device without Triton
   scores every padded position in vocabulary tiles and recomputes them in backward with an fp32 cast of the
   head each tile: a third of every training step here.
-- `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (a quarter of a 64-bit draw each) instead of
+- `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (a quarter of a 64-bit draw each) instead
+of
   torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
   with probability 1 - p (p rounded to a multiple of 1/65536) and scaled by 1/(1 - p).
 
@@ -16,9 +17,9 @@ SDPA attention), which are already fast there.
   step) in its heap during training instead of unmapping and page-faulting them back: ~3% here.
 
 None of them may change what is computed. The compact loss applies the logit post-processing the model's own
-forward applies (Cohere's `logit_scale`, Gemma's `final_logit_softcapping`) and leaves models with any other kind to
-TRL; it reads SFTTrainer internals, so a TRL outside the tested range (or without the private helper it calls) gets
-TRL's own loss and one warning. `train.fast_paths=false` turns every one of them off.
+forward applies (Cohere's `logit_scale`, Gemma's `final_logit_softcapping`) and leaves models with any other
+kind to TRL; it reads SFTTrainer internals, so a TRL outside the tested range (or without the private helper
+it calls) gets TRL's own loss and one warning. `train.fast_paths=false` turns every one of them off.
 
 Imported only by train.py, when training starts (it imports torch).
 """
@@ -35,11 +36,14 @@ from trl import SFTTrainer
 
 log = logging.getLogger(__name__)
 
-TESTED_TRL = ">=1.16,<1.17"  # the TRL releases CompactLossSFTTrainer was checked against; pyproject.toml pins the same
+TESTED_TRL = (
+    ">=1.16,<1.17"  # the TRL releases CompactLossSFTTrainer was checked against; pyproject.toml pins the same
+)
 
 
 def trl_use_triton(version: str | None = None):
-    """TRL's private `_use_triton(device)`, or a string saying why TRL (installed, or `version`) is not one the compact
+    """TRL's private `_use_triton(device)`, or a string saying why TRL (installed, or `version`) is not one
+    the compact
     loss was tested with."""
     import trl
     from packaging.specifiers import SpecifierSet
@@ -55,7 +59,8 @@ def trl_use_triton(version: str | None = None):
 
 
 def trainer_class(fast_paths: bool, trl_version: str | None = None) -> type[SFTTrainer]:
-    """CompactLossSFTTrainer where the fast paths are on and TRL (installed, or `trl_version`) is a tested one;
+    """CompactLossSFTTrainer where the fast paths are on and TRL (installed, or `trl_version`) is a tested
+    one;
     TRL's SFTTrainer otherwise, with one warning when TRL is the reason."""
     if not fast_paths:
         return SFTTrainer
@@ -73,8 +78,9 @@ OTHER_LOGIT_KEYS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def logit_postprocessing(config) -> tuple[float, float | None] | None:
-    """(scale, softcap) the model applies to its LM head's output, as `softcap * tanh(scale * logits / softcap)`
-    (Cohere multiplies by `logit_scale`; Gemma 2/3 soft-cap with `final_logit_softcapping`), or None when it
+    """(scale, softcap) the model applies to its LM head's output, as `softcap * tanh(scale * logits /
+    softcap)` (Cohere multiplies by `logit_scale`; Gemma 2/3 soft-cap with `final_logit_softcapping`), or None
+    when it
     post-processes them in another way."""
     text = config.get_text_config()
     if any(getattr(text, key, None) not in (None, 1, 1.0) for key in OTHER_LOGIT_KEYS):
@@ -97,15 +103,18 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # bytes, both parameters' defaults
 
 @contextlib.contextmanager
 def heap_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20):
-    """Within the block, glibc serves allocations up to `mmap_threshold` bytes (its maximum, 32 MB) from the heap
-    and trims the heap top only past `trim_threshold`; afterwards the defaults come back and the heap is trimmed.
+    """Within the block, glibc serves allocations up to `mmap_threshold` bytes (its maximum, 32 MB) from the
+    heap and trims the heap top only past `trim_threshold`; afterwards the defaults come back and the heap is
+    trimmed.
     A no-op where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         yield
         return
-    applied = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    applied = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(
+        M_TRIM_THRESHOLD, trim_threshold
+    )
     try:
         yield
     finally:
@@ -116,7 +125,8 @@ def heap_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20):
 
 
 def attention_implementation(choice: str, device: str, fast_paths: bool = True) -> str | None:
-    """`choice` unless 'auto'; 'auto' is eager on CPU with the fast paths on, else the transformers default (None: SDPA)."""
+    """`choice` unless 'auto'; 'auto' is eager on CPU with the fast paths on, else the transformers default
+    (None: SDPA)."""
     if choice != "auto":
         return choice
     return "eager" if device == "cpu" and fast_paths else None
@@ -128,17 +138,22 @@ class FastDropout(torch.nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.threshold = round(p * 65536) - 32768  # int16 r is dropped when r < threshold: P = round(p * 2^16) / 2^16
+        self.threshold = (
+            round(p * 65536) - 32768
+        )  # int16 r is dropped when r < threshold: P = round(p * 2^16) / 2^16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         n = x.numel()
-        # one 64-bit draw gives four 16-bit lanes: half the generator time of 32-bit draws, a fifth of bernoulli_'s
+        # one 64-bit draw gives four 16-bit lanes: half the generator time of 32-bit draws, a fifth of
+        # bernoulli_'s
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
         scale, zero = x.new_full((), 1.0 / (1.0 - self.p)), x.new_zeros(())
-        return x * torch.where(keep, scale, zero)  # autograd keeps the mask in x's dtype: backward is grad * mask
+        return x * torch.where(
+            keep, scale, zero
+        )  # autograd keeps the mask in x's dtype: backward is grad * mask
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -159,7 +174,8 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
 
 
 class CompactLossSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer; on devices without Triton the loss comes from the target positions only (module docstring).
+    """TRL's SFTTrainer; on devices without Triton the loss comes from the target positions only (module
+    docstring).
 
     The loss is TRL's (sum of target-token NLL over the tokens of the whole accumulated batch), and so are the
     logged entropy, mean token accuracy and token count. Anything this path does not cover (label smoothing, a
@@ -173,18 +189,31 @@ class CompactLossSFTTrainer(SFTTrainer):
         self._use_triton = use_triton if callable(use_triton) else None  # None: an untested TRL, its own loss
         self._logits = logit_postprocessing(self.accelerator.unwrap_model(self.model).config)
         if self._logits is None:
-            log.info("the model post-processes its logits in a way the compact loss does not reproduce: TRL's loss")
+            log.info(
+                "the model post-processes its logits in a way the compact loss does not reproduce: TRL's loss"
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        if (return_outputs or labels is None or self._logits is None or self._use_triton is None or self._use_triton(labels.device)
-                or self.compute_loss_func is not None or self.label_smoother is not None or self.args.loss_type != "nll"
-                or self.aux_loss_enabled or "attention_mask" not in inputs):
+        if (
+            return_outputs
+            or labels is None
+            or self._logits is None
+            or self._use_triton is None
+            or self._use_triton(labels.device)
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or self.args.loss_type != "nll"
+            or self.aux_loss_enabled
+            or "attention_mask" not in inputs
+        ):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         causal_lm = self.accelerator.unwrap_model(model)
         if hasattr(causal_lm, "get_base_model"):
-            causal_lm = causal_lm.get_base_model()  # peft: the LoRA layers live inside the base model's modules
+            causal_lm = (
+                causal_lm.get_base_model()
+            )  # peft: the LoRA layers live inside the base model's modules
         targets = labels[:, 1:]
         mask = targets != -100
         forward = {k: v for k, v in inputs.items() if k != "labels"}
@@ -201,7 +230,9 @@ class CompactLossSFTTrainer(SFTTrainer):
         with torch.no_grad():
             valid = max(int(mask.sum()), 1)
             self._metrics[mode]["entropy"].append(float(-(log_probs.exp() * log_probs).sum()) / valid)
-            self._metrics[mode]["mean_token_accuracy"].append(float((logits.argmax(-1) == targets).sum()) / valid)
+            self._metrics[mode]["mean_token_accuracy"].append(
+                float((logits.argmax(-1) == targets).sum()) / valid
+            )
         if mode == "train":
             self._total_train_tokens += int(inputs["attention_mask"].sum())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

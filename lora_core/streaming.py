@@ -1,10 +1,11 @@
-"""Reading and normalising data of any size: Arrow files on disk (the `datasets` library), never lists in memory.
+"""Reading and normalising data of any size: Arrow files on disk (the `datasets` library), never lists in
+memory.
 
-A source is streamed line by line into an Arrow file (`Dataset.from_generator`), then parsed, normalised and keyed
-by a batched `map` over `workers()` processes, with datasets' progress bar (records done/total and records/s).
-Problems are counted with pyarrow over the memory-mapped columns and reported as before: at most MAX_REPORTED
-lines, each naming the file and line and the fix. With data.skip_invalid the records with a problem are
-left out instead, and listed (where, problem) for the run. Figures: docs/speed.md, "Data at size".
+A source is streamed line by line into an Arrow file (`Dataset.from_generator`), then parsed, normalised and
+keyed by a batched `map` over `workers()` processes, with datasets' progress bar (records done/total and
+records/s). Problems are counted with pyarrow over the memory-mapped columns and reported as before: at most
+MAX_REPORTED lines, each naming the file and line and the fix. With data.skip_invalid the records with a
+problem are left out instead, and listed (where, problem) for the run. Figures: docs/speed.md, "Data at size".
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ log = logging.getLogger(__name__)
 
 BATCH = 1_000  # records per map batch: ~0.2 MB of short chats, small enough to keep memory flat
 PARALLEL_ROWS = 20_000  # below this, forking workers (~1 s each on 2 cores) costs more than it saves
-SKIP_HINT = " (or set data.skip_invalid=true to train on the rest: skipped records are counted and listed in the run)"
+SKIP_HINT = (
+    " (or set data.skip_invalid=true to train on the rest: skipped records are counted and listed in the run)"
+)
 
 
 def workers(rows: int) -> int | None:
-    """`num_proc` for datasets' map: every core this process may use, for inputs big enough to pay for the forks."""
+    """`num_proc` for datasets' map: every core this process may use, for inputs big enough to pay for the
+    forks."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores if cores > 1 and rows >= PARALLEL_ROWS else None
 
 
 @contextlib.contextmanager
 def progress(rows: int):
-    """datasets' progress bars (records done/total, records/s) for inputs big enough to take a while, and none for
+    """datasets' progress bars (records done/total, records/s) for inputs big enough to take a while, and none
+    for
     small ones (the bundled recipes, tests), whose output stays one line per problem."""
     from datasets.utils import logging as hf_logging
 
@@ -57,8 +62,10 @@ def _features(**kinds: str):
 
 
 def write_lines(path: str, split: str, revision: str | None, subset: str | None, out: Path):
-    """Every Line of a source into one Arrow file at `out`, written 10,000 at a time with datasets' ArrowWriter (a
-    generator of one dict per record, Dataset.from_generator, managed ~33,000 records/s here: 24 s for 788k)."""
+    """Every Line of a source into one Arrow file at `out`, written 10,000 at a time with datasets'
+    ArrowWriter (a
+    generator of one dict per record, Dataset.from_generator, managed ~33,000 records/s here: 24 s for
+    788k)."""
     import itertools
 
     from datasets.arrow_writer import ArrowWriter
@@ -80,7 +87,9 @@ def _one(value: Any, fmt: str, columns: dict | None) -> tuple[dict | None, str |
     return rec, err, other if other not in (None, fmt) else None
 
 
-def _normalise_batch(batch: dict, fmt: str, columns: dict | None, system_prompt: str | None, keys: bool) -> dict:
+def _normalise_batch(
+    batch: dict, fmt: str, columns: dict | None, system_prompt: str | None, keys: bool
+) -> dict:
     out: dict[str, list] = {"problem": [], "record": [], "key": [], "other": [], "parsed": []}
     for text, problem in zip(batch["text"], batch["problem"]):
         rec = other = None
@@ -92,7 +101,9 @@ def _normalise_batch(batch: dict, fmt: str, columns: dict | None, system_prompt:
                 problem, parsed = bad_json(exc), False
         out["problem"].append(problem)
         out["record"].append(None if rec is None else json.dumps(rec, ensure_ascii=False))
-        out["key"].append(None if rec is None or not keys else record_key(inject_system_prompt([rec], system_prompt)[0]))
+        out["key"].append(
+            None if rec is None or not keys else record_key(inject_system_prompt([rec], system_prompt)[0])
+        )
         out["other"].append(other)
         out["parsed"].append(parsed)
     return out
@@ -100,23 +111,30 @@ def _normalise_batch(batch: dict, fmt: str, columns: dict | None, system_prompt:
 
 @dataclass(frozen=True)
 class Normalised:
-    ds: Any  # datasets.Dataset: where, problem, record (JSON), key (record_key with the system prompt), other, parsed
+    # datasets.Dataset: where, problem, record (JSON), key (record_key with the system prompt), other, parsed
+    ds: Any
     format: str
     sha256: str
-    problems: list[str] = field(default_factory=list)  # the report: at most MAX_REPORTED lines and a count of the rest
+    problems: list[str] = field(
+        default_factory=list
+    )  # the report: at most MAX_REPORTED lines and a count of the rest
     n_bad: int = 0  # records with a problem
 
     def good(self):
         """The rows without a problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
+        return (
+            self.ds.select(where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
+        )
 
     def bad(self):
         """The rows with a problem: where, problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(["where", "problem"])
+        return self.ds.select(where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(
+            ["where", "problem"]
+        )
 
 
 def where_true(mask) -> list[int]:
@@ -128,7 +146,8 @@ def where_true(mask) -> list[int]:
 
 
 def _detect(raw, columns: dict | None) -> str:
-    """The format of the first record that parses ("unparsed" when none does: their parse errors are reported)."""
+    """The format of the first record that parses ("unparsed" when none does: their parse errors are
+    reported)."""
     for batch in raw.iter(batch_size=BATCH):
         for where, text in zip(batch["where"], batch["text"]):
             if text is None:
@@ -142,28 +161,40 @@ def _detect(raw, columns: dict | None) -> str:
             fmt = detect_format(value)
             if fmt is None:
                 keys = sorted(value) if isinstance(value, dict) else []
-                raise DataError(f"{where}: cannot detect the format from keys {keys}; expected 'messages', "
-                                "'conversations', 'instruction'+'output' or 'text', or set data.format")
+                raise DataError(
+                    f"{where}: cannot detect the format from keys {keys}; expected 'messages', "
+                    "'conversations', 'instruction'+'output' or 'text', or set data.format"
+                )
             return fmt
     return "unparsed"
 
 
-def misfit_line(path: str, fmt: str, other: str, first: str, count: int, total: int, key: str | None, auto: bool) -> str:
-    """One line, with the fix, for the `count` records of `path` (the first at `first`) in format `other`, not `fmt`."""
+def misfit_line(
+    path: str, fmt: str, other: str, first: str, count: int, total: int, key: str | None, auto: bool
+) -> str:
+    """One line, with the fix, for the `count` records of `path` (the first at `first`) in format `other`, not
+    `fmt`."""
     if count == total and not auto:  # the whole file: the format setting is what is wrong
-        return (f"{path}: all {total} records look like {SHAPES[other]}, not {key} '{fmt}'; "
-                f"set {key}: {other} (or auto)")
+        return (
+            f"{path}: all {total} records look like {SHAPES[other]}, not {key} '{fmt}'; "
+            f"set {key}: {other} (or auto)"
+        )
     these = f"this record and {count - 1} more of {total} look" if count > 1 else "this record looks"
     if key is None:
-        return (f"{first}: {these} like {SHAPES[other]}, not '{fmt}' like data.path's records; convert them to "
-                f"'{fmt}' (data.validation_path is read in data.path's format)")
+        return (
+            f"{first}: {these} like {SHAPES[other]}, not '{fmt}' like data.path's records; convert them to "
+            f"'{fmt}' (data.validation_path is read in data.path's format)"
+        )
     like = f"'{fmt}' like the first record (data.format auto)" if auto else f"{key} '{fmt}'"
-    return (f"{first}: {these} like {SHAPES[other]}, not {like}; convert them to '{fmt}', "
-            f"or move them to a file of their own in data.mix with format: {other}")
+    return (
+        f"{first}: {these} like {SHAPES[other]}, not {like}; convert them to '{fmt}', "
+        f"or move them to a file of their own in data.mix with format: {other}"
+    )
 
 
 def _report(ds, path: str, fmt: str, key: str | None, auto: bool) -> tuple[list[str], int]:
-    """The problem lines (per-record ones in file order, then one per other format) and how many records have one."""
+    """The problem lines (per-record ones in file order, then one per other format) and how many records have
+    one."""
     import pyarrow.compute as pc
 
     table = ds.data
@@ -183,19 +214,34 @@ def _report(ds, path: str, fmt: str, key: str | None, auto: bool) -> tuple[list[
     return lines[:MAX_REPORTED] + more, n_bad
 
 
-def normalised(path: str, fmt: str = "auto", *, work: Path, split: str = "train", revision: str | None = None,
-               subset: str | None = None, columns: dict[str, str] | None = None, key: str | None = "data.format",
-               system_prompt: str | None = None, keys: bool = True) -> Normalised:
-    """Read and normalise one source into Arrow files under `work`. File-level problems (encoding, no such file, an empty
-    file) raise a DataError; record-level ones are in the result (`problems`, `n_bad`). `columns` renames source fields
-    first; `key` is the recipe key that sets `fmt`, named in the fix (None: `fmt` is data.path's); keys are computed
+def normalised(
+    path: str,
+    fmt: str = "auto",
+    *,
+    work: Path,
+    split: str = "train",
+    revision: str | None = None,
+    subset: str | None = None,
+    columns: dict[str, str] | None = None,
+    key: str | None = "data.format",
+    system_prompt: str | None = None,
+    keys: bool = True,
+) -> Normalised:
+    """Read and normalise one source into Arrow files under `work`. File-level problems (encoding, no such
+    file, an empty file) raise a DataError; record-level ones are in the result (`problems`, `n_bad`).
+    `columns` renames source fields first; `key` is the recipe key that sets `fmt`, named in the fix (None:
+    `fmt` is data.path's); keys are computed
     with `system_prompt` injected, as the format stage keys records."""
     import datasets
 
     started = time.monotonic()
     digest = source_digest(path, split, revision, subset)
-    if next(raw_lines(path, split, revision, subset), None) is None:  # datasets cannot build an empty Arrow file
-        raise DataError(f"{path}: dataset is empty (no records); add records or point data.path at another file")
+    if (
+        next(raw_lines(path, split, revision, subset), None) is None
+    ):  # datasets cannot build an empty Arrow file
+        raise DataError(
+            f"{path}: dataset is empty (no records); add records or point data.path at another file"
+        )
     out = Path(tempfile.mkstemp(dir=work, suffix=".arrow")[1])
     write_lines(path, split, revision, subset, out)
     raw = datasets.Dataset.from_file(str(out))
@@ -203,19 +249,36 @@ def normalised(path: str, fmt: str = "auto", *, work: Path, split: str = "train"
     if fmt == "auto":
         fmt = _detect(raw, columns)
     with progress(len(raw)):
-        ds = raw.map(_normalise_batch, batched=True, batch_size=BATCH, num_proc=workers(len(raw)), remove_columns=["text"],
-                     fn_kwargs={"fmt": fmt, "columns": columns or None, "system_prompt": system_prompt, "keys": keys},
-                     features=_features(where="string", problem="string", record="string", key="string", other="string",
-                                        parsed="bool"), desc=f"validating {Path(path).name}")
+        ds = raw.map(
+            _normalise_batch,
+            batched=True,
+            batch_size=BATCH,
+            num_proc=workers(len(raw)),
+            remove_columns=["text"],
+            fn_kwargs={"fmt": fmt, "columns": columns or None, "system_prompt": system_prompt, "keys": keys},
+            features=_features(
+                where="string", problem="string", record="string", key="string", other="string", parsed="bool"
+            ),
+            desc=f"validating {Path(path).name}",
+        )
     problems, n_bad = _report(ds, path, fmt, key, auto)
     seconds = time.monotonic() - started
-    log.info("read %d %s records from %s in %.1f s (%.0f records/s, %d with a problem; sha256 %s)", len(ds), fmt, path,
-             seconds, len(ds) / max(seconds, 1e-9), n_bad, digest[:12])
+    log.info(
+        "read %d %s records from %s in %.1f s (%.0f records/s, %d with a problem; sha256 %s)",
+        len(ds),
+        fmt,
+        path,
+        seconds,
+        len(ds) / max(seconds, 1e-9),
+        n_bad,
+        digest[:12],
+    )
     return Normalised(ds, fmt, digest, problems, n_bad)
 
 
 def weighted_indices(n: int, weight: float, seed: int) -> list[int]:
-    """`weight` x the rows 0..n-1, deterministically: whole copies, then a seeded sample for the fraction (the rows
+    """`weight` x the rows 0..n-1, deterministically: whole copies, then a seeded sample for the fraction (the
+    rows
     random.Random(seed).sample picks from a list of n records)."""
     import random
 
@@ -252,7 +315,9 @@ def _source(found: _Found, *args, **kwargs) -> Any | None:
     except DataError as exc:
         found.problems.extend(str(exc).splitlines())
         return None
-    if n.n_bad and not (found.skip and n.n_bad < len(n.ds)):  # skipping every record leaves nothing: still an error
+    if n.n_bad and not (
+        found.skip and n.n_bad < len(n.ds)
+    ):  # skipping every record leaves nothing: still an error
         # once, on the first line (still one line per problem), where skipping would leave records to train on
         hint = SKIP_HINT if not (found.skip or found.bad_records) and n.n_bad < len(n.ds) else ""
         found.problems.extend([n.problems[0] + hint, *n.problems[1:]])
@@ -260,31 +325,55 @@ def _source(found: _Found, *args, **kwargs) -> Any | None:
         return None
     if n.n_bad:
         found.skipped.append(n.bad())
-        log.warning("%s: skipped %d of %d records with a problem (data.skip_invalid), the first: %s", args[0],
-                    n.n_bad, len(n.ds), n.problems[0])
+        log.warning(
+            "%s: skipped %d of %d records with a problem (data.skip_invalid), the first: %s",
+            args[0],
+            n.n_bad,
+            len(n.ds),
+            n.problems[0],
+        )
     return n
 
 
-def gather_dataset(cfg, seed: int = 0, *, work: Path, system_prompt: str | None = None, keys: bool = True) -> GatheredData:
-    """Every source of the data config read and normalised (mix sources by weight) into Arrow files under `work`;
+def gather_dataset(
+    cfg, seed: int = 0, *, work: Path, system_prompt: str | None = None, keys: bool = True
+) -> GatheredData:
+    """Every source of the data config read and normalised (mix sources by weight) into Arrow files under
+    `work`;
     one DataError lists all problems. `keys`: compute record keys (what the split needs; 15 us a record)."""
     import datasets
 
     found = _Found(getattr(cfg, "skip_invalid", False))
-    common = {"work": work, "split": cfg.split, "revision": cfg.revision, "subset": cfg.subset, "columns": cfg.columns,
-              "system_prompt": system_prompt, "keys": keys}
+    common = {
+        "work": work,
+        "split": cfg.split,
+        "revision": cfg.revision,
+        "subset": cfg.subset,
+        "columns": cfg.columns,
+        "system_prompt": system_prompt,
+        "keys": keys,
+    }
     main = _source(found, cfg.path, cfg.format, **common)
     records, fmt, digest = (main.good(), main.format, main.sha256) if main else (None, cfg.format, "")
     if cfg.mix or cfg.weight != 1.0:
         parts = [records.select(weighted_indices(len(records), cfg.weight, seed))] if main else []
         for i, src in enumerate(cfg.mix):
-            more = _source(found, src.path, src.format, work=work, key=f"data.mix[{i}].format",
-                           system_prompt=system_prompt, keys=keys)
+            more = _source(
+                found,
+                src.path,
+                src.format,
+                work=work,
+                key=f"data.mix[{i}].format",
+                system_prompt=system_prompt,
+                keys=keys,
+            )
             if more is None or main is None:
                 continue
             if (more.format == "text") != (fmt == "text"):
-                found.problems.append(f"data.mix[{i}] {src.path}: {more.format} records cannot be mixed with {fmt} records; "
-                                "mix chats with chats, text with text")
+                found.problems.append(
+                    f"data.mix[{i}] {src.path}: {more.format} records cannot be mixed with {fmt} records; "
+                    "mix chats with chats, text with text"
+                )
                 continue
             good = more.good()
             parts.append(good.select(weighted_indices(len(good), src.weight, seed + i + 1)))
@@ -303,14 +392,18 @@ def gather_dataset(cfg, seed: int = 0, *, work: Path, system_prompt: str | None 
 
 
 def write_column(ds, column: str, path: str | Path, desc: str | None = None) -> None:
-    """One string column of `ds` as lines of `path`, batch by batch (atomically: a .tmp file renamed), with datasets'
+    """One string column of `ds` as lines of `path`, batch by batch (atomically: a .tmp file renamed), with
+    datasets'
     progress bar when `desc` is given and bars are on."""
     from datasets.utils.tqdm import tqdm
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f, tqdm(total=len(ds), unit=" records", desc=desc, disable=desc is None) as bar:
+    with (
+        open(tmp, "w", encoding="utf-8") as f,
+        tqdm(total=len(ds), unit=" records", desc=desc, disable=desc is None) as bar,
+    ):
         for batch in ds.select_columns([column]).with_format("arrow").iter(batch_size=10 * BATCH):
             f.writelines(f"{value}\n" for value in batch.column(0).to_pylist())
             bar.update(len(batch))
@@ -318,7 +411,8 @@ def write_column(ds, column: str, path: str | Path, desc: str | None = None) -> 
 
 
 def write_arrow(sources: list[tuple[str, str]], out: Path) -> str:
-    """The non-blank lines of JSONL files, each (name, path), into one Arrow file at `out` (columns source, index within
+    """The non-blank lines of JSONL files, each (name, path), into one Arrow file at `out` (columns source,
+    index within
     its file, line), 10,000 at a time; returns its path."""
     import itertools
 
@@ -330,14 +424,20 @@ def write_arrow(sources: list[tuple[str, str]], out: Path) -> str:
             with open(path, encoding="utf-8") as f:
                 lines = enumerate(line.rstrip("\n") for line in f if line.strip())
                 while chunk := list(itertools.islice(lines, 10 * BATCH)):
-                    writer.write_batch({"source": [name] * len(chunk), "index": [i for i, _ in chunk],
-                                        "line": [line for _, line in chunk]})
+                    writer.write_batch(
+                        {
+                            "source": [name] * len(chunk),
+                            "index": [i for i, _ in chunk],
+                            "line": [line for _, line in chunk],
+                        }
+                    )
         writer.finalize()
     return str(out)
 
 
 def column(ds, name: str):
-    """One column of `ds` as a pyarrow array, of the rows `ds` selects (`ds.data` ignores a selection's indices)."""
+    """One column of `ds` as a pyarrow array, of the rows `ds` selects (`ds.data` ignores a selection's
+    indices)."""
     return ds.select_columns([name]).with_format("arrow")[:][name]
 
 

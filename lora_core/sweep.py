@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import ConfigError, PipelineConfig, SweepRange, merge_tree, _set_dotted, build_config
+from lora_core.config import ConfigError, PipelineConfig, SweepRange, _set_dotted, build_config, merge_tree
 
 # Keys a trial must not change: where its outputs go, how it is tracked and registered, the sweep itself.
 FIXED = ("name", "output_dir", "cache_dir", "tracking", "registry", "sweep")
@@ -39,7 +39,8 @@ def trial_config(cfg: PipelineConfig, values: dict[str, Any], number: int) -> Pi
 
 
 def best_config(cfg: PipelineConfig, values: dict[str, Any]) -> PipelineConfig:
-    """The best trial's config with the recipe's registry settings: re-run, every stage but `register` is cached."""
+    """The best trial's config with the recipe's registry settings: re-run, every stage but `register` is
+    cached."""
     return _with(cfg, values, {"tracking.run_name": f"{cfg.name}-best"})
 
 
@@ -47,12 +48,17 @@ def check(cfg: PipelineConfig, source: str = "recipe") -> None:
     """Every problem of the sweep block at once, one line each, before anything runs."""
     sweep = cfg.sweep
     if sweep is None:
-        raise ConfigError(f"{source}: no `sweep:` block; add one with params, trials and objective (see recipes/socratic-tutor-sweep.yaml)")
+        raise ConfigError(
+            f"{source}: no `sweep:` block; add one with params, trials and objective (see "
+            "recipes/socratic-tutor-sweep.yaml)"
+        )
     problems = []
     for key, space in sweep.params.items():
         where = f"{source}: sweep.params.{key}"
         if key.split(".")[0] in FIXED:
-            problems.append(f"{where}: a trial cannot change {key.split('.')[0]}; sweep training, LoRA, data or eval keys")
+            problems.append(
+                f"{where}: a trial cannot change {key.split('.')[0]}; sweep training, LoRA, data or eval keys"
+            )
             continue
         values = [space.low, space.high] if isinstance(space, SweepRange) else space
         if isinstance(space, SweepRange) and not space.low < space.high:
@@ -60,15 +66,23 @@ def check(cfg: PipelineConfig, source: str = "recipe") -> None:
         if isinstance(space, SweepRange) and space.log and space.low <= 0:
             problems.append(f"{where}: a log range needs low > 0 (got {space.low})")
         if not values or any(not isinstance(v, SCALARS) for v in values):
-            problems.append(f"{where}: give a non-empty list of plain values (numbers, strings, booleans) or {{low, high}}")
+            problems.append(
+                f"{where}: give a non-empty list of plain values (numbers, strings, booleans) or "
+                f"{{low, high}}"
+            )
             continue
         if sweep.sampler == "grid" and isinstance(space, SweepRange):
-            problems.append(f"{where}: the grid sampler needs a list of values, not a range; list them or use sampler: tpe")
+            problems.append(
+                f"{where}: the grid sampler needs a list of values, not a range; list them or use sampler: "
+                "tpe"
+            )
         for value in values:
             try:
                 trial_config(cfg, {key: value}, 0)
             except ConfigError as exc:
-                problems += [f"{where}: value {value!r}: {line.split(': ', 1)[-1]}" for line in str(exc).splitlines()]
+                problems += [
+                    f"{where}: value {value!r}: {line.split(': ', 1)[-1]}" for line in str(exc).splitlines()
+                ]
     problems += _objective_problems(cfg, source)
     if problems:
         raise ConfigError("\n".join(problems))
@@ -78,8 +92,12 @@ def _objective_problems(cfg: PipelineConfig, source: str) -> list[str]:
     objective, behavior = cfg.sweep.objective, cfg.eval.behavior
     if objective in PERPLEXITIES or (behavior != "none" and objective.startswith(f"tuned.{behavior}")):
         return []
-    return [f"{source}: sweep.objective: {objective!r} is not a metric this recipe reports; use tuned_perplexity, or "
-            f"tuned.<metric> of eval.behavior (now {behavior!r}), e.g. eval.behavior=socratic with tuned.socratic_share"]
+    return [
+        f"{source}: sweep.objective: {objective!r} is not a metric this recipe reports; use "
+        "tuned_perplexity, or "
+        f"tuned.<metric> of eval.behavior (now {behavior!r}), e.g. eval.behavior=socratic with "
+        "tuned.socratic_share"
+    ]
 
 
 def suggest(trial, params: dict) -> dict[str, Any]:
@@ -106,36 +124,50 @@ def sampler(cfg: PipelineConfig):
 
 def study_name(cfg: PipelineConfig) -> str:
     """`<recipe>-<12 hex>` of everything that defines the study: the recipe (but where it is tracked and
-    registered) and the search space. The number of trials is not part of it, so raising it continues the study."""
+    registered) and the search space. The number of trials is not part of it, so raising it continues the
+    study."""
     settings = cfg.model_dump(mode="json", exclude={"tracking", "registry", "sweep"})
     space = cfg.sweep.model_dump(mode="json", exclude={"trials", "concurrency"})
-    return f"{cfg.name}-{hashlib.sha256(json.dumps([settings, space], sort_keys=True).encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(json.dumps([settings, space], sort_keys=True).encode()).hexdigest()
+    return f"{cfg.name}-{digest[:12]}"
 
 
 def storage_url(tracking_uri: str) -> str:
     """The Optuna study store: `sweeps.db` beside a SQLite tracking store, else ./mlflow/sweeps.db."""
-    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") else Path("mlflow")
+    folder = (
+        Path(tracking_uri.removeprefix("sqlite:///")).parent
+        if tracking_uri.startswith("sqlite:///")
+        else Path("mlflow")
+    )
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(folder / 'sweeps.db').resolve()}"
 
 
 def objective_value(summary: dict, objective: str) -> float:
-    """The objective read from a fine-tune flow's summary (behaviour metrics live under summary['behaviour'])."""
+    """The objective read from a fine-tune flow's summary (behaviour metrics live under
+    summary['behaviour'])."""
     value = {**summary, **summary.get("behaviour", {})}.get(objective)
     if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"sweep.objective: the trial reported no {objective!r} (got {value!r}); pick a metric it logs")
+        raise ConfigError(
+            f"sweep.objective: the trial reported no {objective!r} (got {value!r}); pick a metric it logs"
+        )
     return float(value)
 
 
 def trials_table(study) -> dict[str, list]:
-    """One row per trial, column-wise (what mlflow.log_table takes): number, state, objective, params, run, note."""
+    """One row per trial, column-wise (what mlflow.log_table takes): number, state, objective, params, run,
+    note."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    return {"trial": [t.number for t in trials], "state": [t.state.name for t in trials],
-            "objective": [t.value for t in trials], **{k: [t.params.get(k) for t in trials] for k in keys},
-            "tuned_perplexity": [t.user_attrs.get("tuned_perplexity") for t in trials],
-            "mlflow_run_id": [t.user_attrs.get("mlflow_run_id") for t in trials],
-            "note": [t.user_attrs.get("note", "") for t in trials]}
+    return {
+        "trial": [t.number for t in trials],
+        "state": [t.state.name for t in trials],
+        "objective": [t.value for t in trials],
+        **{k: [t.params.get(k) for t in trials] for k in keys},
+        "tuned_perplexity": [t.user_attrs.get("tuned_perplexity") for t in trials],
+        "mlflow_run_id": [t.user_attrs.get("mlflow_run_id") for t in trials],
+        "note": [t.user_attrs.get("note", "") for t in trials],
+    }
 
 
 MIN_TRIALS_FOR_IMPORTANCE = 3  # with fewer complete trials Optuna's evaluator only warns and splits evenly
@@ -146,20 +178,26 @@ def importances(study) -> dict[str, float]:
     import optuna
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    varied = {k for k in {k for t in complete for k in t.params} if len({t.params.get(k) for t in complete}) > 1}
+    varied = {
+        k for k in {k for t in complete for k in t.params} if len({t.params.get(k) for t in complete}) > 1
+    }
     if len(complete) < MIN_TRIALS_FOR_IMPORTANCE or not varied:
         return {}
     return optuna.importance.get_param_importances(study, params=sorted(varied))
 
 
 def resume(study, trials: int) -> int:
-    """Trials still to run for a study of `trials`: finished ones (complete, pruned, failed on their own) count;
+    """Trials still to run for a study of `trials`: finished ones (complete, pruned, failed on their own)
+    count;
     one cut short (Ctrl-C, a kill: left FAIL without a note, or RUNNING) is queued again with its values."""
     import optuna
 
     states = optuna.trial.TrialState
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and "note" in t.user_attrs)]
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and "note" in t.user_attrs)
+    ]
     retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
     for t in study.get_trials(deepcopy=False, states=(states.FAIL, states.RUNNING)):
         if "note" not in t.user_attrs and t.number not in retried and len(done) < trials:

@@ -1,1 +1,2 @@
-"""Thin Prefect tasks over lora_core: where, whether and how each stage runs (cache, retries, output folder)."""
+"""Thin Prefect tasks over lora_core: where, whether and how each stage runs (cache, retries, output
+folder)."""

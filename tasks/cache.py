@@ -24,8 +24,8 @@ from prefect.transactions import IsolationLevel
 from pydantic import BaseModel
 
 import lora_core
-from lora_core.hashing import file_sha256
 from lora_core.errors import LoraFlowError, refused_write
+from lora_core.hashing import file_sha256
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +48,9 @@ class ProcessLocks(FileSystemLockManager):
         super().__init__(Path("."))
 
     @property
-    def lock_files_directory(self) -> Path:  # read when used: PREFECT_HOME may be set after this module is imported
+    def lock_files_directory(
+        self,
+    ) -> Path:  # read when used: PREFECT_HOME may be set after this module is imported
         from prefect.settings import get_current_settings
 
         return Path(get_current_settings().results.local_storage_path).expanduser().resolve() / "locks"
@@ -101,7 +103,8 @@ LOCKS = ProcessLocks()
 
 @contextlib.contextmanager
 def one_writer(key: str):
-    """Hold the lock on `key` (processes of this machine queue behind each other), for a step that is not cached."""
+    """Hold the lock on `key` (processes of this machine queue behind each other), for a step that is not
+    cached."""
     holder = str(uuid.uuid4())
     LOCKS.acquire_lock(key, holder)
     try:
@@ -112,8 +115,10 @@ def one_writer(key: str):
 
 @dataclasses.dataclass
 class LibraryVersion(CachePolicy):
-    """Keys on lora_core's source, and makes any policy it is added to SERIALIZABLE on LOCKS: one writer per key.
-    Two identical runs at once would share one output folder; the second waits, then reads the first's result."""
+    """Keys on lora_core's source, and makes any policy it is added to SERIALIZABLE on LOCKS: one writer per
+    key.
+    Two identical runs at once would share one output folder; the second waits, then reads the first's
+    result."""
 
     isolation_level: IsolationLevel | None = IsolationLevel.SERIALIZABLE
     lock_manager: ProcessLocks | None = dataclasses.field(default_factory=lambda: LOCKS)
@@ -181,7 +186,8 @@ def stage_dir(output_root: str, stage: str, *inputs: Any) -> Path:
 
 
 def transient_only(task, task_run, state) -> bool:
-    """Retry condition: bad input never gets better by retrying; anything else may (I/O, network, OOM kill)."""
+    """Retry condition: bad input never gets better by retrying; anything else may (I/O, network, OOM
+    kill)."""
     try:
         state.result()
     except LoraFlowError:
@@ -191,15 +197,16 @@ def transient_only(task, task_run, state) -> bool:
     return True
 
 
-# results are small frozen dataclasses of paths, hashes and figures: stored as readable JSON (class name + fields),
-# which Prefect's JSON serializer rebuilds through pydantic, instead of pickles
+# results are small frozen dataclasses of paths, hashes and figures: stored as readable JSON (class name +
+# fields), which Prefect's JSON serializer rebuilds through pydantic, instead of pickles
 TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True, result_serializer="json")
 RETRY_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
 
 
 class Stages:
     """Calls cached tasks for a flow: `fresh` names the stages to recompute; a cache hit whose files are gone
-    or altered is recomputed, never trusted; `recomputed` lists the tasks that ran instead of coming from cache."""
+    or altered is recomputed, never trusted; `recomputed` lists the tasks that ran instead of coming from
+    cache."""
 
     def __init__(self, fresh: set[str]):
         self.fresh, self.recomputed = fresh, []
@@ -214,7 +221,9 @@ class Stages:
             result = state.result()
             problem = stale_outputs(result)
             if problem:
-                get_run_logger().warning("%s: cached result not trusted (%s); recomputing", task.name, problem)
+                get_run_logger().warning(
+                    "%s: cached result not trusted (%s); recomputing", task.name, problem
+                )
                 state = task.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
                 result = state.result()
             if state.name != "Cached":

@@ -10,7 +10,8 @@ from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, sealed, stage_dir
 
 @task(name="download-data", **RETRY_OPTIONS, **TASK_OPTIONS)
 def download_data(cfg: DataConfig, source_sha256: str, seed: int, output_root: str) -> DataResult:
-    """Read and normalise the dataset (mixing sources by weight). `source_sha256` (content of the files) keys the cache."""
+    """Read and normalise the dataset (mixing sources by weight). `source_sha256` (content of the files) keys
+    the cache."""
     out = stage_dir(output_root, "data", cfg, source_sha256, seed)
     return sealed(out, download_dataset(cfg, out, seed))
 

@@ -14,14 +14,21 @@ from lora_core.base_model import BaseModelRef
 from lora_core.config import PipelineConfig
 from lora_core.data import DataResult, SplitResult
 from lora_core.evaluate import EvalResult, generation_settings
-from lora_core.train import TrainResult
 from lora_core.faults import failpoint
+from lora_core.train import TrainResult
 from tasks.cache import RETRY_OPTIONS, one_writer
 
 
 @task(name="register", cache_policy=NO_CACHE, **RETRY_OPTIONS)
-def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, data: DataResult, split: SplitResult,
-                         trained: TrainResult, ev: EvalResult) -> dict:
+def register_and_promote(
+    cfg: PipelineConfig,
+    run_id: str,
+    base: BaseModelRef,
+    data: DataResult,
+    split: SplitResult,
+    trained: TrainResult,
+    ev: EvalResult,
+) -> dict:
     """{"model", "version", "promotion"}: the version holding this adapter (created if none does) and,
     when `registry.promote` is on and no decision is recorded yet, the champion decision."""
     name = cfg.registry.model_name or cfg.name
@@ -29,9 +36,17 @@ def register_and_promote(cfg: PipelineConfig, run_id: str, base: BaseModelRef, d
         mv = registry.find_version(name, trained.adapter_sha256)
         if mv is None:
             base_path = None if cfg.train.method == "full" else base.path
-            settings = generation_settings(cfg.eval)  # what the evaluation decoded with is what the version serves
-            version = registry.register(run_id, trained.adapter_dir, base_path, name, registry.version_tags(
-                cfg, base, data, split, trained, ev, settings), settings)
+            settings = generation_settings(
+                cfg.eval
+            )  # what the evaluation decoded with is what the version serves
+            version = registry.register(
+                run_id,
+                trained.adapter_dir,
+                base_path,
+                name,
+                registry.version_tags(cfg, base, data, split, trained, ev, settings),
+                settings,
+            )
         else:
             version = mv.version
         registry.ensure_description(name, version, registry.describe(cfg, base, ev))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -35,17 +34,31 @@ def build_tiny_model(path: Path, corpus: list[str]) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
@@ -68,7 +81,8 @@ def tiny_model_dir(tmp_path_factory, tutor_records) -> Path:
 
 @pytest.fixture()
 def varied_tiny_model(tiny_model_dir):
-    """The tiny model with weights drawn with std 0.5: varied greedy text (the fixture's near-uniform logits make greedy
+    """The tiny model with weights drawn with std 0.5: varied greedy text (the fixture's near-uniform logits
+    make greedy
     repeat one token), which a mild repetition penalty already changes (measured)."""
     import torch
 
@@ -134,7 +148,9 @@ def prefect_api_url(prefect_harness) -> str:
     return PREFECT_API_URL.value()
 
 
-TINY_TRAIN = "{max_steps: 6, save_steps: 3, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, eval_steps: 3}"
+TINY_TRAIN = (
+    "{max_steps: 6, save_steps: 3, batch_size: 4, grad_accum: 1, learning_rate: 1.0e-2, eval_steps: 3}"
+)
 
 
 @pytest.fixture()

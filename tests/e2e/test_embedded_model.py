@@ -3,9 +3,9 @@
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 
+import mlflow
 from flows.cli import main
 from lora_core.base_model import materialise_embedded
 
@@ -25,11 +25,23 @@ def test_embedded_model_converts_once_to_a_real_chat_model():
 
 
 def test_flow_runs_a_few_steps_on_the_embedded_model(prefect_harness, in_tmp_cwd, mlflow_store, capsys):
-    code = main([
-        "run", "recipes/socratic-tutor.yaml", f"cache_dir={CACHE}",
-        "train.max_steps=3", "train.max_length=192", "train.batch_size=4", "train.grad_accum=1", "train.learning_rate=1e-3",
-        "split.val_size=4", "eval.num_samples=1", "eval.max_new_tokens=24", "eval.behavior=none", "merge.enabled=false",
-    ])
+    code = main(
+        [
+            "run",
+            "recipes/socratic-tutor.yaml",
+            f"cache_dir={CACHE}",
+            "train.max_steps=3",
+            "train.max_length=192",
+            "train.batch_size=4",
+            "train.grad_accum=1",
+            "train.learning_rate=1e-3",
+            "split.val_size=4",
+            "eval.num_samples=1",
+            "eval.max_new_tokens=24",
+            "eval.behavior=none",
+            "merge.enabled=false",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     run_id = out.split("MLflow run:")[1].split()[0]
@@ -42,7 +54,11 @@ def test_flow_runs_a_few_steps_on_the_embedded_model(prefect_harness, in_tmp_cwd
     assert samples[0]["base"].strip() and samples[0]["tuned"].strip()
     # the registered version is adapter-sized: well under 5% of the base model's bytes
     version = mlflow.tracking.MlflowClient().get_model_version_by_alias("socratic-tutor", "champion")
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/socratic-tutor/{version.version}", dst_path=str(in_tmp_cwd / "dl")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/socratic-tutor/{version.version}", dst_path=str(in_tmp_cwd / "dl")
+        )
+    )
     registered = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
     base = sum(f.stat().st_size for f in Path(version.tags["base_model.path"]).rglob("*") if f.is_file())
     assert registered < 0.05 * base, (registered, base)

@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows.cli import main
 from lora_core.config import flatten, load_recipe
 
@@ -19,7 +19,11 @@ def recipe(make_recipe, mlflow_store):
 
 
 def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_flow_end_to_end_is_tracked_in_mlflow(prefect_harness, recipe, mlflow_store, capsys):
@@ -44,9 +48,18 @@ def test_flow_end_to_end_is_tracked_in_mlflow(prefect_harness, recipe, mlflow_st
     assert len(client.get_metric_history(run_id, "learning_rate")) == 6
     assert len(client.get_metric_history(run_id, "grad_norm")) == 6
     m = run.data.metrics
-    for key in ("base_perplexity", "tuned_perplexity", "perplexity_change_pct", "train_tokens_per_second", "train_runtime_s", "eval_loss_final"):
+    for key in (
+        "base_perplexity",
+        "tuned_perplexity",
+        "perplexity_change_pct",
+        "train_tokens_per_second",
+        "train_runtime_s",
+        "eval_loss_final",
+    ):
         assert key in m, key
-    assert m["perplexity_change_pct"] == pytest.approx(100 * (m["tuned_perplexity"] - m["base_perplexity"]) / m["base_perplexity"])
+    assert m["perplexity_change_pct"] == pytest.approx(
+        100 * (m["tuned_perplexity"] - m["base_perplexity"]) / m["base_perplexity"]
+    )
     # the dataset, with its content digest
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}  # the two splits, by context
     assert set(inputs) == {"training", "validation"} and all(d.digest for d in inputs.values())
@@ -59,7 +72,9 @@ def test_flow_end_to_end_is_tracked_in_mlflow(prefect_harness, recipe, mlflow_st
     assert client.list_artifacts(run_id, "recipe")
 
 
-def test_rerun_comes_from_cache_and_bad_inputs_fail_cleanly(prefect_harness, recipe, small_data, in_tmp_cwd, mlflow_store, capsys):
+def test_rerun_comes_from_cache_and_bad_inputs_fail_cleanly(
+    prefect_harness, recipe, small_data, in_tmp_cwd, mlflow_store, capsys
+):
     assert main(["run", str(recipe)]) == 0
     before = snapshot(in_tmp_cwd / "outputs")
     mlflow.set_tracking_uri(mlflow_store)
@@ -74,11 +89,25 @@ def test_rerun_comes_from_cache_and_bad_inputs_fail_cleanly(prefect_harness, rec
     ok_line = small_data.read_text().splitlines()[0]
     cases = {
         "malformed": ([bad_file("m.jsonl", ok_line + "\n{oops\n")], r"m.jsonl:2: not valid JSON"),
-        "no assistant": ([bad_file("n.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n')], r"n.jsonl:1: conversation has no assistant message"),
-        "unknown role": ([bad_file("u.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}\n')], r"u.jsonl:1: message 1 has role 'bot'; expected one of"),
+        "no assistant": (
+            [bad_file("n.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n')],
+            r"n.jsonl:1: conversation has no assistant message",
+        ),
+        "unknown role": (
+            [
+                bad_file(
+                    "u.jsonl",
+                    '{"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}\n',
+                )
+            ],
+            r"u.jsonl:1: message 1 has role 'bot'; expected one of",
+        ),
         "empty": ([bad_file("e.jsonl", "")], r"e.jsonl: dataset is empty"),
         "unknown base": (["model.base=llama-tiny"], r"model.base: unknown base model 'llama-tiny'"),
-        "missing path": (["model.base=./no/such/model"], r"model.base './no/such/model': no such model directory"),
+        "missing path": (
+            ["model.base=./no/such/model"],
+            r"model.base './no/such/model': no such model directory",
+        ),
         "typo": (["lora.rank=4"], r"lora.rank: unknown key; did you mean 'lora.r'\?"),
         "val_fraction": (["split.val_fraction=1.5"], r"split.val_fraction: Input should be less than 1"),
     }

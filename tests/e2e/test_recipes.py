@@ -3,20 +3,35 @@
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO  # noqa: E402
+import mlflow
 from flows.cli import main
 
 pytestmark = pytest.mark.slow
-RECIPES = ["socratic-tutor", "tool-calling", "reasoning", "full-finetune", "full-finetune-phase2", "lora-compare", "minimal-lora"]
+RECIPES = [
+    "socratic-tutor",
+    "tool-calling",
+    "reasoning",
+    "full-finetune",
+    "full-finetune-phase2",
+    "lora-compare",
+    "minimal-lora",
+]
 
 
 def smoke(tiny_model_dir, recipe: str) -> list[str]:
-    overrides = ["train.max_steps=2", "train.save_steps=1", "train.eval_steps=1", "train.batch_size=2", "train.grad_accum=1",
-                 "eval.max_new_tokens=4", "eval.num_samples=1"]
+    overrides = [
+        "train.max_steps=2",
+        "train.save_steps=1",
+        "train.eval_steps=1",
+        "train.batch_size=2",
+        "train.grad_accum=1",
+        "eval.max_new_tokens=4",
+        "eval.num_samples=1",
+    ]
     if recipe != "full-finetune-phase2":  # phase 2 starts from phase 1's output
         overrides.append(f"model.base={tiny_model_dir}")
     return [f"recipes/{recipe}.yaml", *overrides]
@@ -71,17 +86,26 @@ def test_recipe_specific_outputs(results):
     assert {"base.socratic_share", "tuned.socratic_share"} <= set(m["socratic-tutor"])
     # ... and every scored reply with its checks, next to the report
     tutor = runs["socratic-tutor"].info.run_id
-    assert {a.path for a in client.list_artifacts(tutor, "evaluation")} >= {"evaluation/report.json", "evaluation/behaviour.json"}
+    assert {a.path for a in client.list_artifacts(tutor, "evaluation")} >= {
+        "evaluation/report.json",
+        "evaluation/behaviour.json",
+    }
     replies = json.loads(Path(client.download_artifacts(tutor, "evaluation/behaviour.json")).read_text())
     passed = sum(all(r["tuned_checks"].values()) for r in replies)
-    assert (len(replies), passed) == (m["socratic-tutor"]["tuned.socratic_prompts_n"], m["socratic-tutor"]["tuned.socratic_n"])
+    assert (len(replies), passed) == (
+        m["socratic-tutor"]["tuned.socratic_prompts_n"],
+        m["socratic-tutor"]["tuned.socratic_n"],
+    )
     checks = ("well_formed", "right_name", "valid_arguments", "no_call")
     assert {f"{who}.tool_call.{c}" for who in ("base", "tuned") for c in checks} <= set(m["tool-calling"])
     assert "eval_minus_train_loss" in m["tool-calling"]
     # the custom template travels with the adapter
     adapter = Path(runs["tool-calling"].data.tags["train.dir"]) / "adapter"
-    template = (adapter / "chat_template.jinja").read_text() if (adapter / "chat_template.jinja").exists() else \
-        json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    template = (
+        (adapter / "chat_template.jinja").read_text()
+        if (adapter / "chat_template.jinja").exists()
+        else json.loads((adapter / "tokenizer_config.json").read_text())["chat_template"]
+    )
     assert "<tool_call>" in template
     # best checkpoint by validation loss; at most 3 checkpoints kept
     tags = runs["reasoning"].data.tags
@@ -97,7 +121,8 @@ def test_recipe_specific_outputs(results):
     assert runs["full-finetune-phase2"].data.tags["base_model"] == "./outputs/full-finetune/latest/model"
     # minimal flow: the merged model reloaded from disk generated text
     assert "merge.reload_sample" in runs["minimal-lora"].data.tags
-    # ... and decodes by itself as the evaluation did (greedy, eval.max_new_tokens), what `lora-flow generate DIR` uses
+    # ... and decodes by itself as the evaluation did (greedy, eval.max_new_tokens), what `lora-flow generate
+    # DIR` uses
     gen = json.loads((cwd / "outputs/minimal-lora/latest/merged/generation_config.json").read_text())
     evaluated = json.loads(runs["minimal-lora"].data.params["eval.max_new_tokens"])
     assert gen["do_sample"] is False and gen["max_new_tokens"] == evaluated
@@ -108,6 +133,12 @@ def test_qlora_is_refused_on_cpu_with_the_fix(results, tiny_model_dir, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: 4-bit loading is allowed here")
-    assert main(["run", "recipes/reasoning.yaml", f"model.base={tiny_model_dir}", "model.load_in_4bit=true"]) == 2
+    assert (
+        main(["run", "recipes/reasoning.yaml", f"model.base={tiny_model_dir}", "model.load_in_4bit=true"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: model.load_in_4bit: QLoRA needs a CUDA GPU") and "set model.load_in_4bit=false" in err[-1]
+    assert (
+        err[-1].startswith("error: model.load_in_4bit: QLoRA needs a CUDA GPU")
+        and "set model.load_in_4bit=false" in err[-1]
+    )

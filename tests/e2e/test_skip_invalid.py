@@ -1,23 +1,30 @@
-"""data.skip_invalid: a file with one assistant-first conversation (the OpenAI cookbook's toy chat data has one) is
-refused with the setting named, and with the setting it trains on the rest; the run records what it skipped and why."""
+"""data.skip_invalid: a file with one assistant-first conversation (the OpenAI cookbook's toy chat data has
+one) is
+refused with the setting named, and with the setting it trains on the rest; the run records what it skipped
+and why."""
 
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows.cli import main
 
 pytestmark = pytest.mark.slow
 
-ASSISTANT_FIRST = {"messages": [{"role": "system", "content": "You are terse."},
-                                {"role": "assistant", "content": "Hello. Ask me anything."}]}
+ASSISTANT_FIRST = {
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "assistant", "content": "Hello. Ask me anything."},
+    ]
+}
 
 
-def test_an_assistant_first_conversation_is_skipped_counted_and_listed(prefect_harness, make_recipe, small_data,
-                                                                       mlflow_store, capsys):
+def test_an_assistant_first_conversation_is_skipped_counted_and_listed(
+    prefect_harness, make_recipe, small_data, mlflow_store, capsys
+):
     with open(small_data, "a") as f:
         f.write(json.dumps(ASSISTANT_FIRST) + "\n")  # line 25
     recipe = make_recipe("skip")
@@ -34,6 +41,14 @@ def test_an_assistant_first_conversation_is_skipped_counted_and_listed(prefect_h
     assert run.data.metrics["data.skipped"] == 1
     assert run.data.params["data.skip_invalid"] == "true"
     assert run.data.metrics["data.train_conversations"] + run.data.metrics["data.val_conversations"] == 24
-    listed = [json.loads(line) for line in Path(client.download_artifacts(run_id, "data/skipped.jsonl")).read_text().splitlines()]
-    assert listed == [{"where": f"{small_data}:25", "problem": "first non-system message has role 'assistant'; "
-                       "a conversation must open with a user message"}]
+    listed = [
+        json.loads(line)
+        for line in Path(client.download_artifacts(run_id, "data/skipped.jsonl")).read_text().splitlines()
+    ]
+    assert listed == [
+        {
+            "where": f"{small_data}:25",
+            "problem": "first non-system message has role 'assistant'; "
+            "a conversation must open with a user message",
+        }
+    ]

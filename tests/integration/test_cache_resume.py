@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
-import torch
+from conftest import REPO, task_states
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import REPO, task_states  # noqa: E402
+import mlflow
 from flows.cli import main
 from flows.finetune import finetune
 from lora_core.config import load_recipe
@@ -24,7 +23,10 @@ from lora_core.train import checkpoint_step, last_checkpoint
 
 pytestmark = pytest.mark.slow
 ALL = ["download-data", "format-data", "split-data", "train-lora", "evaluate", "merge"]
-LONG_TRAIN = "{max_steps: 120, save_steps: 20, save_total_limit: 3, batch_size: 2, grad_accum: 2, learning_rate: 1.0e-2, eval_steps: 40}"
+LONG_TRAIN = (
+    "{max_steps: 120, save_steps: 20, save_total_limit: 3, batch_size: 2, grad_accum: 2, "
+    "learning_rate: 1.0e-2, eval_steps: 40}"
+)
 
 
 def run(recipe, *overrides, **kw) -> tuple[dict, dict]:
@@ -45,7 +47,9 @@ def test_only_what_changed_is_recomputed(prefect_harness, make_recipe, small_dat
     again, states = run(recipe)
     assert rerun_stages(states) == [] and again["adapter_dir"] == first["adapter_dir"]
 
-    _, states = run(recipe, "eval.max_new_tokens=5")  # a decoding setting: evaluation, and the merged folder serves it
+    _, states = run(
+        recipe, "eval.max_new_tokens=5"
+    )  # a decoding setting: evaluation, and the merged folder serves it
     assert rerun_stages(states) == ["evaluate", "merge"]
 
     _, states = run(recipe, "eval.max_new_tokens=5", "eval.num_samples=1")  # an evaluation-only setting
@@ -79,8 +83,13 @@ def test_deleted_or_altered_outputs_are_recomputed_not_trusted(prefect_harness, 
 
 
 def _flow_process(recipe: Path, env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=recipe.parent, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(recipe)],
+        cwd=recipe.parent,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -96,8 +105,12 @@ def _wait_for_checkpoint(root: Path, step: int, proc: subprocess.Popen, timeout:
 
 @pytest.fixture()
 def flow_env(prefect_api_url, mlflow_store):
-    return {**os.environ, "PREFECT_API_URL": prefect_api_url, "MLFLOW_TRACKING_URI": mlflow_store,
-            "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api_url,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def _prefect_state(flow_run_id: str) -> str:
@@ -107,7 +120,9 @@ def _prefect_state(flow_run_id: str) -> str:
         return client.read_flow_run(flow_run_id).state.name
 
 
-def test_sigkill_during_training_resumes_from_the_last_checkpoint(make_recipe, flow_env, in_tmp_cwd, mlflow_store, capsys):
+def test_sigkill_during_training_resumes_from_the_last_checkpoint(
+    make_recipe, flow_env, in_tmp_cwd, mlflow_store, capsys
+):
     recipe = make_recipe("resume", train=LONG_TRAIN)
     proc = _flow_process(recipe, flow_env, in_tmp_cwd / "first.log")
     _wait_for_checkpoint(in_tmp_cwd, 40, proc)
@@ -170,8 +185,14 @@ def test_ctrl_c_then_lora_flow_resume_completes_the_same_run(make_recipe, flow_e
     ckpt = last_checkpoint(train_dir / "checkpoints")
     assert ckpt and load_file(Path(ckpt) / "adapter_model.safetensors")  # intact and loadable
 
-    resume = subprocess.run([sys.executable, "-m", "flows.cli", "resume"], cwd=in_tmp_cwd, env=flow_env,
-                            capture_output=True, text=True, timeout=300)
+    resume = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "resume"],
+        cwd=in_tmp_cwd,
+        env=flow_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resume.returncode == 0, resume.stdout[-2000:] + resume.stderr[-3000:]
     assert f"resuming MLflow run {run.info.run_id}" in resume.stdout
     assert f"(resumed from step {checkpoint_step(ckpt)})" in resume.stdout, (ckpt, resume.stdout[-2000:])

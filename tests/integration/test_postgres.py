@@ -14,9 +14,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
 from flows import stack as stk
 from flows.finetune import finetune
 from lora_core.config import load_recipe
@@ -24,8 +24,11 @@ from lora_core.config import load_recipe
 POSTGRES_URI = os.environ.get("LORA_FLOW_TEST_POSTGRES_URI")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not POSTGRES_URI, reason="LORA_FLOW_TEST_POSTGRES_URI is not set: no PostgreSQL to test against "
-                                                "(.ci/run starts one on loopback and sets it)"),
+    pytest.mark.skipif(
+        not POSTGRES_URI,
+        reason="LORA_FLOW_TEST_POSTGRES_URI is not set: no PostgreSQL to test against "
+        "(.ci/run starts one on loopback and sets it)",
+    ),
 ]
 
 
@@ -35,8 +38,15 @@ def _connect(uri: str):
     from sqlalchemy.engine import make_url
 
     url = make_url(uri)
-    return psycopg.connect(host=url.host, port=url.port or 5432, user=url.username, password=url.password,
-                           dbname=url.database, autocommit=True, connect_timeout=10)
+    return psycopg.connect(
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        autocommit=True,
+        connect_timeout=10,
+    )
 
 
 @pytest.fixture()
@@ -54,20 +64,41 @@ def fresh_database():
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_mlflow_server_on_postgresql_tracks_a_real_flow(fresh_database, prefect_harness, make_recipe, tmp_path, monkeypatch):
+def test_mlflow_server_on_postgresql_tracks_a_real_flow(
+    fresh_database, prefect_harness, make_recipe, tmp_path, monkeypatch
+):
     port = stk.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LORA_FLOW_"))}
     # the URI carries a password: MLflow's own variable, never the command line
-    env.update(PYTHONPATH=str(REPO), LORA_FLOW_STACK_DIR=str(tmp_path / "state"), MLFLOW_BACKEND_STORE_URI=fresh_database)
+    env.update(
+        PYTHONPATH=str(REPO),
+        LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+        MLFLOW_BACKEND_STORE_URI=fresh_database,
+    )
     cli = [sys.executable, "-m", "flows.stack"]
-    up = subprocess.run([*cli, "up", "--mlflow-only", "--mlflow-port", str(port),
-                         "--artifacts-destination", str(tmp_path / "artifacts")],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    up = subprocess.run(
+        [
+            *cli,
+            "up",
+            "--mlflow-only",
+            "--mlflow-port",
+            str(port),
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         assert "mlflow server" in up.stdout and "prefect server" not in up.stdout
         server = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)  # the pipeline talks to it through this, nothing else
+        monkeypatch.setenv(
+            "MLFLOW_TRACKING_URI", server
+        )  # the pipeline talks to it through this, nothing else
 
         summary = finetune(config=load_recipe(make_recipe("pg")))
 
@@ -83,9 +114,12 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(fresh_database, prefect_
         # the run really lives in PostgreSQL
         with _connect(fresh_database) as db:
             status = db.execute("SELECT status FROM runs WHERE run_uuid = %s", (run.info.run_id,)).fetchone()
-            losses = db.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'",
-                                (run.info.run_id,)).fetchone()
-            params = db.execute("SELECT count(*) FROM params WHERE run_uuid = %s", (run.info.run_id,)).fetchone()
+            losses = db.execute(
+                "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'loss'", (run.info.run_id,)
+            ).fetchone()
+            params = db.execute(
+                "SELECT count(*) FROM params WHERE run_uuid = %s", (run.info.run_id,)
+            ).fetchone()
         assert status == ("FINISHED",) and losses == (6,) and params[0] >= 40
     finally:
         down = subprocess.run([*cli, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -8,9 +8,9 @@ between reading the champion and moving the alias until the better one has had e
 import math
 import threading
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows import registry
 from lora_core.config import RegistryConfig
 from lora_core.evaluate import PER_CONVERSATION
@@ -18,10 +18,22 @@ from tasks.cache import LOCKS
 
 
 def _version(client: MlflowClient, name: str, ppl: float) -> str:
-    with mlflow.start_run() as run:  # a finished run, as a registered adapter's training run is, with its evaluation
-        mlflow.log_dict({"tokens": [100] * 4, "tuned_nll": [100 * math.log(ppl)] * 4}, f"evaluation/{PER_CONVERSATION}")
-    tags = {"val_perplexity": str(ppl), "base_model.identity": "dir-sha256:same", "val.sha256": "same-validation-set"}
-    return str(client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags).version)
+    with (
+        mlflow.start_run() as run
+    ):  # a finished run, as a registered adapter's training run is, with its evaluation
+        mlflow.log_dict(
+            {"tokens": [100] * 4, "tuned_nll": [100 * math.log(ppl)] * 4}, f"evaluation/{PER_CONVERSATION}"
+        )
+    tags = {
+        "val_perplexity": str(ppl),
+        "base_model.identity": "dir-sha256:same",
+        "val.sha256": "same-validation-set",
+    }
+    return str(
+        client.create_model_version(
+            name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags=tags
+        ).version
+    )
 
 
 def test_racing_promotions_end_with_the_better_version_as_champion(mlflow_store, monkeypatch):
@@ -35,7 +47,9 @@ def test_racing_promotions_end_with_the_better_version_as_champion(mlflow_store,
     held, go = threading.Event(), threading.Event()
     read_scores = registry._scored
 
-    def hold_the_worse(mv, cand):  # the worse candidate has read the champion (v1) and not yet moved the alias
+    def hold_the_worse(
+        mv, cand
+    ):  # the worse candidate has read the champion (v1) and not yet moved the alias
         if str(cand.version) == worse and mv.version != cand.version:
             held.set()
             assert go.wait(60)
@@ -43,8 +57,12 @@ def test_racing_promotions_end_with_the_better_version_as_champion(mlflow_store,
 
     monkeypatch.setattr(registry, "_scored", hold_the_worse)
     decisions = {}
-    first = threading.Thread(target=lambda: decisions.update(worse=registry.promote(name, worse, RegistryConfig())))
-    second = threading.Thread(target=lambda: decisions.update(better=registry.promote(name, better, RegistryConfig())))
+    first = threading.Thread(
+        target=lambda: decisions.update(worse=registry.promote(name, worse, RegistryConfig()))
+    )
+    second = threading.Thread(
+        target=lambda: decisions.update(better=registry.promote(name, better, RegistryConfig()))
+    )
     first.start()
     assert held.wait(60)
     second.start()

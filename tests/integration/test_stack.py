@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-import mlflow
 import psutil
 import pytest
 import yaml
+from conftest import REPO
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
+import mlflow
 from flows import stack as stk
 from lora_core.config import PipelineConfig, load_recipe
 
@@ -53,8 +53,14 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def stack_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.stack", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.stack", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_recipe(folder: Path, name: str, model_dir: Path, records: list[dict]) -> Path:
@@ -104,8 +110,10 @@ class Stack:
     def trigger(self, deployment: str, recipe: Path) -> str:
         """A run of the deployment with the recipe's resolved config as the flow's `config` parameter."""
         dep = self.get(f"/deployments/name/{deployment}")
-        run = self.get(f"/deployments/{dep['id']}/create_flow_run",
-                       {"parameters": {"config": load_recipe(recipe).model_dump(mode="json")}})
+        run = self.get(
+            f"/deployments/{dep['id']}/create_flow_run",
+            {"parameters": {"config": load_recipe(recipe).model_dump(mode="json")}},
+        )
         return run["id"]
 
     def logs(self, flow_run_id: str) -> list[str]:
@@ -121,19 +129,27 @@ class Stack:
                 if run["state_type"] in TERMINAL:
                     done[i] = run
             time.sleep(1)
-        bad = {i: (r or {}).get("state_name", "not finished") for i in ids
-               if (r := done.get(i)) is None or r["state_type"] != "COMPLETED"}
+        bad = {
+            i: (r or {}).get("state_name", "not finished")
+            for i in ids
+            if (r := done.get(i)) is None or r["state_type"] != "COMPLETED"
+        }
         if bad:
             worker_log = (self.state / "worker.log").read_text()[-4000:]
             run_logs = {i: self.logs(i)[-15:] for i in bad}
-            pytest.fail(f"flow runs not COMPLETED: {bad}\nrun logs: {json.dumps(run_logs, indent=1)}\nworker log:\n{worker_log}")
+            pytest.fail(
+                f"flow runs not COMPLETED: {bad}\nrun logs: {json.dumps(run_logs, indent=1)}\nworker "
+                f"log:\n{worker_log}"
+            )
         return done
 
     def mlflow_run(self, flow_run_id: str, experiment: str):
         client = MlflowClient(tracking_uri=self.mlflow)
         exp = client.get_experiment_by_name(experiment)
         assert exp is not None, f"no MLflow experiment {experiment!r} on {self.mlflow}"
-        (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        (run,) = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+        )
         return client, run
 
 
@@ -143,16 +159,25 @@ def stack(tmp_path_factory):
     end `stack down`, then (belt and braces) whatever the pid files named, and nothing else."""
     root = tmp_path_factory.mktemp("stack")
     prefect_port, mlflow_port = free_ports(2)
-    env = clean_env(PREFECT_HOME=str(root / "prefect-home"), LORA_FLOW_STACK_DIR=str(root / "state"),
-                    PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
-                    MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
-                    PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10
-                    PREFECT_SERVER_LOGGING_LEVEL="INFO",  # the server logs from its start: it must survive writing them
-                    PWD=str(REPO))  # prefect.yaml runs flows from "{{ $PWD }}"
+    env = clean_env(
+        PREFECT_HOME=str(root / "prefect-home"),
+        LORA_FLOW_STACK_DIR=str(root / "state"),
+        PREFECT_API_URL=f"http://127.0.0.1:{prefect_port}/api",
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+        PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10
+        PREFECT_SERVER_LOGGING_LEVEL="INFO",  # the server logs from its start: it must survive writing them
+        PWD=str(REPO),
+    )  # prefect.yaml runs flows from "{{ $PWD }}"
     s = Stack(root, env, env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"])
     try:
-        s.up = stack_cli("up", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                         "--artifacts-destination", str(root / "artifacts"), env=env)
+        s.up = stack_cli(
+            "up",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            env=env,
+        )
         assert s.up.returncode == 0, s.up.stdout + s.up.stderr
         yield s
     finally:
@@ -175,7 +200,9 @@ def test_up_is_idempotent_and_every_service_answers(stack):
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already running") == 3
     assert {p.name: p.read_text() for p in stack.state.glob("*.pid")} == pid_files  # nothing restarted
-    assert stk.healthy({"name": "mlflow", "url": stack.mlflow}) and stk.healthy({"name": "prefect", "url": stack.api})
+    assert stk.healthy({"name": "mlflow", "url": stack.mlflow}) and stk.healthy(
+        {"name": "prefect", "url": stack.api}
+    )
     assert stk.healthy(json.loads(pid_files["worker.pid"]))  # the worker's heartbeat, since it started
 
 
@@ -189,7 +216,8 @@ def test_the_prefect_server_log_is_kept_and_the_server_survives_writing_it(stack
 
 
 def test_the_prefect_ui_calls_the_api_on_the_stack_port(stack):
-    """Issue #15: on any port but 4200 the UI said "Can't connect to Server API at http://127.0.0.1:4200/api"."""
+    """Issue #15: on any port but 4200 the UI said "Can't connect to Server API at
+    http://127.0.0.1:4200/api"."""
     assert not stack.api.endswith(":4200/api")
     ui = json.loads(stk.http(stack.api.removesuffix("/api") + "/ui-settings")[1])
     assert ui["api_url"] == stack.api
@@ -206,8 +234,14 @@ def test_prefect_yaml_deploys_the_socratic_tutor_recipe_as_the_flow_config():
 def nightly(stack, tiny_model_dir, tutor_records, tmp_path_factory):
     """prefect.yaml deployed with plain `prefect deploy --all`, then one run of the nightly
     deployment with a tiny-model recipe, executed by the stack's worker."""
-    deployed = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
-                              cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=180)
+    deployed = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+        cwd=REPO,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     folder = tmp_path_factory.mktemp("nightly")
     recipe = write_recipe(folder, "nightly", tiny_model_dir, tutor_records)
@@ -220,15 +254,25 @@ def nightly(stack, tiny_model_dir, tutor_records, tmp_path_factory):
 def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightly):
     dep = stack.get(f"/deployments/name/{NIGHTLY}")
     (schedule,) = dep["schedules"]
-    assert schedule["active"] and schedule["schedule"]["cron"] == "0 2 * * *" and schedule["schedule"]["timezone"] == "UTC"
+    assert (
+        schedule["active"]
+        and schedule["schedule"]["cron"] == "0 2 * * *"
+        and schedule["schedule"]["timezone"] == "UTC"
+    )
     assert dep["work_pool_name"] == "local" and dep["enforce_parameter_schema"]
     assert dep["parameters"] == {"config": prefect_yaml_config("socratic-tutor-nightly")}
-    assert PipelineConfig.model_validate(dep["parameters"]["config"]) == load_recipe(REPO / "recipes" / "socratic-tutor.yaml")
-    assert dep["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert PipelineConfig.model_validate(dep["parameters"]["config"]) == load_recipe(
+        REPO / "recipes" / "socratic-tutor.yaml"
+    )
+    assert dep["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+    ]
     assert dep["global_concurrency_limit"]["limit"] == 1
     on_demand = stack.get(f"/deployments/name/{ON_DEMAND}")
     assert on_demand["schedules"] == [] and on_demand["parameters"] == dep["parameters"]
-    assert stack.get("/deployments/name/lora-promote/promote")["parameters"] == {"model_name": "socratic-tutor"}
+    assert stack.get("/deployments/name/lora-promote/promote")["parameters"] == {
+        "model_name": "socratic-tutor"
+    }
 
     run = nightly["run"]
     assert run["state_name"] == "Completed"
@@ -248,32 +292,64 @@ def test_nightly_deployment_runs_on_the_worker_and_lands_in_mlflow(stack, nightl
 
 
 def test_the_gpu_file_deploys_every_deployment_onto_its_pools(stack, tmp_path):
-    """deploy/prefect-gpu.yaml as written, minus its image build and push (no Docker daemon here): `prefect deploy
-    --all` against the stack's server, onto a Docker pool and a Kubernetes pool made with the commands its header
+    """deploy/prefect-gpu.yaml as written, minus its image build and push (no Docker daemon here): `prefect
+    deploy
+    --all` against the stack's server, onto a Docker pool and a Kubernetes pool made with the commands its
+    header
     gives, accepts both deployments with their GPU job variables."""
     prefect = str(Path(sys.executable).parent / "prefect")
-    pools = [["work-pool", "create", "gpu-docker", "--type", "docker"],
-             ["work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template", "deploy/kubernetes-gpu.json"]]
+    pools = [
+        ["work-pool", "create", "gpu-docker", "--type", "docker"],
+        [
+            "work-pool",
+            "create",
+            "gpu-k8s",
+            "--type",
+            "kubernetes",
+            "--base-job-template",
+            "deploy/kubernetes-gpu.json",
+        ],
+    ]
     for args in pools:
-        made = subprocess.run([prefect, *args, "--overwrite"], cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
+        made = subprocess.run(
+            [prefect, *args, "--overwrite"],
+            cwd=REPO,
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert made.returncode == 0, made.stdout + made.stderr
     text = (REPO / "deploy" / "prefect-gpu.yaml").read_text()
-    image = f"{yaml.safe_load(text)['build'][0]['prefect_docker.deployments.steps.build_docker_image']['image_name']}:latest"
+    build_step = yaml.safe_load(text)["build"][0]["prefect_docker.deployments.steps.build_docker_image"]
+    image = f"{build_step['image_name']}:latest"
     derived = yaml.safe_load(text.replace("{{ build-image.image }}", image))
     derived["build"], derived["push"] = None, None  # the one step that needs a Docker daemon and a registry
     (tmp_path / "prefect-gpu.yaml").write_text(yaml.safe_dump(derived, sort_keys=False))
-    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect-gpu.yaml")],
-                              cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=300)
+    deployed = subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect-gpu.yaml")],
+        cwd=REPO,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     recipe = load_recipe(REPO / "recipes" / "socratic-tutor.yaml", ["train.num_processes=2"])
     jobs = {}
-    for name, pool in (("socratic-tutor-nightly-docker", "gpu-docker"), ("socratic-tutor-nightly-k8s", "gpu-k8s")):
+    for name, pool in (
+        ("socratic-tutor-nightly-docker", "gpu-docker"),
+        ("socratic-tutor-nightly-k8s", "gpu-k8s"),
+    ):
         dep = stack.get(f"/deployments/name/lora-finetune/{name}")
         assert dep["work_pool_name"] == pool and dep["job_variables"]["image"] == image
         config = PipelineConfig.model_validate(dep["parameters"]["config"])
         assert config.train.num_processes == 2 and config == recipe
         jobs[pool] = dep["job_variables"]
-    assert jobs["gpu-k8s"]["gpus"] == 2 and jobs["gpu-docker"]["container_create_kwargs"]["device_requests"][0]["count"] == 2
+    assert (
+        jobs["gpu-k8s"]["gpus"] == 2
+        and jobs["gpu-docker"]["container_create_kwargs"]["device_requests"][0]["count"] == 2
+    )
 
 
 def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly):
@@ -282,8 +358,11 @@ def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly)
     dep = stack.get(f"/deployments/name/{ON_DEMAND}")
     query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
     before = stack.get("/flow_runs/filter", query)
-    status, text = stk.http(f"{stack.api}/deployments/{dep['id']}/create_flow_run",
-                                {"parameters": {"config": {"lora": {"r": "sixteen"}}}}, timeout=15)
+    status, text = stk.http(
+        f"{stack.api}/deployments/{dep['id']}/create_flow_run",
+        {"parameters": {"config": {"lora": {"r": "sixteen"}}}},
+        timeout=15,
+    )
     assert status in (409, 422), (status, text[:500])
     assert "sixteen" in text and "integer" in text, text[:500]
     assert stack.get("/flow_runs/filter", query) == before
@@ -293,12 +372,16 @@ def test_the_scheduler_creates_the_nightly_runs(stack, nightly):
     """Prefect 3.8.8's scheduler cannot insert runs under SQLAlchemy 2.1 ("Can't evaluate bulk DML
     statement"): schedules are registered but never fire. SQLAlchemy 2.0.x works."""
     dep = stack.get(f"/deployments/name/{NIGHTLY}")
-    query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}
+    query = {
+        "flow_runs": {"deployment_id": {"any_": [dep["id"]]}, "state": {"type": {"any_": ["SCHEDULED"]}}}
+    }
     deadline = time.monotonic() + 20  # the recent-deployments scheduler runs every 5 s
     while not (scheduled := stack.get("/flow_runs/filter", query)) and time.monotonic() < deadline:
         time.sleep(1)
-    assert scheduled, (f"the scheduler created no runs for the nightly schedule (prefect {version('prefect')}, "
-                       f"SQLAlchemy {version('sqlalchemy')}: 2.1 breaks Prefect 3.8.8's scheduler, pin SQLAlchemy==2.0.58)")
+    assert scheduled, (
+        f"the scheduler created no runs for the nightly schedule (prefect {version('prefect')}, "
+        f"SQLAlchemy {version('sqlalchemy')}: 2.1 breaks Prefect 3.8.8's scheduler, pin SQLAlchemy==2.0.58)"
+    )
     assert all(r["expected_start_time"].endswith("T02:00:00Z") for r in scheduled)
 
 
@@ -318,14 +401,20 @@ def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly
     cached_seconds = time.monotonic() - t0
     # the unchanged run leaves the runs table as it was: kept, deleted (restorable), tagged
     assert {r.info.run_id for r in client.search_runs([experiment])} == table
-    (again,) = client.search_runs([experiment], filter_string=f"tags.`prefect.flow_run_id` = '{same}'",
-                                  run_view_type=ViewType.DELETED_ONLY)
+    (again,) = client.search_runs(
+        [experiment],
+        filter_string=f"tags.`prefect.flow_run_id` = '{same}'",
+        run_view_type=ViewType.DELETED_ONLY,
+    )
     assert again.info.status == "FINISHED"
     assert again.data.tags["lora_flow.from_cache"] == "true" and again.data.tags["lora_flow.recomputed"] == ""
     assert any("nothing changed: every stage came from cache" in m for m in stack.logs(same))
     assert any("kept out of the runs table" in m for m in stack.logs(same))
     assert "loss" not in again.data.metrics  # no training happened
-    print(f"first run {nightly['seconds']:.1f} s, unchanged re-run {cached_seconds:.1f} s (trigger to completion)")
+    print(
+        f"first run {nightly['seconds']:.1f} s, unchanged re-run {cached_seconds:.1f} s (trigger to "
+        "completion)"
+    )
 
     data = Path(recipe.read_text().split("data: {path: ")[1].split("}")[0])
     raw = data.read_bytes()  # one byte of the data, same path: new data
@@ -335,21 +424,31 @@ def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly
     stack.wait([changed])
     client, fresh = stack.mlflow_run(changed, "nightly")
     assert fresh.data.tags["lora_flow.from_cache"] == "false"
-    assert {"download-data", "train-lora", "evaluate"} <= set(fresh.data.tags["lora_flow.recomputed"].split(","))
+    assert {"download-data", "train-lora", "evaluate"} <= set(
+        fresh.data.tags["lora_flow.recomputed"].split(",")
+    )
     assert any(m.startswith("recomputed: ") for m in stack.logs(changed))
     assert len(client.get_metric_history(fresh.info.run_id, "loss")) == 6
 
 
 def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, tutor_records, tmp_path):
-    """prefect.yaml's nightly trigger (its debounce shortened to 20 s) on a tiny recipe: three `lora-flow data push`
+    """prefect.yaml's nightly trigger (its debounce shortened to 20 s) on a tiny recipe: three `lora-flow data
+    push`
     in a row, one of them with new records, create exactly one flow run, which trains on the new data."""
     recipe = write_recipe(tmp_path, "pushed", tiny_model_dir, tutor_records)
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep,) = [d for d in doc["deployments"] if d["name"] == NIGHTLY.split("/")[1]]
     (trigger,) = dep["triggers"]
-    assert trigger["expect"] == ["lora-flow.dataset.updated"] and trigger["within"] == trigger["schedule_after"] == 300
+    assert (
+        trigger["expect"] == ["lora-flow.dataset.updated"]
+        and trigger["within"] == trigger["schedule_after"] == 300
+    )
     trigger.update(within=20, schedule_after=20, match={"prefect.resource.id": "lora-flow.recipe.pushed"})
-    dep.update(name="retrain-on-push", schedules=[], parameters={"config": load_recipe(recipe).model_dump(mode="json")})
+    dep.update(
+        name="retrain-on-push",
+        schedules=[],
+        parameters={"config": load_recipe(recipe).model_dump(mode="json")},
+    )
     doc["deployments"] = [dep]
     (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     deployed = stack_cli("deploy", "--prefect-file", str(tmp_path / "prefect.yaml"), env=stack.env)
@@ -360,10 +459,14 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     more.write_text("".join(json.dumps(r) + "\n" for r in tutor_records[24:28]))
     push = [sys.executable, "-m", "flows.cli", "data", "push", str(recipe)]
     t0 = time.monotonic()
-    outs = [subprocess.run(push + extra, cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
-            for extra in ([], [str(more)], [])]
+    outs = [
+        subprocess.run(push + extra, cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=120)
+        for extra in ([], [str(more)], [])
+    ]
     for out in outs:
-        assert out.returncode == 0 and "event lora-flow.dataset.updated" in out.stdout, out.stdout + out.stderr
+        assert out.returncode == 0 and "event lora-flow.dataset.updated" in out.stdout, (
+            out.stdout + out.stderr
+        )
     assert "4 records added" in outs[1].stdout and "0 records added" in outs[2].stdout
 
     query = {"flow_runs": {"deployment_id": {"any_": [dep_id]}}}
@@ -382,10 +485,17 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     first_event = outs[0].stdout.split("event lora-flow.dataset.updated ")[1].split()[0]  # the one that fired
     assert mrun.data.tags["lora_flow.trigger.event_id"] == first_event
     assert mrun.data.tags["lora_flow.trigger.event"] == "lora-flow.dataset.updated"
-    assert outs[0].stdout.split("data sha256 ")[1][:12] == mrun.data.tags["lora_flow.trigger.data_sha256"][:12]
+    assert (
+        outs[0].stdout.split("data sha256 ")[1][:12] == mrun.data.tags["lora_flow.trigger.data_sha256"][:12]
+    )
 
     # its version became champion: the event an automation can act on is on the server
-    query = {"filter": {"event": {"name": ["lora-flow.champion.moved"]}, "any_resource": {"id": ["mlflow.registered-model.pushed"]}}}
+    query = {
+        "filter": {
+            "event": {"name": ["lora-flow.champion.moved"]},
+            "any_resource": {"id": ["mlflow.registered-model.pushed"]},
+        }
+    }
     deadline = time.monotonic() + 30
     while not (moved := stack.get("/events/filter", query)["events"]) and time.monotonic() < deadline:
         time.sleep(1)
@@ -404,9 +514,12 @@ def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, 
     assert any("nothing changed: every stage came from cache" in m for m in stack.logs(cron))
 
 
-def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(stack, nightly, tiny_model_dir,
-                                                                                 tutor_records, tmp_path):
-    recipes = {name: write_recipe(tmp_path, name, tiny_model_dir, tutor_records) for name in ("para-a", "para-b")}
+def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(
+    stack, nightly, tiny_model_dir, tutor_records, tmp_path
+):
+    recipes = {
+        name: write_recipe(tmp_path, name, tiny_model_dir, tutor_records) for name in ("para-a", "para-b")
+    }
     ids = {name: stack.trigger(ON_DEMAND, recipe) for name, recipe in recipes.items()}
     runs = stack.wait(list(ids.values()))
     a, b = (runs[ids[n]] for n in recipes)
@@ -418,8 +531,18 @@ def test_two_flows_at_once_both_complete_with_all_their_metrics_and_artifacts(st
         assert [m.step for m in client.get_metric_history(rid, "loss")] == [1, 2, 3, 4, 5, 6]
         assert len(client.get_metric_history(rid, "learning_rate")) == 6
         assert {s.step for s in client.get_metric_history(rid, "eval_loss")} >= {3, 6}
-        assert {"base_perplexity", "tuned_perplexity", "train_tokens_per_second", "merge_max_abs_logit_diff"} <= set(mrun.data.metrics)
-        assert {a.path for a in client.list_artifacts(rid)} >= {"adapter", "samples.json", "evaluation", "recipe"}
+        assert {
+            "base_perplexity",
+            "tuned_perplexity",
+            "train_tokens_per_second",
+            "merge_max_abs_logit_diff",
+        } <= set(mrun.data.metrics)
+        assert {a.path for a in client.list_artifacts(rid)} >= {
+            "adapter",
+            "samples.json",
+            "evaluation",
+            "recipe",
+        }
         assert "adapter/adapter_model.safetensors" in {x.path for x in client.list_artifacts(rid, "adapter")}
         assert mrun.data.params["name"] == name
 
@@ -429,10 +552,15 @@ def test_stack_deploy_checks_and_replaces_the_schedule(stack, nightly):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "cron '15 4 * * 1-5' Europe/Paris" in out.stdout and out.stdout.count("deployed ") == 3
     (schedule,) = stack.get(f"/deployments/name/{NIGHTLY}")["schedules"]
-    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("15 4 * * 1-5", "Europe/Paris")
+    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (
+        "15 4 * * 1-5",
+        "Europe/Paris",
+    )
     assert stack.get(f"/deployments/name/{ON_DEMAND}")["schedules"] == []  # unscheduled ones stay so
     # the rewritten copy keeps the config: the deployment still runs the recipe
-    assert stack.get(f"/deployments/name/{NIGHTLY}")["parameters"] == {"config": prefect_yaml_config("socratic-tutor-nightly")}
+    assert stack.get(f"/deployments/name/{NIGHTLY}")["parameters"] == {
+        "config": prefect_yaml_config("socratic-tutor-nightly")
+    }
 
 
 # ---------------------------------------------------------------- bad input
@@ -456,35 +584,92 @@ def test_a_port_already_taken_is_named_and_nothing_starts(tmp_path):
     assert not list((tmp_path / "state").glob("*.pid")) and not stk.port_in_use(other)
 
 
-@pytest.mark.parametrize("command, env_extra, expected, code", [
-    (["up"], {"PREFECT_API_URL": "http://example.com:4200/api"},
-     "PREFECT_API_URL='http://example.com:4200/api' is not a loopback URL", 2),
-    (["up"], {"PREFECT_API_URL": "http://127.0.0.1:4200"}, "PREFECT_API_URL='http://127.0.0.1:4200' must end in /api", 2),
-    (["up"], {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "MLFLOW_TRACKING_URI='sqlite:///mlflow.db' is not a loopback URL", 2),
-    (["up", "--prefect-port", "4300"], {"PREFECT_API_URL": "http://127.0.0.1:4200/api"},
-     "--prefect-port 4300 disagrees with PREFECT_API_URL", 2),
-    (["deploy"], {"PREFECT_API_URL": "http://127.0.0.1:{free}/api"},
-     "PREFECT_API_URL=http://127.0.0.1:{free}/api: no Prefect server answers (connection refused)", 2),
-    (["status"], {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{free}"},
-     "MLFLOW_TRACKING_URI=http://127.0.0.1:{free}: no MLflow server answers (connection refused)", 2),
-    (["deploy", "--cron", "every night"], {}, "--cron 'every night' is not a valid cron", 2),
-    (["deploy", "--cron", "0 2 * * *", "--timezone", "Mars/Olympus"], {}, "--timezone 'Mars/Olympus' is not a valid timezone", 2),
-    (["deploy", "--prefect-file", "{bad_yaml}"], {}, "bad.yaml: deployment 'nightly': cron 'nightly at 2' is not a valid cron", 2),
-    (["up", "--backend-store-uri", "sqlite:///{tmp}"], {},
-     "--backend-store-uri sqlite:///{tmp}: cannot connect (unable to open database file)", 2),
-    (["up", "--backend-store-uri", "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"], {},
-     "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: a password on a command line", 2),
-    (["up"], {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"},
-     "postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect", 2),
-])
+@pytest.mark.parametrize(
+    "command, env_extra, expected, code",
+    [
+        (
+            ["up"],
+            {"PREFECT_API_URL": "http://example.com:4200/api"},
+            "PREFECT_API_URL='http://example.com:4200/api' is not a loopback URL",
+            2,
+        ),
+        (
+            ["up"],
+            {"PREFECT_API_URL": "http://127.0.0.1:4200"},
+            "PREFECT_API_URL='http://127.0.0.1:4200' must end in /api",
+            2,
+        ),
+        (
+            ["up"],
+            {"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"},
+            "MLFLOW_TRACKING_URI='sqlite:///mlflow.db' is not a loopback URL",
+            2,
+        ),
+        (
+            ["up", "--prefect-port", "4300"],
+            {"PREFECT_API_URL": "http://127.0.0.1:4200/api"},
+            "--prefect-port 4300 disagrees with PREFECT_API_URL",
+            2,
+        ),
+        (
+            ["deploy"],
+            {"PREFECT_API_URL": "http://127.0.0.1:{free}/api"},
+            "PREFECT_API_URL=http://127.0.0.1:{free}/api: no Prefect server answers (connection refused)",
+            2,
+        ),
+        (
+            ["status"],
+            {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{free}"},
+            "MLFLOW_TRACKING_URI=http://127.0.0.1:{free}: no MLflow server answers (connection refused)",
+            2,
+        ),
+        (["deploy", "--cron", "every night"], {}, "--cron 'every night' is not a valid cron", 2),
+        (
+            ["deploy", "--cron", "0 2 * * *", "--timezone", "Mars/Olympus"],
+            {},
+            "--timezone 'Mars/Olympus' is not a valid timezone",
+            2,
+        ),
+        (
+            ["deploy", "--prefect-file", "{bad_yaml}"],
+            {},
+            "bad.yaml: deployment 'nightly': cron 'nightly at 2' is not a valid cron",
+            2,
+        ),
+        (
+            ["up", "--backend-store-uri", "sqlite:///{tmp}"],
+            {},
+            "--backend-store-uri sqlite:///{tmp}: cannot connect (unable to open database file)",
+            2,
+        ),
+        (
+            ["up", "--backend-store-uri", "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"],
+            {},
+            "--backend-store-uri postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: a password on a "
+            "command line",
+            2,
+        ),
+        (
+            ["up"],
+            {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg://nobody:s3cret-pw@127.0.0.1:{free}/mlflow"},
+            "postgresql+psycopg://nobody:***@127.0.0.1:{free}/mlflow: cannot connect",
+            2,
+        ),
+    ],
+)
 def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected, code):
     (free,) = free_ports(1)
     bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("deployments:\n  - name: nightly\n    entrypoint: flows/finetune.py:finetune\n"
-                        "    schedules: [{cron: 'nightly at 2'}]\n")
+    bad_yaml.write_text(
+        "deployments:\n  - name: nightly\n    entrypoint: flows/finetune.py:finetune\n"
+        "    schedules: [{cron: 'nightly at 2'}]\n"
+    )
     fill = lambda s: s.format(free=free, bad_yaml=bad_yaml, tmp=tmp_path)  # noqa: E731
-    env = clean_env(PREFECT_HOME=str(tmp_path / "ph"), LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
-                    **{k: fill(v) for k, v in env_extra.items()})
+    env = clean_env(
+        PREFECT_HOME=str(tmp_path / "ph"),
+        LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+        **{k: fill(v) for k, v in env_extra.items()},
+    )
     out = stack_cli(*map(fill, command), env=env, timeout=60)
     assert out.returncode == code, out.stdout + out.stderr
     assert fill(expected) in one_error_line(out)
@@ -494,14 +679,28 @@ def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected,
 
 def test_a_service_that_does_not_come_up_takes_the_others_down_with_it(tmp_path):
     prefect_port, mlflow_port = free_ports(2)
-    env = clean_env(PREFECT_HOME=str(tmp_path / "ph"), LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
-                    LORA_FLOW_STACK_TIMEOUT="1")  # neither server can answer within 1 s
-    out = stack_cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
-                    "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", env=env, timeout=120)
+    env = clean_env(
+        PREFECT_HOME=str(tmp_path / "ph"),
+        LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+        LORA_FLOW_STACK_TIMEOUT="1",
+    )  # neither server can answer within 1 s
+    out = stack_cli(
+        "up",
+        "--prefect-port",
+        str(prefect_port),
+        "--mlflow-port",
+        str(mlflow_port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2
     line = one_error_line(out)
     # on a loaded machine a server may also die before its first answer: either way one line naming its log
-    assert ("did not answer on http://127.0.0.1:" in line and "within 1 s" in line) or "exited before answering" in line, line
+    assert (
+        "did not answer on http://127.0.0.1:" in line and "within 1 s" in line
+    ) or "exited before answering" in line, line
     assert ".log" in line
     # both servers had been started: both are gone -- no pid file, ports free, no process
     assert sorted(p.name for p in (tmp_path / "state").glob("*.log")) == ["mlflow.log", "prefect.log"]
@@ -524,10 +723,21 @@ def test_the_backend_password_is_on_no_command_line(tmp_path):
     environment. MLflow retries an unreachable database for ~100 s: long enough to read every
     command line of the server's session while it runs."""
     (port, db_port) = free_ports(2)
-    env = {**clean_env(), "PORT": str(port), "ARTIFACTS": str(tmp_path / "artifacts"),
-           "BACKEND": f"postgresql+psycopg://mlflow:s3cret-pw@127.0.0.1:{db_port}/mlflow"}
-    server = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve.sh")], env=env, cwd=REPO, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **clean_env(),
+        "PORT": str(port),
+        "ARTIFACTS": str(tmp_path / "artifacts"),
+        "BACKEND": f"postgresql+psycopg://mlflow:s3cret-pw@127.0.0.1:{db_port}/mlflow",
+    }
+    server = subprocess.Popen(
+        ["bash", str(REPO / "mlflow" / "serve.sh")],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while "server" not in " ".join(psutil.Process(server.pid).cmdline()) and time.monotonic() < deadline:
@@ -539,8 +749,13 @@ def test_the_backend_password_is_on_no_command_line(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-    bad = subprocess.run(["bash", str(REPO / "mlflow" / "serve.sh")], env={**env, "BACKEND": "mongodb://u:s3cret-pw@h/db"},
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        ["bash", str(REPO / "mlflow" / "serve.sh")],
+        env={**env, "BACKEND": "mongodb://u:s3cret-pw@h/db"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "mongodb://u:***@h/db is not a SQL database URI" in bad.stderr
     assert "s3cret-pw" not in bad.stderr
 
@@ -552,19 +767,34 @@ def _in_session(proc: psutil.Process, sid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.environ.get("LORA_FLOW_TEST_POSTGRES_URI"), reason="LORA_FLOW_TEST_POSTGRES_URI is not set "
-                    "(.ci/run starts a PostgreSQL on loopback and sets it)")
+@pytest.mark.skipif(
+    not os.environ.get("LORA_FLOW_TEST_POSTGRES_URI"),
+    reason="LORA_FLOW_TEST_POSTGRES_URI is not set (.ci/run starts a PostgreSQL on loopback and sets it)",
+)
 def test_a_postgres_password_reaches_the_mlflow_server_alone(tmp_path):
-    """Given as MLflow's own variable, the backend URI reaches `mlflow server` and its workers: no command line,
+    """Given as MLflow's own variable, the backend URI reaches `mlflow server` and its workers: no command
+    line,
     no state file, and not the environment of the Prefect server, the worker or anything they start."""
     uri = os.environ["LORA_FLOW_TEST_POSTGRES_URI"]
     # as it appears in a URI: CI's password equals its role name, which a masked URI keeps
     password = ":" + uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1] + "@"
     prefect_port, mlflow_port = free_ports(2)
-    env = clean_env(LORA_FLOW_STACK_DIR=str(tmp_path / "state"), PREFECT_HOME=str(tmp_path / "ph"),
-                    MLFLOW_BACKEND_STORE_URI=uri)
-    up = stack_cli("up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
-                   "--artifacts-destination", str(tmp_path / "artifacts"), env=env, timeout=300)
+    env = clean_env(
+        LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
+        PREFECT_HOME=str(tmp_path / "ph"),
+        MLFLOW_BACKEND_STORE_URI=uri,
+    )
+    up = stack_cli(
+        "up",
+        "--prefect-port",
+        str(prefect_port),
+        "--mlflow-port",
+        str(mlflow_port),
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+        env=env,
+        timeout=300,
+    )
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         holders = {}
@@ -591,11 +821,17 @@ def test_down_never_kills_a_process_it_did_not_start(tmp_path):
         state.mkdir()
         created = psutil.Process(bystander.pid).create_time()
         # a pid file naming a live process whose command line is not the worker's
-        (state / "worker.pid").write_text(json.dumps({"name": "worker", "pid": bystander.pid, "create_time": created,
-                                                      "match": ["worker start"]}))
+        (state / "worker.pid").write_text(
+            json.dumps(
+                {"name": "worker", "pid": bystander.pid, "create_time": created, "match": ["worker start"]}
+            )
+        )
         # and one naming the same pid with another start time: a reused pid
-        (state / "prefect.pid").write_text(json.dumps({"name": "prefect", "pid": bystander.pid, "create_time": created - 100,
-                                                       "match": ["sleep"]}))
+        (state / "prefect.pid").write_text(
+            json.dumps(
+                {"name": "prefect", "pid": bystander.pid, "create_time": created - 100, "match": ["sleep"]}
+            )
+        )
         out = stack_cli("down", env=clean_env(LORA_FLOW_STACK_DIR=str(state)), timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("left alone") == 2
@@ -636,7 +872,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
     heard = []
 
     class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             heard.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(200)
             self.end_headers()
@@ -647,26 +883,46 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
     receiver = HTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     (port,) = free_ports(1)
-    env = {**clean_env(), "PORT": str(port), "BACKEND": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "ARTIFACTS": str(tmp_path / "artifacts"), "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"}  # a receiver on 127.0.0.1, for this test only
-    server = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve.sh")], env=env, cwd=REPO, start_new_session=True,
-                              stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT)
+    env = {
+        **clean_env(),
+        "PORT": str(port),
+        "BACKEND": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "ARTIFACTS": str(tmp_path / "artifacts"),
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    }  # a receiver on 127.0.0.1, for this test only
+    server = subprocess.Popen(
+        ["bash", str(REPO / "mlflow" / "serve.sh")],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=open(tmp_path / "mlflow.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
         while not stk.healthy({"name": "mlflow", "url": uri}):
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "mlflow.log").read_text()[-2000:]
+            assert server.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "mlflow.log"
+            ).read_text()[-2000:]
             time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # restored after the test: later subprocesses must not inherit it
+        monkeypatch.setenv(
+            "MLFLOW_TRACKING_URI", uri
+        )  # restored after the test: later subprocesses must not inherit it
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        client.create_webhook("champion", url=f"http://127.0.0.1:{receiver.server_port}/champion",
-                              events=["model_version_alias.created"])
+        client.create_webhook(
+            "champion",
+            url=f"http://127.0.0.1:{receiver.server_port}/champion",
+            events=["model_version_alias.created"],
+        )
         client.create_registered_model("hooked")
         with mlflow.start_run() as run:
             pass
-        version = client.create_model_version("hooked", f"runs:/{run.info.run_id}/model", run.info.run_id).version
+        version = client.create_model_version(
+            "hooked", f"runs:/{run.info.run_id}/model", run.info.run_id
+        ).version
         registry.roll_to("hooked", str(version))  # what a promotion or a rollback does to the alias
         deadline = time.monotonic() + 30  # delivered from MLflow's thread pool
         while not heard and time.monotonic() < deadline:

@@ -2,27 +2,64 @@ import json
 
 import pytest
 
-from lora_core.behavior import BehaviourError, behaviour_score, closed_schema, parse_tool_call, score_tool_call
+from lora_core.behavior import (
+    BehaviourError,
+    behaviour_score,
+    closed_schema,
+    parse_tool_call,
+    score_tool_call,
+)
 from lora_core.config import EvalConfig
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.", "parameters": {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                   "days": {"type": "integer"}},
-    "required": ["city"]}}}
-FLIGHTS = {"type": "function", "function": {"name": "search_flights", "parameters": {
-    "type": "object", "properties": {"origin": {"type": "string"}}, "required": ["origin"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer"},
+            },
+            "required": ["city"],
+        },
+    },
+}
+FLIGHTS = {
+    "type": "function",
+    "function": {
+        "name": "search_flights",
+        "parameters": {
+            "type": "object",
+            "properties": {"origin": {"type": "string"}},
+            "required": ["origin"],
+        },
+    },
+}
 
 
 def call_prompt(user="Weather in Oslo, in celsius, for 3 days?", args=None):
     args = {"city": "Oslo", "unit": "celsius", "days": 3} if args is None else args
-    reference = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": args}}]}
-    return {"messages": [{"role": "user", "content": user}], "tools": [WEATHER, FLIGHTS], "reference": reference}
+    reference = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": args}}],
+    }
+    return {
+        "messages": [{"role": "user", "content": user}],
+        "tools": [WEATHER, FLIGHTS],
+        "reference": reference,
+    }
 
 
 def text_prompt():
-    return {"messages": [{"role": "user", "content": "What's the weather like?"}], "tools": [WEATHER, FLIGHTS],
-            "reference": {"role": "assistant", "content": "Which city?"}}
+    return {
+        "messages": [{"role": "user", "content": "What's the weather like?"}],
+        "tools": [WEATHER, FLIGHTS],
+        "reference": {"role": "assistant", "content": "Which city?"},
+    }
 
 
 def call(name="get_weather", **args):
@@ -32,37 +69,82 @@ def call(name="get_weather", **args):
 ALL_PASS = {"well_formed": True, "right_name": True, "valid_arguments": True, "right_values": True}
 
 
-@pytest.mark.parametrize("reply, expected", [
-    (call(city="Oslo", unit="celsius", days=3), ALL_PASS),
-    # strings compare case-insensitively after strip; the bare-JSON form is a call too
-    (json.dumps({"name": "get_weather", "arguments": {"city": " oslo", "unit": "celsius", "days": 3.0}}), ALL_PASS),
-    (call("search_flights", origin="Oslo"), {"well_formed": True, "right_name": False, "valid_arguments": False, "right_values": False}),
-    (call(unit="celsius", days=3), {"well_formed": True, "right_name": True, "valid_arguments": False, "right_values": False}),
-    (call(city="Oslo", unit="celsius", days=3, country="NO"), {**ALL_PASS, "valid_arguments": False}),
-    (call(city="Oslo", unit="kelvin", days=3), {**ALL_PASS, "valid_arguments": False, "right_values": False}),
-    (call(city="Oslo", unit="celsius", days="3"), {**ALL_PASS, "valid_arguments": False, "right_values": False}),
-    (call(city="Bergen", unit="celsius", days=3), {**ALL_PASS, "right_values": False}),
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo",}}\n</tool_call>',
-     {"well_formed": False, "right_name": False, "valid_arguments": False, "right_values": False}),
-    ("Sure, which unit?", {"well_formed": False, "right_name": False, "valid_arguments": False, "right_values": False}),
-], ids=["valid", "bare-json-case-insensitive", "wrong-name", "missing-required", "unknown-key", "wrong-enum",
-        "wrong-type", "wrong-value", "malformed-json", "no-call"])
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (call(city="Oslo", unit="celsius", days=3), ALL_PASS),
+        # strings compare case-insensitively after strip; the bare-JSON form is a call too
+        (
+            json.dumps(
+                {"name": "get_weather", "arguments": {"city": " oslo", "unit": "celsius", "days": 3.0}}
+            ),
+            ALL_PASS,
+        ),
+        (
+            call("search_flights", origin="Oslo"),
+            {"well_formed": True, "right_name": False, "valid_arguments": False, "right_values": False},
+        ),
+        (
+            call(unit="celsius", days=3),
+            {"well_formed": True, "right_name": True, "valid_arguments": False, "right_values": False},
+        ),
+        (call(city="Oslo", unit="celsius", days=3, country="NO"), {**ALL_PASS, "valid_arguments": False}),
+        (
+            call(city="Oslo", unit="kelvin", days=3),
+            {**ALL_PASS, "valid_arguments": False, "right_values": False},
+        ),
+        (
+            call(city="Oslo", unit="celsius", days="3"),
+            {**ALL_PASS, "valid_arguments": False, "right_values": False},
+        ),
+        (call(city="Bergen", unit="celsius", days=3), {**ALL_PASS, "right_values": False}),
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo",}}\n</tool_call>',
+            {"well_formed": False, "right_name": False, "valid_arguments": False, "right_values": False},
+        ),
+        (
+            "Sure, which unit?",
+            {"well_formed": False, "right_name": False, "valid_arguments": False, "right_values": False},
+        ),
+    ],
+    ids=[
+        "valid",
+        "bare-json-case-insensitive",
+        "wrong-name",
+        "missing-required",
+        "unknown-key",
+        "wrong-enum",
+        "wrong-type",
+        "wrong-value",
+        "malformed-json",
+        "no-call",
+    ],
+)
 def test_each_check_on_a_prompt_that_expects_a_call(reply, expected):
     assert score_tool_call(reply, call_prompt()) == expected
 
 
-@pytest.mark.parametrize("reply, no_call", [
-    ("Which city would you like the weather for?", True),
-    (call(city="Oslo"), False),
-    ('<tool_call>{"name": "get_weather", "arguments": </tool_call>', False),  # a malformed attempt is still a call
-])
+@pytest.mark.parametrize(
+    "reply, no_call",
+    [
+        ("Which city would you like the weather for?", True),
+        (call(city="Oslo"), False),
+        (
+            '<tool_call>{"name": "get_weather", "arguments": </tool_call>',
+            False,
+        ),  # a malformed attempt is still a call
+    ],
+)
 def test_no_call_when_none_is_expected(reply, no_call):
     assert score_tool_call(reply, text_prompt()) == {"no_call": no_call}
 
 
 def test_only_values_the_user_wrote_numbers_and_enum_members_are_compared():
-    # "Oslo, NO" is not in the user's words, so a call with "Oslo" is not held to it; the enum member and the number are
-    prompt = call_prompt(user="Weather in Oslo for 3 days, please", args={"city": "Oslo, NO", "unit": "celsius", "days": 3})
+    # "Oslo, NO" is not in the user's words, so a call with "Oslo" is not held to it; the enum member and the
+    # number are
+    prompt = call_prompt(
+        user="Weather in Oslo for 3 days, please", args={"city": "Oslo, NO", "unit": "celsius", "days": 3}
+    )
     assert score_tool_call(call(city="Oslo", unit="celsius", days=3), prompt)["right_values"]
     assert not score_tool_call(call(city="Oslo", unit="fahrenheit", days=3), prompt)["right_values"]
     # 'EUR' is not a word of 'euros': a reference that fixes nothing leaves right_values out
@@ -71,17 +153,35 @@ def test_only_values_the_user_wrote_numbers_and_enum_members_are_compared():
 
 
 def test_scores_are_shares_with_counts_and_denominators():
-    prompts = [call_prompt(), call_prompt(), call_prompt(args={"city": "Oslo, NO"}), text_prompt(), text_prompt()]
-    replies = [call(city="Oslo", unit="celsius", days=3), call(city="Oslo", units="c"), "I need a city.",
-               "Which city?", call(city="Oslo")]
+    prompts = [
+        call_prompt(),
+        call_prompt(),
+        call_prompt(args={"city": "Oslo, NO"}),
+        text_prompt(),
+        text_prompt(),
+    ]
+    replies = [
+        call(city="Oslo", unit="celsius", days=3),
+        call(city="Oslo", units="c"),
+        "I need a city.",
+        "Which city?",
+        call(city="Oslo"),
+    ]
     got = behaviour_score("tool_call", replies, prompts)
     assert got == {
-        "tool_call.expects_call_n": 3, "tool_call.values_fixed_n": 2, "tool_call.expects_none_n": 2,
-        "tool_call.well_formed_n": 2, "tool_call.well_formed": 2 / 3,
-        "tool_call.right_name_n": 2, "tool_call.right_name": 2 / 3,
-        "tool_call.valid_arguments_n": 1, "tool_call.valid_arguments": 1 / 3,
-        "tool_call.right_values_n": 1, "tool_call.right_values": 1 / 2,
-        "tool_call.no_call_n": 1, "tool_call.no_call": 1 / 2,
+        "tool_call.expects_call_n": 3,
+        "tool_call.values_fixed_n": 2,
+        "tool_call.expects_none_n": 2,
+        "tool_call.well_formed_n": 2,
+        "tool_call.well_formed": 2 / 3,
+        "tool_call.right_name_n": 2,
+        "tool_call.right_name": 2 / 3,
+        "tool_call.valid_arguments_n": 1,
+        "tool_call.valid_arguments": 1 / 3,
+        "tool_call.right_values_n": 1,
+        "tool_call.right_values": 1 / 2,
+        "tool_call.no_call_n": 1,
+        "tool_call.no_call": 1 / 2,
     }
     # every key is a valid MLflow metric name and every value a number
     from mlflow.utils.validation import _validate_metric_name
@@ -100,20 +200,33 @@ def test_a_share_over_no_prompts_is_left_out_not_zero():
 def test_a_reference_calling_a_tool_the_prompt_lacks_is_named():
     prompt = call_prompt()
     prompt["tools"] = [FLIGHTS]
-    with pytest.raises(BehaviourError, match=r"held-out prompt 1: its reference calls 'get_weather', which is not among its tools"):
+    with pytest.raises(
+        BehaviourError,
+        match=r"held-out prompt 1: its reference calls 'get_weather', which is not among its tools",
+    ):
         behaviour_score("tool_call", ["hi"], [prompt])
 
 
 def test_schemas_are_closed_unless_they_allow_more_keys():
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}},
-              "additionalProperties": True}
+    schema = {
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}}},
+        "additionalProperties": True,
+    }
     closed = closed_schema(schema)
-    assert closed["additionalProperties"] is True and closed["properties"]["a"]["additionalProperties"] is False
-    assert "additionalProperties" not in schema["properties"]["a"]  # the prompt's own schema is left as it was
+    assert (
+        closed["additionalProperties"] is True and closed["properties"]["a"]["additionalProperties"] is False
+    )
+    assert (
+        "additionalProperties" not in schema["properties"]["a"]
+    )  # the prompt's own schema is left as it was
 
 
 def test_parse_tool_call_reads_the_first_call():
-    reply = 'Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b"}</tool_call>'
+    reply = (
+        'Let me check.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+        '<tool_call>{"name": "b"}</tool_call>'
+    )
     assert parse_tool_call(reply) == {"name": "a", "arguments": {"x": 1}}
     assert parse_tool_call('{"name": "a", "arguments": "{}"}') is None  # arguments must be an object
 
@@ -128,11 +241,26 @@ def test_evaluation_default_decoding_is_plain_greedy(varied_tiny_model, tiny_tok
     messages = tutor_records[0]["messages"][:1]
     # the same call evaluate_adapter makes
     got = generate_replies(model, tiny_tokenizer, [(messages, None)], cfg)
-    enc = tiny_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tiny_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.inference_mode():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens, pad_token_id=tiny_tokenizer.pad_token_id)
-    plain = tiny_tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+    plain = tiny_tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert got == [plain] and plain
     # the comparison can tell: a mild penalty, and the old default's, change this model's greedy reply
     for penalty in (1.05, 1.15):
-        assert generate_replies(model, tiny_tokenizer, [(messages, None)], cfg.model_copy(update={"repetition_penalty": penalty})) != got
+        assert (
+            generate_replies(
+                model,
+                tiny_tokenizer,
+                [(messages, None)],
+                cfg.model_copy(update={"repetition_penalty": penalty}),
+            )
+            != got
+        )

@@ -2,7 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.config import ConfigError, PipelineConfig, describe_fields, flatten, load_recipe, parse_overrides
+from lora_core.config import (
+    ConfigError,
+    PipelineConfig,
+    describe_fields,
+    flatten,
+    load_recipe,
+    parse_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +30,9 @@ def test_every_recipe_validates_and_starts_with_its_command(recipe):
 
 def test_overrides_apply_on_top_with_yaml_types(tmp_path):
     p = write(tmp_path, "lora: {r: 4}\n")
-    cfg = load_recipe(p, ["lora.r=16", "train.max_steps=5", "lora.target_modules=[q_proj,v_proj]", "model.revision=abc"])
+    cfg = load_recipe(
+        p, ["lora.r=16", "train.max_steps=5", "lora.target_modules=[q_proj,v_proj]", "model.revision=abc"]
+    )
     assert cfg.lora.r == 16 and cfg.train.max_steps == 5
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.name == "r"  # defaults to the recipe's file name
@@ -32,7 +41,9 @@ def test_overrides_apply_on_top_with_yaml_types(tmp_path):
 def test_the_experiment_follows_the_name_unless_set():
     tutor = REPO / "recipes" / "socratic-tutor.yaml"
     assert load_recipe(tutor).experiment == "socratic-tutor"
-    assert load_recipe(tutor, ["name=gemma-tutor"]).experiment == "gemma-tutor"  # another family, its own experiment
+    assert (
+        load_recipe(tutor, ["name=gemma-tutor"]).experiment == "gemma-tutor"
+    )  # another family, its own experiment
     assert load_recipe(tutor, ["name=gemma-tutor", "tracking.experiment=shared"]).experiment == "shared"
 
 
@@ -51,7 +62,10 @@ def test_all_errors_reported_at_once_with_did_you_mean(tmp_path):
 
 
 def test_unknown_base_model_suggests_the_embedded_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.base: unknown base model 'smollm2-135m'.*did you mean 'smollm2-135m-instruct'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.base: unknown base model 'smollm2-135m'.*did you mean 'smollm2-135m-instruct'",
+    ):
         load_recipe(write(tmp_path, "model: {base: smollm2-135m}\n"))
 
 
@@ -87,4 +101,6 @@ def test_show_config_json_is_the_flow_parameter(capsys):
 
     assert main(["show-config", "recipes/minimal-lora.yaml", "train.max_steps=200", "--json"]) == 0
     sent = json.loads(capsys.readouterr().out)
-    assert PipelineConfig.model_validate(sent) == load_recipe("recipes/minimal-lora.yaml", ["train.max_steps=200"])
+    assert PipelineConfig.model_validate(sent) == load_recipe(
+        "recipes/minimal-lora.yaml", ["train.max_steps=200"]
+    )

@@ -3,7 +3,15 @@ import json
 import pytest
 
 from lora_core.config import DataConfig, SplitConfig
-from lora_core.data import DataError, detect_format, gather_records, load_normalised, normalise, source_fingerprint, split_indices
+from lora_core.data import (
+    DataError,
+    detect_format,
+    gather_records,
+    load_normalised,
+    normalise,
+    source_fingerprint,
+    split_indices,
+)
 
 
 def jsonl(tmp_path, rows, name="d.jsonl"):
@@ -18,8 +26,15 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def test_formats_are_detected_and_normalised_to_messages():
     share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     alpaca = {"instruction": "Add", "input": "2 and 3", "output": "What is 2 + 3?"}
-    assert [detect_format(r) for r in (CHAT, share, alpaca, {"text": "t"})] == ["messages", "sharegpt", "alpaca", "text"]
-    assert normalise(share, "sharegpt")[0] == {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert [detect_format(r) for r in (CHAT, share, alpaca, {"text": "t"})] == [
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "text",
+    ]
+    assert normalise(share, "sharegpt")[0] == {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    }
     rec, err = normalise(alpaca, "alpaca")
     assert err is None and rec["messages"][0]["content"] == "Add\n\n2 and 3"
     assert normalise({"text": "t"}, "text")[0] == {"text": "t"}
@@ -28,21 +43,30 @@ def test_formats_are_detected_and_normalised_to_messages():
 def test_tool_messages_and_tool_calls_pass_through():
     call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
     rec, err = normalise(
-        {"messages": [{"role": "user", "content": "1+?"}, {"role": "assistant", "content": "", "tool_calls": call},
-                      {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}],
-         "tools": [{"type": "function", "function": {"name": "add"}}]},
+        {
+            "messages": [
+                {"role": "user", "content": "1+?"},
+                {"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "content": "2"},
+                {"role": "assistant", "content": "2"},
+            ],
+            "tools": [{"type": "function", "function": {"name": "add"}}],
+        },
         "messages",
     )
     assert err is None and rec["messages"][1]["tool_calls"] == call and rec["tools"]
 
 
 def test_every_bad_record_is_reported_with_file_line_and_fix(tmp_path):
-    p = jsonl(tmp_path, [
-        CHAT,
-        '{"messages": [oops',
-        {"messages": [{"role": "user", "content": "q"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
-    ])
+    p = jsonl(
+        tmp_path,
+        [
+            CHAT,
+            '{"messages": [oops',
+            {"messages": [{"role": "user", "content": "q"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+        ],
+    )
     with pytest.raises(DataError) as exc:
         load_normalised(str(p))
     lines = str(exc.value).splitlines()
@@ -113,9 +137,15 @@ def test_split_sizes_count_distinct_conversations():
     with pytest.raises(DataError) as exc:  # 6 records would allow 3, the 2 distinct conversations do not
         split_indices(["a"] * 5 + ["b"], 0.1, 3, 0)
     assert str(exc.value) == (
-        "split.val_size asks for 3 validation conversations out of 2 distinct ones (6 records; identical conversations "
-        "stay on one side of the split); leave at least one for training: set split.val_size to at most 1, or add data")
-    with pytest.raises(DataError, match=r"^split.val_fraction asks for 1 validation conversations out of 1 distinct .*add distinct"):
+        "split.val_size asks for 3 validation conversations out of 2 distinct ones (6 records; identical "
+        "conversations "
+        "stay on one side of the split); leave at least one for training: set split.val_size to at most 1, "
+        "or add data"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^split.val_fraction asks for 1 validation conversations out of 1 distinct .*add distinct",
+    ):
         split_indices(["a", "a"], 0.5, None, 0)
 
 
@@ -129,13 +159,22 @@ def test_blank_lines_inside_a_jsonl_file_are_one_problem_per_run(tmp_path):
     p = jsonl(tmp_path, [CHAT, "", "  ", CHAT, "", CHAT])
     with pytest.raises(DataError) as exc:
         load_normalised(str(p))
-    assert [line.split(" blank")[0] for line in str(exc.value).splitlines()] == [f"{p}:2: lines 2-3 are", f"{p}:5: line 5 is"]
+    assert [line.split(" blank")[0] for line in str(exc.value).splitlines()] == [
+        f"{p}:2: lines 2-3 are",
+        f"{p}:5: line 5 is",
+    ]
 
 
 def test_missing_content_is_refused_except_beside_tool_calls():
     call = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}]
-    ok = {"messages": [{"role": "user", "content": "1+?"}, {"role": "assistant", "tool_calls": call},
-                       {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]}
+    ok = {
+        "messages": [
+            {"role": "user", "content": "1+?"},
+            {"role": "assistant", "tool_calls": call},
+            {"role": "tool", "content": "2"},
+            {"role": "assistant", "content": "2"},
+        ]
+    }
     assert normalise(ok, "messages")[1] is None
     for bad in ({"role": "user"}, {"role": "user", "content": None}):
         _, err = normalise({"messages": [bad, CHAT["messages"][1]]}, "messages")
@@ -145,7 +184,10 @@ def test_missing_content_is_refused_except_beside_tool_calls():
 def test_file_level_problems_name_the_file_and_the_fix(tmp_path):
     lines = json.dumps(CHAT) + "\n" + json.dumps(CHAT) + "\n"
     (tmp_path / "l.json").write_text(lines)
-    with pytest.raises(DataError, match=r"l.json:2: not valid JSON \(Extra data\); it looks like JSON Lines: rename it to .jsonl"):
+    with pytest.raises(
+        DataError,
+        match=r"l.json:2: not valid JSON \(Extra data\); it looks like JSON Lines: rename it to .jsonl",
+    ):
         load_normalised(str(tmp_path / "l.json"))
     (tmp_path / "p.parquet").write_text(lines)
     with pytest.raises(DataError, match=r"p.parquet: not a Parquet file \(no PAR1 header\)"):
@@ -159,14 +201,26 @@ def test_gather_reports_every_source_at_once(tmp_path):
     good = jsonl(tmp_path, [CHAT], "good.jsonl")
     bad = jsonl(tmp_path, [CHAT, '{"messages": [oops'], "bad.jsonl")
     text = jsonl(tmp_path, [{"text": "plain"}], "text.jsonl")
-    cfg = DataConfig(path=str(bad), mix=[{"path": str(good)}, {"path": str(text)}], validation_path=str(tmp_path / "nope.jsonl"))
+    cfg = DataConfig(
+        path=str(bad),
+        mix=[{"path": str(good)}, {"path": str(text)}],
+        validation_path=str(tmp_path / "nope.jsonl"),
+    )
     with pytest.raises(DataError) as exc:
         gather_records(cfg)
     lines = str(exc.value).splitlines()
-    assert len(lines) == 2 and lines[0].startswith(f"{bad}:2: not valid JSON") and "nope.jsonl: no such file" in lines[1]
-    with pytest.raises(DataError, match=r"^data.mix\[1\] .*text.jsonl: text records cannot be mixed with messages records"):
+    assert (
+        len(lines) == 2
+        and lines[0].startswith(f"{bad}:2: not valid JSON")
+        and "nope.jsonl: no such file" in lines[1]
+    )
+    with pytest.raises(
+        DataError, match=r"^data.mix\[1\] .*text.jsonl: text records cannot be mixed with messages records"
+    ):
         gather_records(DataConfig(path=str(good), mix=[{"path": str(good)}, {"path": str(text)}]))
-    g = gather_records(DataConfig(path=str(good), mix=[{"path": str(good), "weight": 2}], validation_path=str(good)))
+    g = gather_records(
+        DataConfig(path=str(good), mix=[{"path": str(good), "weight": 2}], validation_path=str(good))
+    )
     assert len(g.records) == 3 and g.val_records == [CHAT] and g.format == "messages"
 
 
@@ -180,14 +234,18 @@ def test_split_of_an_arrow_column_matches_the_split_of_a_list():
 
     keys = [f"k{i % 37}" for i in range(200)]  # duplicates among them
     for seed in range(3):
-        assert split_indices(pa.chunked_array([keys[:90], keys[90:]]), 0.2, None, seed) == split_indices(keys, 0.2, None, seed)
+        assert split_indices(pa.chunked_array([keys[:90], keys[90:]]), 0.2, None, seed) == split_indices(
+            keys, 0.2, None, seed
+        )
 
 
 def test_records_head_reads_only_the_first_rows_and_counts_them_all(tmp_path):
     from lora_core.data import records_head
 
     path = tmp_path / "train_records.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(25)))
+    path.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": str(i)}]}) + "\n" for i in range(25))
+    )
     df, total = records_head(path, rows=10)
     assert (len(df), total) == (10, 25)
     assert json.loads(df["messages"][3]) == [{"role": "user", "content": "3"}]  # nested values as JSON text

@@ -1,5 +1,6 @@
 """A base that never predicts its end-of-turn token (issue #30, part 3): training warns before it starts, and
-lora.train_end_of_turn trains that token's rows, so replies stop where LoRA alone lets them run to the token limit."""
+lora.train_end_of_turn trains that token's rows, so replies stop where LoRA alone lets them run to the token
+limit."""
 
 from __future__ import annotations
 
@@ -12,9 +13,22 @@ import pytest
 import torch
 
 from lora_core.base_model import load_model, load_tokenizer
-from lora_core.config import ConfigError, LoraConfig, MergeConfig, SplitConfig, TemplateConfig, TrainConfig, build_config
+from lora_core.config import (
+    ConfigError,
+    LoraConfig,
+    MergeConfig,
+    SplitConfig,
+    TemplateConfig,
+    TrainConfig,
+    build_config,
+)
 from lora_core.data import split_dataset, write_jsonl
-from lora_core.formatting import UNLEARNT_PROB, check_base_predicts_end_of_turn, end_of_turn_odds, format_dataset
+from lora_core.formatting import (
+    UNLEARNT_PROB,
+    check_base_predicts_end_of_turn,
+    end_of_turn_odds,
+    format_dataset,
+)
 from lora_core.inference import GenerationSettings, load_chat_model, reply_batch
 from lora_core.merge import merge_from_dirs
 from lora_core.train import TrainError, end_of_turn_rows, peft_config, train_lora
@@ -24,9 +38,11 @@ MAX_NEW = 8
 
 
 def rig_never_ends(base: Path, out: Path) -> Path:
-    """The tiny base made to never predict EOT, like Gemma 3 270M its <end_of_turn>: the token's (tied) row shrunk to
-    1e-3 of itself, near zero like an unused token's, and the final norm's weight raised 60-fold so the other logits
-    spread over about +-10: EOT's stays ~0, below the likeliest token's wherever LoRA moves the (normed) hidden state."""
+    """The tiny base made to never predict EOT, like Gemma 3 270M its <end_of_turn>: the token's (tied) row
+    shrunk to 1e-3 of itself, near zero like an unused token's, and the final norm's weight raised 60-fold so
+    the other logits
+    spread over about +-10: EOT's stays ~0, below the likeliest token's wherever LoRA moves the (normed)
+    hidden state."""
     model, tokenizer = load_model(str(base)), load_tokenizer(str(base))
     with torch.no_grad():
         model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(EOT)] *= 1e-3
@@ -41,8 +57,15 @@ def short_replies(tmp_path_factory, tiny_model_dir, tutor_records):
     """(rigged base, split): 24 tutoring prompts, each answered 'A' then EOT; 4 held out."""
     tmp = tmp_path_factory.mktemp("end-of-turn")
     rigged = rig_never_ends(tiny_model_dir, tmp / "rigged")
-    records = [{"messages": [next(m for m in r["messages"] if m["role"] == "user"), {"role": "assistant", "content": "A"}]}
-               for r in tutor_records[:24]]
+    records = [
+        {
+            "messages": [
+                next(m for m in r["messages"] if m["role"] == "user"),
+                {"role": "assistant", "content": "A"},
+            ]
+        }
+        for r in tutor_records[:24]
+    ]
     write_jsonl(records, tmp / "records.jsonl")
     fmt = format_dataset(str(tmp / "records.jsonl"), None, str(rigged), TemplateConfig(), tmp / "format")
     return rigged, split_dataset(fmt.dataset_dir, SplitConfig(val_size=4), tmp / "split", fmt.tokenizer_dir)
@@ -50,19 +73,33 @@ def short_replies(tmp_path_factory, tiny_model_dir, tutor_records):
 
 @pytest.fixture(scope="module")
 def trained(short_replies):
-    """lora.train_end_of_turn -> (TrainResult, replies to the held-out prompts, EndOfTurnOdds of the tuned model on them):
+    """lora.train_end_of_turn -> (TrainResult, replies to the held-out prompts, EndOfTurnOdds of the tuned
+    model on them):
     20 steps each (fp32 base, so every CPU computes the same)."""
     rigged, split = short_replies
     val = datasets.load_from_disk(split.val_dir)
     chats = [(json.loads(r)["messages"][:1], None) for r in val["record"]]
     out = {}
     for fix in (False, True):
-        cfg = TrainConfig(max_steps=20, batch_size=4, grad_accum=1, learning_rate=1e-2, save_steps=20, base_dtype="float32")
-        result = train_lora(str(rigged), split.train_dir, None, LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=fix),
-                            cfg, Path(split.train_dir).parent.parent / f"run-{fix}", tokenizer_dir=split.tokenizer_dir)
+        cfg = TrainConfig(
+            max_steps=20, batch_size=4, grad_accum=1, learning_rate=1e-2, save_steps=20, base_dtype="float32"
+        )
+        result = train_lora(
+            str(rigged),
+            split.train_dir,
+            None,
+            LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=fix),
+            cfg,
+            Path(split.train_dir).parent.parent / f"run-{fix}",
+            tokenizer_dir=split.tokenizer_dir,
+        )
         model, tokenizer = load_chat_model(result.adapter_dir, base_path=str(rigged), device="cpu")
         replies = reply_batch(model, tokenizer, chats, GenerationSettings(max_new_tokens=MAX_NEW))
-        out[fix] = result, replies, end_of_turn_odds(model, tokenizer, val["input_ids"], val["assistant_masks"], 1024)
+        out[fix] = (
+            result,
+            replies,
+            end_of_turn_odds(model, tokenizer, val["input_ids"], val["assistant_masks"], 1024),
+        )
     return out
 
 
@@ -74,25 +111,39 @@ def test_the_setting_is_refused_with_full_fine_tuning():
     assert build_config({"lora": {"train_end_of_turn": True}}).lora.train_end_of_turn
 
 
-def test_the_check_warns_once_on_a_base_that_never_predicts_its_end_of_turn_token(short_replies, tiny_model_dir, caplog):
+def test_the_check_warns_once_on_a_base_that_never_predicts_its_end_of_turn_token(
+    short_replies, tiny_model_dir, caplog
+):
     rigged, split = short_replies
     tokenizer = load_tokenizer(split.tokenizer_dir)
     rows = datasets.load_from_disk(split.train_dir)
     with caplog.at_level(logging.WARNING, logger="lora_core.formatting"):
-        odds = check_base_predicts_end_of_turn(load_model(str(tiny_model_dir)), tokenizer, rows, 1024, rows_trained=False)
+        odds = check_base_predicts_end_of_turn(
+            load_model(str(tiny_model_dir)), tokenizer, rows, 1024, rows_trained=False
+        )
     assert caplog.records == []
     # a random 400-token model: about a uniform guess; every training row ends one reply with EOT
-    assert odds.taught == [tokenizer.convert_tokens_to_ids(EOT)] and odds.replies == 16 and odds.vocab == len(tokenizer)
+    assert (
+        odds.taught == [tokenizer.convert_tokens_to_ids(EOT)]
+        and odds.replies == 16
+        and odds.vocab == len(tokenizer)
+    )
     assert 0.2 / len(tokenizer) < odds.prob < 5 / len(tokenizer)
     with caplog.at_level(logging.WARNING, logger="lora_core.formatting"):
-        odds = check_base_predicts_end_of_turn(load_model(str(rigged)), tokenizer, rows, 1024, rows_trained=False)
+        odds = check_base_predicts_end_of_turn(
+            load_model(str(rigged)), tokenizer, rows, 1024, rows_trained=False
+        )
         assert odds.prob < 1e-6
         # the fix is on: no warning
         check_base_predicts_end_of_turn(load_model(str(rigged)), tokenizer, rows, 1024, rows_trained=True)
     assert [r.getMessage() for r in caplog.records] == [
-        f"the base model never predicts the end-of-turn token '{EOT}' where training replies end (median probability "
-        f"{odds.prob:.1e}, rank {odds.rank} of {len(tokenizer)}, over 16 replies): LoRA alone may not teach it to stop and "
-        "replies can run to the token limit; set lora.train_end_of_turn=true to train that token's embedding and LM-head rows"]
+        f"the base model never predicts the end-of-turn token '{EOT}' where training replies end (median "
+        "probability "
+        f"{odds.prob:.1e}, rank {odds.rank} of {len(tokenizer)}, over 16 replies): LoRA alone may not teach "
+        "it to stop and "
+        "replies can run to the token limit; set lora.train_end_of_turn=true to train that token's embedding "
+        "and LM-head rows"
+    ]
 
 
 def test_training_the_end_of_turn_rows_makes_replies_stop(trained):
@@ -112,18 +163,25 @@ def test_the_trained_row_is_in_the_adapter_and_in_the_merged_model(trained, shor
     rigged, split = short_replies
     (plain, _, _), (fixed, replies, _) = trained[False], trained[True]
     eot = load_tokenizer(split.tokenizer_dir).convert_tokens_to_ids(EOT)
-    # tied head: one copy of the row (peft ties the head's to the embedding's), a 16-float tensor beside the LoRA weights
-    assert json.loads((Path(fixed.adapter_dir) / "adapter_config.json").read_text())["trainable_token_indices"] == {
-        "model.embed_tokens": [eot]}
+    # tied head: one copy of the row (peft ties the head's to the embedding's), a 16-float tensor beside the
+    # LoRA weights
+    assert json.loads((Path(fixed.adapter_dir) / "adapter_config.json").read_text())[
+        "trainable_token_indices"
+    ] == {"model.embed_tokens": [eot]}
     weights = load_file(Path(fixed.adapter_dir) / "adapter_model.safetensors")
     rows = {k: v for k, v in weights.items() if "lora_" not in k}
     assert list(rows) == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
-    assert [k for k in load_file(Path(plain.adapter_dir) / "adapter_model.safetensors") if "lora_" not in k] == []
+    assert [
+        k for k in load_file(Path(plain.adapter_dir) / "adapter_model.safetensors") if "lora_" not in k
+    ] == []
     row = next(iter(rows.values()))[0]
     base_row = load_model(str(rigged)).get_input_embeddings().weight[eot].detach()
     assert row.norm() > 100 * base_row.norm()  # from next to nothing (rig_never_ends) to a row that predicts
-    # the merge stage proves merged logits equal the reloaded adapter's; the merged model carries the row, tied
-    merged = merge_from_dirs(str(rigged), fixed.adapter_dir, split.val_dir, MergeConfig(), tmp_path / "merged")
+    # the merge stage proves merged logits equal the reloaded adapter's; the merged model carries the row,
+    # tied
+    merged = merge_from_dirs(
+        str(rigged), fixed.adapter_dir, split.val_dir, MergeConfig(), tmp_path / "merged"
+    )
     assert merged.max_abs_logit_diff < 1e-4
     model, tokenizer = load_chat_model(merged.merged_dir, device="cpu")
     assert torch.equal(model.get_input_embeddings().weight[eot].detach(), row)
@@ -133,37 +191,63 @@ def test_the_trained_row_is_in_the_adapter_and_in_the_merged_model(trained, shor
 
 
 def test_trls_own_loss_trains_the_row_too(short_replies, tmp_path):
-    """TRL's fused LM-head loss (on CUDA, and with train.fast_paths=false) reads `lm_head.bias`, which peft's wrapper of
+    """TRL's fused LM-head loss (on CUDA, and with train.fast_paths=false) reads `lm_head.bias`, which peft's
+    wrapper of
     the head does not pass through (train.expose_head_bias): one step through it trains the row."""
     from safetensors.torch import load_file
 
     rigged, split = short_replies
-    cfg = TrainConfig(max_steps=1, batch_size=4, grad_accum=1, learning_rate=1e-2, save_steps=1, base_dtype="float32",
-                      fast_paths=False)
-    result = train_lora(str(rigged), split.train_dir, None, LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=True), cfg,
-                        tmp_path / "run", tokenizer_dir=split.tokenizer_dir)
+    cfg = TrainConfig(
+        max_steps=1,
+        batch_size=4,
+        grad_accum=1,
+        learning_rate=1e-2,
+        save_steps=1,
+        base_dtype="float32",
+        fast_paths=False,
+    )
+    result = train_lora(
+        str(rigged),
+        split.train_dir,
+        None,
+        LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=True),
+        cfg,
+        tmp_path / "run",
+        tokenizer_dir=split.tokenizer_dir,
+    )
     row = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")[
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"][0]
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ][0]
     eot = load_tokenizer(split.tokenizer_dir).convert_tokens_to_ids(EOT)
     assert row.norm() > 10 * load_model(str(rigged)).get_input_embeddings().weight[eot].norm()
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_an_untied_head_trains_its_row_too_and_both_reload_and_merge(tied, tmp_path):
-    """A Llama with its own LM head (like Llama 3 8B): the token's embedding row and its head row both train, and the
+    """A Llama with its own LM head (like Llama 3 8B): the token's embedding row and its head row both train,
+    and the
     adapter reloads and merges to the same logits."""
     from peft import PeftModel, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
     rows = end_of_turn_rows(base, [7])
     assert rows == ({"model.embed_tokens": [7]} if tied else {"model.embed_tokens": [7], "lm_head": [7]})
     with_bias = LlamaForCausalLM(config)
-    with_bias.lm_head = torch.nn.Linear(16, 64, bias=True)  # peft's trainable tokens would drop it (peft#3649)
+    with_bias.lm_head = torch.nn.Linear(
+        16, 64, bias=True
+    )  # peft's trainable tokens would drop it (peft#3649)
     with pytest.raises(TrainError, match="LM head has a bias"):
         end_of_turn_rows(with_bias, [7])
     model = get_peft_model(base, peft_config(LoraConfig(r=4, alpha=8), rows))
@@ -179,8 +263,12 @@ def test_an_untied_head_trains_its_row_too_and_both_reload_and_merge(tied, tmp_p
     with torch.inference_mode():
         expected = model.eval()(input_ids=ids).logits
     model.save_pretrained(tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
-    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter").merge_and_unload()
+    reloaded = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
+    merged = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).merge_and_unload()
     with torch.inference_mode():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
         assert (merged.eval()(input_ids=ids).logits - expected).abs().max() < 1e-4

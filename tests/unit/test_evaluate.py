@@ -40,7 +40,8 @@ def test_batch_size_and_padding_side_do_not_change_perplexity(model, rows, tiny_
 
 
 def test_each_rows_nll_is_its_own_in_the_callers_order(model, rows, tiny_tokenizer):
-    """The per-conversation figures the champion gate resamples: each row scored alone gives the same NLL, whatever
+    """The per-conversation figures the champion gate resamples: each row scored alone gives the same NLL,
+    whatever
     the batching (rows are sorted by length inside, and continue a shared prefix's cache)."""
     pad = tiny_tokenizer.pad_token_id
     got = perplexity(model, rows, batch_size=3, pad_id=pad)
@@ -63,14 +64,22 @@ def test_perplexity_matches_the_models_own_loss_for_one_sequence(model, rows):
 def test_batched_generation_equals_one_at_a_time(model, tiny_tokenizer):
     from lora_core.inference import GenerationSettings, reply, reply_batch
 
-    chats = [([{"role": "user", "content": text}], None) for text in ("What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step by step")]
+    chats = [
+        ([{"role": "user", "content": text}], None)
+        for text in ("What is 3x = 12?", "Half of 10?", "Add 2/3 and 1/4, please, step by step")
+    ]
     settings = GenerationSettings(max_new_tokens=6)
-    assert reply_batch(model, tiny_tokenizer, chats, settings) == [reply(model, tiny_tokenizer, m, settings) for m, _ in chats]
+    assert reply_batch(model, tiny_tokenizer, chats, settings) == [
+        reply(model, tiny_tokenizer, m, settings) for m, _ in chats
+    ]
 
 
 @pytest.fixture(scope="module")
 def system_rows(tiny_tokenizer, tutor_records):
-    system = {"role": "system", "content": "You are a patient Socratic tutor. Ask one guiding question at a time."}
+    system = {
+        "role": "system",
+        "content": "You are a patient Socratic tutor. Ask one guiding question at a time.",
+    }
     out = []
     for r in tutor_records[:10]:
         e = encode_record(tiny_tokenizer, {**r, "messages": [system, *r["messages"]]})
@@ -85,14 +94,23 @@ def test_shared_prefix_stops_before_any_predicted_target(system_rows):
     assert all(1 not in r["assistant_masks"][: n + 1] for r in system_rows)  # position n - 1 predicts token n
     early = {"input_ids": system_rows[0]["input_ids"][:12], "assistant_masks": [0] * 5 + [1] * 7}
     assert shared_prefix([*system_rows, early]) == 4
-    assert shared_prefix([system_rows[0], {**system_rows[1], "input_ids": [-1] + system_rows[1]["input_ids"][1:]}]) == 0
+    assert (
+        shared_prefix(
+            [system_rows[0], {**system_rows[1], "input_ids": [-1] + system_rows[1]["input_ids"][1:]}]
+        )
+        == 0
+    )
 
 
 def test_shared_prefix_cache_gives_the_per_example_perplexity(model, system_rows, tiny_tokenizer):
-    """Scored from a cached system-prompt prefix, base and LoRA models match their own loss one row at a time."""
+    """Scored from a cached system-prompt prefix, base and LoRA models match their own loss one row at a
+    time."""
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(load_model(model.name_or_path), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        load_model(model.name_or_path),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     for m in (model, lora.eval()):
         ref = per_example_perplexity(m, system_rows)
         for bs in (1, 3, 10):

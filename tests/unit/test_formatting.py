@@ -2,7 +2,14 @@ import pytest
 
 from lora_core.config import TemplateConfig
 from lora_core.data import inject_system_prompt
-from lora_core.formatting import NO_TEMPLATE, FormatError, check_end_of_turn_trained, encode_conversation, encode_record, end_of_turn
+from lora_core.formatting import (
+    NO_TEMPLATE,
+    FormatError,
+    check_end_of_turn_trained,
+    encode_conversation,
+    encode_record,
+    end_of_turn,
+)
 
 CONV = [
     {"role": "user", "content": "What is 3x = 12?"},
@@ -39,7 +46,9 @@ def test_labels_cover_exactly_the_assistant_replies_and_their_end_of_turn(tiny_t
 
 def test_the_template_has_no_generation_markers_so_the_library_mask_would_be_empty(tiny_tokenizer):
     """Why formatting.py derives the mask itself: HF's own mask is all zeros for this template."""
-    out = tiny_tokenizer.apply_chat_template(CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = tiny_tokenizer.apply_chat_template(
+        CONV, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert not any(out["assistant_masks"])
     assert any(encode_conversation(tiny_tokenizer, CONV).assistant_masks)
 
@@ -80,21 +89,36 @@ def with_template(tok, template: str, specials: list[str] = ()):
 
 def test_end_of_turn_is_the_special_token_the_template_writes_after_a_reply(tiny_tokenizer):
     assert end_of_turn(tiny_tokenizer) == "<|im_end|>"
-    gemma = with_template(tiny_tokenizer, "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-                          "{{ m['content'] }}<end_of_turn>\n{% endfor %}", ["<start_of_turn>", "<end_of_turn>"])
+    gemma = with_template(
+        tiny_tokenizer,
+        "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}",
+        ["<start_of_turn>", "<end_of_turn>"],
+    )
     assert end_of_turn(gemma) == "<end_of_turn>"
-    llama3 = with_template(tiny_tokenizer, "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                           "{{ m['content'] | trim }}<|eot_id|>{% endfor %}", ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    llama3 = with_template(
+        tiny_tokenizer,
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}",
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    )
     assert end_of_turn(llama3) == "<|eot_id|>"
     assert end_of_turn(llama3, "<|end_header_id|>") == "<|end_header_id|>"  # template.end_of_turn wins
 
 
 def test_unknown_end_of_turn_is_one_line_naming_the_key(tiny_tokenizer):
-    with pytest.raises(FormatError, match=r"^template.end_of_turn '<\|eot_id\|>' is not a token of the base tokenizer's vocabulary") as err:
+    with pytest.raises(
+        FormatError,
+        match=r"^template.end_of_turn '<\|eot_id\|>' is not a token of the base tokenizer's vocabulary",
+    ) as err:
         end_of_turn(tiny_tokenizer, "<|eot_id|>")
     assert "\n" not in str(err.value)
-    plain = with_template(tiny_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
-    with pytest.raises(FormatError, match="writes no special token right after an assistant reply.*set template.end_of_turn"):
+    plain = with_template(
+        tiny_tokenizer, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    with pytest.raises(
+        FormatError, match="writes no special token right after an assistant reply.*set template.end_of_turn"
+    ):
         end_of_turn(plain)
 
 
@@ -106,20 +130,29 @@ def records_file(tmp_path, tutor_records):
     return str(tmp_path / "records.jsonl")
 
 
-def test_tokenizer_without_chat_template_is_one_line_naming_template_chat_template(tiny_model_dir, tiny_tokenizer, records_file, tmp_path):
+def test_tokenizer_without_chat_template_is_one_line_naming_template_chat_template(
+    tiny_model_dir, tiny_tokenizer, records_file, tmp_path
+):
     """A model-level problem (a GGUF without a template): one line with the fix, not one per record."""
-    from lora_core.formatting import format_dataset
-
     import shutil
+
+    from lora_core.formatting import format_dataset
 
     shutil.copytree(tiny_model_dir, tmp_path / "bare")
     (tmp_path / "bare" / "chat_template.jinja").unlink()
     with pytest.raises(FormatError) as err:
         format_dataset(records_file, None, str(tmp_path / "bare"), TemplateConfig(), tmp_path / "out")
-    assert str(err.value) == NO_TEMPLATE and "template.chat_template" in NO_TEMPLATE and "\n" not in NO_TEMPLATE
+    assert (
+        str(err.value) == NO_TEMPLATE and "template.chat_template" in NO_TEMPLATE and "\n" not in NO_TEMPLATE
+    )
     (tmp_path / "chatml.jinja").write_text(tiny_tokenizer.chat_template)
-    fixed = format_dataset(records_file, None, str(tmp_path / "bare"), TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
-                           tmp_path / "out")
+    fixed = format_dataset(
+        records_file,
+        None,
+        str(tmp_path / "bare"),
+        TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
+        tmp_path / "out",
+    )
     assert fixed.n_rows == 20 and fixed.end_of_turn == "<|im_end|>"
 
 
@@ -127,6 +160,14 @@ def test_end_of_turn_outside_the_mask_is_one_line(tiny_model_dir, records_file, 
     from lora_core.formatting import format_dataset
 
     with pytest.raises(FormatError) as err:  # the template never writes <|endoftext|> after a reply
-        format_dataset(records_file, None, str(tiny_model_dir), TemplateConfig(end_of_turn="<|endoftext|>"), tmp_path / "out")
-    assert str(err.value).startswith("the end-of-turn token '<|endoftext|>' does not close every assistant reply")
+        format_dataset(
+            records_file,
+            None,
+            str(tiny_model_dir),
+            TemplateConfig(end_of_turn="<|endoftext|>"),
+            tmp_path / "out",
+        )
+    assert str(err.value).startswith(
+        "the end-of-turn token '<|endoftext|>' does not close every assistant reply"
+    )
     assert "\n" not in str(err.value) and "record" not in str(err.value)

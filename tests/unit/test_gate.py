@@ -1,4 +1,5 @@
-"""The champion gate on constructed per-conversation NLLs: noise does not promote, a clear gain does, a gain in
+"""The champion gate on constructed per-conversation NLLs: noise does not promote, a clear gain does, a gain
+in
 perplexity with a behaviour regression does not; every decision says why, with its figures."""
 
 import math
@@ -10,7 +11,8 @@ N, TOKENS = 40, 120  # the default recipe's validation set: 40 conversations, ~1
 
 
 def conversations(seed: int = 1) -> tuple[list[float], list[int]]:
-    """A champion's NLL per conversation: 2.3 nats/token on average, spread as real conversations are (some easy)."""
+    """A champion's NLL per conversation: 2.3 nats/token on average, spread as real conversations are (some
+    easy)."""
     rng = random.Random(seed)
     tokens = [rng.randint(60, 180) for _ in range(N)]
     return [t * rng.uniform(1.6, 3.0) for t in tokens], tokens
@@ -26,7 +28,11 @@ def challenger(champ_nll: list[float], relative_change: float, jitter: float, se
 
 def test_a_gain_within_noise_does_not_promote():
     nll, tokens = conversations()
-    d = decide(Scored(tuple(challenger(nll, -0.001, 0.05)), tuple(tokens)), Scored(tuple(nll), tuple(tokens)), margin=0.0)
+    d = decide(
+        Scored(tuple(challenger(nll, -0.001, 0.05)), tuple(tokens)),
+        Scored(tuple(nll), tuple(tokens)),
+        margin=0.0,
+    )
     assert not d.promote and "not below -0.0% with confidence" in d.reason
     lo, hi = d.figures["perplexity_interval"]
     assert lo < 0 < hi and d.figures["conversations"] == N
@@ -34,13 +40,20 @@ def test_a_gain_within_noise_does_not_promote():
 
 def test_a_clear_gain_promotes_and_says_by_how_much():
     nll, tokens = conversations()
-    d = decide(Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens)), Scored(tuple(nll), tuple(tokens)), margin=0.0)
+    d = decide(
+        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens)),
+        Scored(tuple(nll), tuple(tokens)),
+        margin=0.0,
+    )
     assert d.promote, d.reason
     assert -0.12 < d.figures["perplexity_change"] < -0.08 and d.figures["perplexity_interval"][1] < 0
     assert d.reason.startswith("perplexity -") and "40 conversations" in d.reason
     # the same gain against a margin it does not clear with confidence
-    assert not decide(Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens)), Scored(tuple(nll), tuple(tokens)),
-                      margin=0.15).promote
+    assert not decide(
+        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens)),
+        Scored(tuple(nll), tuple(tokens)),
+        margin=0.15,
+    ).promote
 
 
 def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
@@ -52,7 +65,9 @@ def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
     assert not d.promote and "may be worse than the champion by more than 10 pts" in d.reason
     assert d.figures["behaviour_change"] == (35 - 56) / 70 and d.figures["prompts"] == 70
     # the same perplexity gain with the champion's behaviour: promoted, the behaviour figures recorded
-    same = decide(Scored(cand.nll, cand.tokens, champ_passes), Scored(tuple(nll), tuple(tokens), champ_passes), 0.0)
+    same = decide(
+        Scored(cand.nll, cand.tokens, champ_passes), Scored(tuple(nll), tuple(tokens), champ_passes), 0.0
+    )
     assert same.promote and same.figures["behaviour_interval"] == [0.0, 0.0]
 
 

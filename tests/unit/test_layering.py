@@ -38,17 +38,28 @@ CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).glo
 
 
 def test_the_wiring_does_no_ml_at_import():
-    """flows/ and tasks/ load torch, transformers, peft or trl only inside the lora_core calls that need them."""
+    """flows/ and tasks/ load torch, transformers, peft or trl only inside the lora_core calls that need
+    them."""
     heavy = ("torch", "transformers", "peft", "trl", "datasets")
-    found = {f"{p.parent.name}/{p.name}": sorted(m for m in _top_level_imports(p) if m.split(".")[0] in heavy)
-             for p in CODE if p.parent.name in ("flows", "tasks")}
+    found = {
+        f"{p.parent.name}/{p.name}": sorted(m for m in _top_level_imports(p) if m.split(".")[0] in heavy)
+        for p in CODE
+        if p.parent.name in ("flows", "tasks")
+    }
     assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_no_import_cycle_between_project_modules():
-    graph = {f"{p.parent.name}.{p.stem}": {m for m in _top_level_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")}
-             for p in CODE}
-    graph = {k.removesuffix(".__init__"): {m if m in graph else m.rsplit(".", 1)[0] for m in v} for k, v in graph.items()}
+    graph = {
+        f"{p.parent.name}.{p.stem}": {
+            m for m in _top_level_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")
+        }
+        for p in CODE
+    }
+    graph = {
+        k.removesuffix(".__init__"): {m if m in graph else m.rsplit(".", 1)[0] for m in v}
+        for k, v in graph.items()
+    }
 
     def reaches(start: str, target: str, seen: set) -> bool:
         for nxt in graph.get(start, ()):
@@ -59,20 +70,44 @@ def test_no_import_cycle_between_project_modules():
     assert [m for m in graph if reaches(m, m, set())] == []
 
 
+def _code_lines(path: Path) -> int:
+    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file sprawl)."""
+    import ast
+
+    text = path.read_text()
+    prose = set()
+    for n in ast.walk(ast.parse(text)):
+        body = getattr(n, "body", None)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                prose.update(range(first.lineno, first.end_lineno + 1))
+    return sum(
+        1
+        for i, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#") and i not in prose
+    )
+
+
 def test_the_house_stays_small():
-    """STYLE.md's shape, measured: the flow reads in one screen, the wiring layers are short, no file sprawls."""
+    """STYLE.md's shape, measured in ruff's layout (110 columns, one argument per line when a call wraps):
+    wiring functions read in one screen (60 lines), no file holds more than 400 lines of code."""
     import ast
 
     long = []
     for p in CODE:
-        lines = len(p.read_text().splitlines())
+        lines = _code_lines(p)
         if lines > 400:
-            long.append(f"{p.name}: {lines} lines")
+            long.append(f"{p.name}: {lines} lines of code")
         if p.parent.name == "lora_core":
             continue
         for f in ast.walk(ast.parse(p.read_text())):
-            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 40:
-                long.append(f"{p.parent.name}/{p.name}:{f.lineno} {f.name}() is {f.end_lineno - f.lineno + 1} lines")
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60:
+                long.append(
+                    f"{p.parent.name}/{p.name}:{f.lineno} {f.name}() is {f.end_lineno - f.lineno + 1} lines"
+                )
     assert long == []
-    size = {d: sum(len(p.read_text().splitlines()) for p in CODE if p.parent.name == d) for d in ("lora_core", "tasks", "flows")}
+    size = {
+        d: sum(_code_lines(p) for p in CODE if p.parent.name == d) for d in ("lora_core", "tasks", "flows")
+    }
     assert size["flows"] < 0.30 * sum(size.values()), size

@@ -16,7 +16,10 @@ def adapter_dir(tmp_path_factory, tiny_model_dir):
 
     out = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(0)
-    model = get_peft_model(load_model(str(tiny_model_dir)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        load_model(str(tiny_model_dir)),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(out)
     load_tokenizer(str(tiny_model_dir)).save_pretrained(out)
     return out
@@ -30,8 +33,15 @@ def test_merge_check_uses_bounded_truncated_rows(tmp_path, tiny_model_dir, tiny_
     rows += [{"input_ids": ids[:40], "assistant_masks": [0] * 8 + [1] * 32} for _ in range(9)]
     datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "val")
 
-    merged = merge_from_dirs(str(tiny_model_dir), str(adapter_dir), str(tmp_path / "val"), MergeConfig(), tmp_path / "merged",
-                             check_rows=3, max_length=64)
+    merged = merge_from_dirs(
+        str(tiny_model_dir),
+        str(adapter_dir),
+        str(tmp_path / "val"),
+        MergeConfig(),
+        tmp_path / "merged",
+        check_rows=3,
+        max_length=64,
+    )
     # exactly the check on the first 3 rows cut to 64 tokens
     cut = [{k: v[:64] for k, v in r.items()} for r in rows[:3]]
     direct = merge_adapter(str(tiny_model_dir), str(adapter_dir), cut, tmp_path / "direct")

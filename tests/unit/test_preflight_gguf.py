@@ -1,6 +1,7 @@
 """`lora-flow validate` on what `run` would refuse only after converting the weights or formatting the data:
-a .gguf base whose metadata carries no chat template (its tokenizer is read from the GGUF's metadata, the weights
-are neither converted nor dequantised), and a template.end_of_turn that is not a token or does not close a reply.
+a .gguf base whose metadata carries no chat template (its tokenizer is read from the GGUF's metadata, the
+weights are neither converted nor dequantised), and a template.end_of_turn that is not a token or does not
+close a reply.
 Each is one `error:` line and exit code 2."""
 
 from __future__ import annotations
@@ -28,19 +29,23 @@ def no_weights_read(monkeypatch):
 
 
 def gguf_recipe(make_recipe, tiny_model_dir, chat_template: str | None) -> tuple[str, list[str]]:
-    """A recipe on the tiny model written as a GGUF (with or without tokenizer.chat_template), and its overrides."""
+    """A recipe on the tiny model written as a GGUF (with or without tokenizer.chat_template), and its
+    overrides."""
     recipe = make_recipe()
     gguf_file = write_llama_gguf(tiny_model_dir, recipe.parent / "tiny.gguf", chat_template=chat_template)
     return str(recipe), [f"model.base={gguf_file}", f"cache_dir={recipe.parent / 'cache'}"]
 
 
 def test_a_gguf_without_a_chat_template_is_refused_in_one_line_without_converting(
-        make_recipe, tiny_model_dir, mlflow_store, no_weights_read, capsys):
+    make_recipe, tiny_model_dir, mlflow_store, no_weights_read, capsys
+):
     recipe, overrides = gguf_recipe(make_recipe, tiny_model_dir, chat_template=None)
     cfg = load_recipe(recipe, overrides)
-    line = (f"model.base '{cfg.model.base}': its GGUF metadata has no chat template (tokenizer.chat_template), "
-            "so conversations cannot be rendered; set template.chat_template to a Jinja chat-template file "
-            "for this model family (recipes/templates/chatml-tools.jinja is ChatML's), or use 'text' data")
+    line = (
+        f"model.base '{cfg.model.base}': its GGUF metadata has no chat template (tokenizer.chat_template), "
+        "so conversations cannot be rendered; set template.chat_template to a Jinja chat-template file "
+        "for this model family (recipes/templates/chatml-tools.jinja is ChatML's), or use 'text' data"
+    )
     assert preflight.check(cfg) == [line]
     assert main(["validate", recipe, *overrides]) == 2
     assert capsys.readouterr().err.splitlines() == [f"error: {recipe}: {line}"]
@@ -52,7 +57,8 @@ def test_a_gguf_without_a_chat_template_is_refused_in_one_line_without_convertin
 
 
 def test_a_gguf_with_a_chat_template_validates_without_converting(
-        make_recipe, tiny_model_dir, mlflow_store, no_weights_read, capsys):
+    make_recipe, tiny_model_dir, mlflow_store, no_weights_read, capsys
+):
     recipe, overrides = gguf_recipe(make_recipe, tiny_model_dir, chat_template=CHATML)
     cfg = load_recipe(recipe, overrides)
     assert preflight.review(cfg) == preflight.Review()
@@ -63,19 +69,32 @@ def test_a_gguf_with_a_chat_template_validates_without_converting(
     assert too_short[0].startswith("train.max_length=16:"), too_short
     # and template.end_of_turn is checked against the GGUF's vocabulary
     unknown = preflight.check(load_recipe(recipe, [*overrides, "template.end_of_turn=<nosuch>"]))
-    assert unknown[0].startswith("template.end_of_turn '<nosuch>' is not a token of the base tokenizer's vocabulary")
+    assert unknown[0].startswith(
+        "template.end_of_turn '<nosuch>' is not a token of the base tokenizer's vocabulary"
+    )
     assert not Path(cfg.cache_dir).exists()
 
 
-@pytest.mark.parametrize(("token", "says"), [
-    ("<nosuch>", "template.end_of_turn '<nosuch>' is not a token of the base tokenizer's vocabulary; "
-                 "set it to the token that closes an assistant turn"),
-    ("<|endoftext|>", "the end-of-turn token '<|endoftext|>' does not close every assistant reply "
-                      "inside the loss mask"),
-], ids=["not-a-token", "not-what-closes-a-reply"])
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        (
+            "<nosuch>",
+            "template.end_of_turn '<nosuch>' is not a token of the base tokenizer's vocabulary; "
+            "set it to the token that closes an assistant turn",
+        ),
+        (
+            "<|endoftext|>",
+            "the end-of-turn token '<|endoftext|>' does not close every assistant reply inside the loss mask",
+        ),
+    ],
+    ids=["not-a-token", "not-what-closes-a-reply"],
+)
 def test_an_end_of_turn_that_run_refuses_is_refused_by_validate_in_one_line(
-        make_recipe, mlflow_store, capsys, token, says):
-    """The tiny model's ChatML closes every reply with <|im_end|>; <|endoftext|> is a token, but not that one."""
+    make_recipe, mlflow_store, capsys, token, says
+):
+    """The tiny model's ChatML closes every reply with <|im_end|>; <|endoftext|> is a token, but not that
+    one."""
     recipe = str(make_recipe())
     override = f"template.end_of_turn={token}"
     problems = preflight.check(load_recipe(recipe, [override]))

@@ -1,4 +1,5 @@
 """README.md and docs/: the two commands, the generated recipe reference, links that resolve."""
+
 import re
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def test_recipe_reference_is_the_generated_table(capsys):
     assert not missing, f"show-config --markdown leaves out {missing}"
     pasted = REFERENCE.read_text().split(BEGIN)[1].split(END)[0].strip()
     assert pasted == generated, (
-        "docs/recipes.md is stale: paste the output of `lora-flow show-config --markdown` between its markers")
+        "docs/recipes.md is stale: paste the output of `lora-flow show-config --markdown` between its markers"
+    )
 
 
 def test_readme_gives_the_two_commands_and_ci_runs_the_same_tests():
@@ -42,7 +44,8 @@ def test_readme_links_every_docs_page_and_each_page_states_its_purpose():
         assert f"](docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
         lines = [line for line in page.read_text().splitlines() if line.strip()]
         assert lines[0].startswith("# ") and lines[1].startswith("Purpose: "), (
-            f"docs/{page.name} must open with a title and a one-line 'Purpose: ...'")
+            f"docs/{page.name} must open with a title and a one-line 'Purpose: ...'"
+        )
 
 
 def test_every_relative_link_resolves_to_a_file_and_heading():
@@ -55,6 +58,8 @@ def test_every_relative_link_resolves_to_a_file_and_heading():
             dest = (doc.parent / path).resolve() if path else doc
             if not dest.is_file():
                 broken.append(f"{doc.relative_to(REPO)}: {target} (no such file)")
-            elif anchor and anchor not in {_slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}:
+            elif anchor and anchor not in {
+                _slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)
+            }:
                 broken.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)

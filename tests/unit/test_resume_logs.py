@@ -1,4 +1,5 @@
-"""After a resume, training/metrics.jsonl holds each step once: what the interrupted session logged past its last
+"""After a resume, training/metrics.jsonl holds each step once: what the interrupted session logged past its
+last
 checkpoint is replaced by the resumed session's lines."""
 
 import json
@@ -12,9 +13,13 @@ from lora_core.train import train_lora
 
 def test_resumed_training_logs_each_step_once(tmp_path, tiny_model_dir, tutor_records):
     write_jsonl(tutor_records[:12], tmp_path / "records.jsonl")
-    fmt = format_dataset(str(tmp_path / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(), tmp_path)
+    fmt = format_dataset(
+        str(tmp_path / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(), tmp_path
+    )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=2), tmp_path / "split")
-    cfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=1, save_steps=2, save_total_limit=2, logging_steps=1)
+    cfg = TrainConfig(
+        max_steps=4, batch_size=4, grad_accum=1, save_steps=2, save_total_limit=2, logging_steps=1
+    )
     lora = LoraConfig(r=4, alpha=8, dropout=0.0)
     first = train_lora(str(tiny_model_dir), split.train_dir, None, lora, cfg, tmp_path / "run")
     # as if killed after logging step 4 but before its checkpoint was complete, mid-way through a line

@@ -25,14 +25,16 @@ def server(monkeypatch):
             seen.append((self.command, self.path, time.monotonic()))
             step = script.pop(0) if script else 200
             if step == "reset":
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
                 self.close_connection = True
                 return  # no status line: the client sees the connection reset / closed without an answer
             self.send_response(step)
             self.end_headers()
             self.wfile.write(b"ok" if step == 200 else b"busy")
 
-        do_GET = do_POST = _answer
+        do_GET = do_POST = _answer  # noqa: N815 - http.server's method names
 
         def log_message(self, *args):
             pass

@@ -1,4 +1,5 @@
-"""A filesystem's refusal, whichever library raised it, becomes one StorageError line; anything else stays itself."""
+"""A filesystem's refusal, whichever library raised it, becomes one StorageError line; anything else stays
+itself."""
 
 import errno
 
@@ -7,7 +8,9 @@ from lora_core.errors import StorageError, storage_error
 
 def test_full_disk_from_python_and_from_rust_libraries(tmp_path):
     python = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
-    safetensors = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })')
+    safetensors = RuntimeError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space" })'
+    )
     tokenizers = Exception("No space left on device (os error 28)")
     for exc in (python, safetensors, tokenizers):
         err = storage_error(exc, tmp_path)
@@ -29,6 +32,8 @@ def test_found_anywhere_in_the_chain_and_read_only_or_denied_files(tmp_path):
 
 
 def test_other_failures_are_not_storage_errors(tmp_path):
-    assert storage_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path) is None  # no file: a socket
+    assert (
+        storage_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path) is None
+    )  # no file: a socket
     assert storage_error(ValueError("bad"), tmp_path) is None
     assert storage_error(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), tmp_path) is None

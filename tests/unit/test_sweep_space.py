@@ -1,4 +1,5 @@
-"""lora_core.sweep without a flow: trial configs, the search-space checks, and what a continued study still runs."""
+"""lora_core.sweep without a flow: trial configs, the search-space checks, and what a continued study still
+runs."""
 
 import optuna
 import pytest
@@ -6,7 +7,10 @@ import pytest
 from lora_core import sweep as space
 from lora_core.config import ConfigError, PipelineConfig
 
-SPACE = {"params": {"train.learning_rate": {"low": 1e-4, "high": 1e-3, "log": True}, "lora.r": [4, 8]}, "trials": 3}
+SPACE = {
+    "params": {"train.learning_rate": {"low": 1e-4, "high": 1e-3, "log": True}, "lora.r": [4, 8]},
+    "trials": 3,
+}
 
 
 def cfg(**sweep) -> PipelineConfig:
@@ -15,7 +19,13 @@ def cfg(**sweep) -> PipelineConfig:
 
 def test_a_trial_is_the_recipe_with_its_values_unregistered_and_named():
     c = space.trial_config(cfg(), {"lora.r": 16, "train.learning_rate": 3e-4}, 2)
-    assert (c.lora.r, c.train.learning_rate, c.registry.enabled, c.tracking.run_name, c.sweep) == (16, 3e-4, False, "t-trial-2", None)
+    assert (c.lora.r, c.train.learning_rate, c.registry.enabled, c.tracking.run_name, c.sweep) == (
+        16,
+        3e-4,
+        False,
+        "t-trial-2",
+        None,
+    )
     assert space.best_config(cfg(), {"lora.r": 16}).registry.enabled is True
 
 
@@ -25,19 +35,32 @@ def test_the_study_name_ignores_the_trial_count_but_not_the_space():
 
 
 def test_every_problem_of_a_space_is_reported_at_once():
-    bad = cfg(params={"lora.rank": [4], "name": ["x"], "lora.r": [0, [1]]}, sampler="grid", objective="tuned.socratic_share")
+    bad = cfg(
+        params={"lora.rank": [4], "name": ["x"], "lora.r": [0, [1]]},
+        sampler="grid",
+        objective="tuned.socratic_share",
+    )
     with pytest.raises(ConfigError) as exc:
         space.check(bad, "r.yaml")
     lines = str(exc.value).splitlines()
     assert "r.yaml: sweep.params.lora.rank: value 4: lora.rank: unknown key; did you mean 'lora.r'?" in lines
     assert any(line.startswith("r.yaml: sweep.params.name: a trial cannot change name") for line in lines)
-    assert any(line.startswith("r.yaml: sweep.params.lora.r: give a non-empty list of plain values") for line in lines)
-    assert any("sweep.objective: 'tuned.socratic_share' is not a metric this recipe reports" in line for line in lines)
+    assert any(
+        line.startswith("r.yaml: sweep.params.lora.r: give a non-empty list of plain values")
+        for line in lines
+    )
+    assert any(
+        "sweep.objective: 'tuned.socratic_share' is not a metric this recipe reports" in line
+        for line in lines
+    )
     assert len(lines) == 4
 
 
 def test_directions():
-    assert space.direction("tuned_perplexity") == "minimize" and space.direction("tuned.socratic_share") == "maximize"
+    assert (
+        space.direction("tuned_perplexity") == "minimize"
+        and space.direction("tuned.socratic_share") == "maximize"
+    )
 
 
 def test_a_continued_study_runs_only_what_is_missing_and_retries_a_trial_cut_short():
@@ -50,5 +73,9 @@ def test_a_continued_study_runs_only_what_is_missing_and_retries_a_trial_cut_sho
     assert space.resume(study, 3) == 0
     assert space.resume(study, 5) == 2
     waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert [(t.system_attrs["fixed_params"], t.user_attrs["retry_of"]) for t in waiting] == [(cut.params, cut.number)]
-    assert space.resume(study, 5) == 2 and len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1  # queued once
+    assert [(t.system_attrs["fixed_params"], t.user_attrs["retry_of"]) for t in waiting] == [
+        (cut.params, cut.number)
+    ]
+    assert (
+        space.resume(study, 5) == 2 and len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
+    )  # queued once

@@ -6,10 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_core.base_model import load_model
-from lora_core.config import LoraConfig, MergeConfig, TemplateConfig, TrainConfig
-from lora_core.formatting import format_dataset
+from lora_core.config import LoraConfig, MergeConfig, SplitConfig, TemplateConfig, TrainConfig
 from lora_core.data import split_dataset, write_jsonl
-from lora_core.config import SplitConfig
+from lora_core.formatting import format_dataset
 from lora_core.merge import MergeMismatch, merge_adapter, merge_from_dirs
 from lora_core.train import train_lora
 
@@ -18,10 +17,25 @@ from lora_core.train import train_lora
 def trained(tmp_path_factory, tiny_model_dir, tutor_records):
     tmp = tmp_path_factory.mktemp("train")
     write_jsonl(tutor_records[:16], tmp / "records.jsonl")
-    fmt = format_dataset(str(tmp / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(system_prompt="Be Socratic."), tmp)
+    fmt = format_dataset(
+        str(tmp / "records.jsonl"),
+        None,
+        str(tiny_model_dir),
+        TemplateConfig(system_prompt="Be Socratic."),
+        tmp,
+    )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=4), tmp / "split")
-    cfg = TrainConfig(max_steps=4, batch_size=4, grad_accum=1, learning_rate=5e-3, save_steps=2, save_total_limit=1)
-    result = train_lora(str(tiny_model_dir), split.train_dir, split.val_dir, LoraConfig(r=4, alpha=8, dropout=0.0), cfg, tmp / "run")
+    cfg = TrainConfig(
+        max_steps=4, batch_size=4, grad_accum=1, learning_rate=5e-3, save_steps=2, save_total_limit=1
+    )
+    result = train_lora(
+        str(tiny_model_dir),
+        split.train_dir,
+        split.val_dir,
+        LoraConfig(r=4, alpha=8, dropout=0.0),
+        cfg,
+        tmp / "run",
+    )
     return tmp, split, result
 
 
@@ -48,7 +62,9 @@ def test_training_writes_an_adapter_and_changes_only_lora_weights(trained, tiny_
 
 def test_merged_logits_equal_adapter_logits(trained, tiny_model_dir):
     tmp, split, result = trained
-    merged = merge_from_dirs(str(tiny_model_dir), result.adapter_dir, split.val_dir, MergeConfig(), tmp / "merged")
+    merged = merge_from_dirs(
+        str(tiny_model_dir), result.adapter_dir, split.val_dir, MergeConfig(), tmp / "merged"
+    )
     assert merged.max_abs_logit_diff < 1e-4
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (tmp / "merged" / name).is_file(), name
@@ -57,7 +73,8 @@ def test_merged_logits_equal_adapter_logits(trained, tiny_model_dir):
 
 
 def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, tiny_model_dir):
-    """A base whose generation_config samples (as many hub chat models' do): the merged folder's own defaults are the
+    """A base whose generation_config samples (as many hub chat models' do): the merged folder's own defaults
+    are the
     evaluation's greedy decoding, max tokens and repetition penalty; its stop tokens are kept."""
     import shutil
 
@@ -70,14 +87,33 @@ def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, t
     adapter = Path(shutil.copytree(result.adapter_dir, tmp / "sampling-adapter"))
     GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, eos_token_id=[2, 5]).save_pretrained(adapter)
     settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.3)
-    merge_from_dirs(str(tiny_model_dir), str(adapter), split.val_dir, MergeConfig(), tmp / "served", settings=settings)
+    merge_from_dirs(
+        str(tiny_model_dir), str(adapter), split.val_dir, MergeConfig(), tmp / "served", settings=settings
+    )
     gen = GenerationConfig.from_pretrained(tmp / "served")
-    assert (gen.do_sample, gen.max_new_tokens, gen.repetition_penalty, gen.eos_token_id) == (False, 12, 1.3, [2, 5])
-    assert generation_defaults(tmp / "served") == {"max_new_tokens": 12, "repetition_penalty": 1.3, "temperature": 0.0}
+    assert (gen.do_sample, gen.max_new_tokens, gen.repetition_penalty, gen.eos_token_id) == (
+        False,
+        12,
+        1.3,
+        [2, 5],
+    )
+    assert generation_defaults(tmp / "served") == {
+        "max_new_tokens": 12,
+        "repetition_penalty": 1.3,
+        "temperature": 0.0,
+    }
     model = load_model(str(tmp / "served"))
     prompt = torch.tensor([[1, 7, 9, 11]])
-    plain = [model.generate(prompt, attention_mask=torch.ones_like(prompt)) for _ in range(2)]  # the folder's defaults only
-    greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12, repetition_penalty=1.3)
+    plain = [
+        model.generate(prompt, attention_mask=torch.ones_like(prompt)) for _ in range(2)
+    ]  # the folder's defaults only
+    greedy = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=12,
+        repetition_penalty=1.3,
+    )
     assert plain[0].tolist() == plain[1].tolist() == greedy.tolist()
 
 

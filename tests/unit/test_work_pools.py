@@ -1,6 +1,7 @@
 """The GPU work pools of deploy/prefect-gpu.yaml, rendered offline by the pool types' own packages: the job
-each worker would start (the Docker API payload of docker-py; the Kubernetes Job manifest of prefect-kubernetes)
-from the deployment's job variables. And the image those jobs run: ./Dockerfile installs with CI's pins.
+each worker would start (the Docker API payload of docker-py; the Kubernetes Job manifest of
+prefect-kubernetes) from the deployment's job variables. And the image those jobs run: ./Dockerfile installs
+with CI's pins.
 No Docker daemon, cluster or server is touched; what needs them is on paper (see the file's header)."""
 
 import asyncio
@@ -49,8 +50,12 @@ def dockerfile_workdir() -> str:
 def render(configuration_cls, template: dict, variables: dict):
     """What a worker does with a flow run: the pool's template + the deployment's variables, then the run's
     command, environment and name."""
-    async def fill():  # a client for a server that is never called: the variables name no block or Prefect variable
-        return await configuration_cls.from_template_and_values(template, variables, client=PrefectClient(API))
+
+    # a client for a server that is never called: the variables name no block or Prefect variable
+    async def fill():
+        return await configuration_cls.from_template_and_values(
+            template, variables, client=PrefectClient(API)
+        )
 
     config = asyncio.run(fill())
     with temporary_settings({PREFECT_API_URL: API}):
@@ -64,7 +69,10 @@ def test_each_gpu_deployment_carries_the_recipe_with_one_process_per_gpu(name):
     config = PipelineConfig.model_validate(dep["parameters"]["config"])  # a typed config, not a recipe path
     recipe = load_recipe(REPO / "recipes" / "socratic-tutor.yaml", ["train.num_processes=2"])
     assert config == recipe
-    gpus = job_variables(dep).get("gpus") or job_variables(dep)["container_create_kwargs"]["device_requests"][0]["count"]
+    gpus = (
+        job_variables(dep).get("gpus")
+        or job_variables(dep)["container_create_kwargs"]["device_requests"][0]["count"]
+    )
     assert gpus == config.train.num_processes == 2
     for path in (config.data.path, config.eval.prompts_path):  # relative to the image's working directory
         assert (REPO / path).is_file()
@@ -79,7 +87,9 @@ def test_the_docker_pool_starts_a_container_with_two_gpus_volumes_and_the_tracki
     variables = job_variables(deployment("socratic-tutor-nightly-docker"))
     config = render(DockerWorkerJobConfiguration, DockerWorker.get_default_base_job_template(), variables)
     settings = DockerWorker(work_pool_name="gpu-docker")._build_container_settings(None, config)
-    payload = _create_container_args({**settings, "version": "1.44"})  # docker-py's own translation to the API
+    payload = _create_container_args(
+        {**settings, "version": "1.44"}
+    )  # docker-py's own translation to the API
     host = payload["host_config"]
 
     assert payload["image"] == "registry.example.com/lora-flow:latest"
@@ -87,20 +97,32 @@ def test_the_docker_pool_starts_a_container_with_two_gpus_volumes_and_the_tracki
     ((request),) = host["DeviceRequests"]
     assert request["Driver"] == "nvidia" and request["Count"] == 2 and request["Capabilities"] == [["gpu"]]
     workdir = dockerfile_workdir()
-    assert sorted(host["Binds"]) == [f"lora-flow-cache:{workdir}/.cache", f"lora-flow-outputs:{workdir}/outputs"]
+    assert sorted(host["Binds"]) == [
+        f"lora-flow-cache:{workdir}/.cache",
+        f"lora-flow-outputs:{workdir}/outputs",
+    ]
     assert host["ShmSize"] == 8 * 1024**3
     env = payload["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000" and env["PREFECT_API_URL"] == API
-    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith(f"{workdir}/outputs/")  # results on the volume
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith(
+        f"{workdir}/outputs/"
+    )  # results on the volume
 
 
 def test_the_kubernetes_template_is_the_package_default_plus_gpus_and_volumes():
     from prefect_kubernetes.worker import KubernetesWorker
 
     default, ours = KubernetesWorker.get_default_base_job_template(), json.loads(K8S_TEMPLATE.read_text())
-    assert set(ours["variables"]["properties"]) - set(default["variables"]["properties"]) == {"gpus", "outputs_claim", "shm_size"}
-    assert {k: v for k, v in ours["variables"]["properties"].items() if k in default["variables"]["properties"]} \
-        == default["variables"]["properties"]  # regenerate the file when prefect-kubernetes changes its template
+    assert set(ours["variables"]["properties"]) - set(default["variables"]["properties"]) == {
+        "gpus",
+        "outputs_claim",
+        "shm_size",
+    }
+    assert {
+        k: v for k, v in ours["variables"]["properties"].items() if k in default["variables"]["properties"]
+    } == default["variables"][
+        "properties"
+    ]  # regenerate the file when prefect-kubernetes changes its template
     stripped = copy.deepcopy(ours["job_configuration"])
     pod = stripped["job_manifest"]["spec"]["template"]["spec"]
     for key in ("volumes", "tolerations"):
@@ -124,7 +146,10 @@ def test_the_kubernetes_pool_renders_a_job_with_two_gpus_a_volume_and_the_tracki
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     workdir = dockerfile_workdir()
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    assert mounts[f"{workdir}/outputs"]["name"] == "outputs" and mounts[f"{workdir}/.cache"]["subPath"] == "cache"
+    assert (
+        mounts[f"{workdir}/outputs"]["name"] == "outputs"
+        and mounts[f"{workdir}/.cache"]["subPath"] == "cache"
+    )
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["outputs"]["persistentVolumeClaim"] == {"claimName": "lora-flow-outputs"}
     assert volumes["shm"]["emptyDir"]["medium"] == "Memory" and mounts["/dev/shm"]["name"] == "shm"
@@ -140,16 +165,33 @@ def test_the_image_installs_with_the_pins_ci_uses():
     assert len(installs) >= 2 and all("-c constraints.txt" in line for line in installs), installs
     assert "download.pytorch.org/whl/cpu" in re.search(r"^ARG TORCH_INDEX=(\S+)", text, re.M).group(1)
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
-    assert pins["torch"] and pins["prefect"] and pins["mlflow"]  # what `-c constraints.txt` holds the image to
+    assert (
+        pins["torch"] and pins["prefect"] and pins["mlflow"]
+    )  # what `-c constraints.txt` holds the image to
 
 
 def test_the_build_context_has_the_code_and_data_and_leaves_out_the_local_state():
-    from docker.utils.build import exclude_paths  # what docker-py sends as the build context, .dockerignore applied
+    from docker.utils.build import (
+        exclude_paths,
+    )  # what docker-py sends as the build context, .dockerignore applied
 
-    patterns = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     sent = exclude_paths(str(REPO), patterns, dockerfile="Dockerfile")
-    needed = {"Dockerfile", "pyproject.toml", "constraints.txt", "README.md", "lora_core/launch.py", "tasks/launch.py",
-              "flows/finetune.py", "data/socratic_tutor.jsonl", "data/socratic_tutor_more.jsonl", "data/socratic_tutor_heldout.jsonl",
-              "recipes/socratic-tutor.yaml", "mlflow/serve.sh"}
+    needed = {
+        "Dockerfile",
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "lora_core/launch.py",
+        "tasks/launch.py",
+        "flows/finetune.py",
+        "data/socratic_tutor.jsonl",
+        "data/socratic_tutor_more.jsonl",
+        "data/socratic_tutor_heldout.jsonl",
+        "recipes/socratic-tutor.yaml",
+        "mlflow/serve.sh",
+    }
     assert needed <= sent
     assert not any(p.startswith((".venv/", ".git/", "outputs/", "tests/")) or p.endswith(".db") for p in sent)
