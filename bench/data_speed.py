@@ -94,7 +94,9 @@ def run_side(side: str, records: str, tokenizer_dir: str, work: str, num_proc: i
     anon = anon_peak()
     started = time.perf_counter()  # from the records file to a saved dataset (imports not counted)
     if side == "lora_core":
-        rows = format_dataset(records, None, tokenizer_dir, TemplateConfig(), work).n_rows
+        rows = format_dataset(
+            records, val_records_path=None, tokenizer_path=tokenizer_dir, cfg=TemplateConfig(), out_dir=work
+        ).n_rows
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         ds = datasets.load_dataset(

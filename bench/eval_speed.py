@@ -68,15 +68,14 @@ def generation(cfg, model, tokenizer, a) -> None:
     bs = a.batch_size or cfg.eval.generate_batch_size
     peak = {d: matmul_peak(d) for d in ("float32", *(("bfloat16",) if a.bf16 else ()))}
     started = time.perf_counter()
-    ours = generate_many(model, tokenizer, chats, settings, bs)
+    ours = generate_many(model, tokenizer, chats, settings=settings, batch_size=bs)
     ours_s = time.perf_counter() - started
     started = time.perf_counter()
     loop = generate_one_by_one(model, tokenizer, chats, settings)
     loop_s = time.perf_counter() - started
     prompt_tokens = sum(map(len, encode_prompts(tokenizer, chats)))
-    generated = sum(
-        len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in loop
-    )  # + its stop token
+    # + its stop token
+    generated = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in loop)
     weights = sum(p.numel() for p in model.parameters())  # tied embedding counted once: it is the LM head
     flops = 2 * weights * (prompt_tokens + generated)
     differ = [i for i, (x, y) in enumerate(zip(ours, loop)) if x != y]
@@ -105,7 +104,7 @@ def generation(cfg, model, tokenizer, a) -> None:
     if a.bf16:
         half = copy.deepcopy(model).to(torch.bfloat16)
         started = time.perf_counter()
-        low = generate_many(half, tokenizer, chats, settings, bs)
+        low = generate_many(half, tokenizer, chats, settings=settings, batch_size=bs)
         low_s = time.perf_counter() - started
         changed = sum(x != y for x, y in zip(low, ours))
         print(
@@ -126,7 +125,13 @@ def perplexity_part(cfg, base, model, tokenizer, a) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     data = download_dataset(cfg.data, work / "data", cfg.split.seed)
-    fmt = format_dataset(data.records_path, None, base.path, cfg.template, work / "format")
+    fmt = format_dataset(
+        data.records_path,
+        val_records_path=None,
+        tokenizer_path=base.path,
+        cfg=cfg.template,
+        out_dir=work / "format",
+    )
     rows = datasets.load_from_disk(fmt.dataset_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
     rows = [{k: r[k][: cfg.train.max_length] for k in r} for r in rows][: a.conversations]
     bs = cfg.eval.batch_size
@@ -141,7 +146,7 @@ def perplexity_part(cfg, base, model, tokenizer, a) -> None:
 
     peak = matmul_peak("float32")
     loop_s, loop_ppl = best(lambda: per_example_perplexity(model, rows))
-    ours_s, ours = best(lambda: perplexity(model, rows, bs, tokenizer.pad_token_id))
+    ours_s, ours = best(lambda: perplexity(model, rows, batch_size=bs, pad_id=tokenizer.pad_token_id))
     tokens = sum(len(r["input_ids"]) for r in rows)
     # forward matmul FLOPs: 2 per weight per token; the LM head (tied to the embedding) on every position for
     # the loop, on target positions only for lora_core, whose decoder also runs a shared prefix once

@@ -78,7 +78,11 @@ def main() -> None:
 
     started = time.perf_counter()
     replies = generate_many(
-        model, tokenizer, chats, generation_settings(cfg.eval), cfg.eval.generate_batch_size
+        model,
+        tokenizer,
+        chats,
+        settings=generation_settings(cfg.eval),
+        batch_size=cfg.eval.generate_batch_size,
     )
     batched_s = time.perf_counter() - started
     print(

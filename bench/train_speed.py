@@ -54,7 +54,13 @@ def prepare(recipe: str, overrides: list[str], work: Path) -> dict:
     cfg = load_recipe(REPO / recipe, overrides)
     base = resolve_base(cfg.model, REPO / cfg.cache_dir)
     data = download_dataset(cfg.data, work / "data", cfg.split.seed)
-    fmt = format_dataset(data.records_path, data.val_records_path, base.path, cfg.template, work / "format")
+    fmt = format_dataset(
+        data.records_path,
+        val_records_path=data.val_records_path,
+        tokenizer_path=base.path,
+        cfg=cfg.template,
+        out_dir=work / "format",
+    )
     split = split_dataset(fmt.dataset_dir, cfg.split, work / "split", fmt.tokenizer_dir)
     return {
         "base": base.path,
@@ -70,7 +76,7 @@ def val_loss(model, val_dir: str, pad_id: int, max_length: int) -> float:
     from lora_core.evaluate import perplexity
 
     rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
-    return perplexity(model, rows, 8, pad_id, max_length=max_length).mean_nll
+    return perplexity(model, rows, batch_size=8, pad_id=pad_id, max_length=max_length).mean_nll
 
 
 def worker_baseline(job: dict) -> dict:
@@ -150,10 +156,10 @@ def worker_pipeline(job: dict) -> dict:
         result = train_lora(
             job["base"],
             job["train_dir"],
-            None,
-            LoraConfig(**job["lora"]),
-            cfg,
-            job["out"],
+            val_dir=None,
+            lora=LoraConfig(**job["lora"]),
+            cfg=cfg,
+            out_dir=job["out"],
             tokenizer_dir=job["tokenizer_dir"],
         )
     model = PeftModel.from_pretrained(load_model(job["base"], torch.float32), result.adapter_dir).eval()

@@ -28,6 +28,7 @@ import yaml
 from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.errors import LoraFlowError, refused_write, storage_error
+from tasks import STAGES
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -109,9 +110,8 @@ def cmd_run(args) -> int:
     recipes, overrides = _split_args(args.args)
     if len(recipes) > 1:
         raise ConfigError(f"run takes one recipe, got {recipes}; overrides look like key=value")
-    cfg = load_recipe(
-        recipes[0] if recipes else DEFAULT_RECIPE, overrides
-    )  # every config error before Prefect starts
+    # every config error before Prefect starts
+    cfg = load_recipe(recipes[0] if recipes else DEFAULT_RECIPE, overrides)
     return _run_flow(cfg, args.no_cache, args.refresh)
 
 
@@ -125,9 +125,8 @@ def cmd_sweep(args) -> int:
         )
     cfg = load_recipe(recipes[0], overrides)
     space.check(cfg, recipes[0])  # every problem of the search space before Prefect starts
-    signal.signal(
-        signal.SIGTERM, _terminate
-    )  # as for run: the trial's MLflow run ends KILLED, its Optuna trial is redone
+    # as for run: the trial's MLflow run ends KILLED, its Optuna trial is redone
+    signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.sweep import sweep
 
@@ -277,9 +276,8 @@ def cmd_generate(args) -> int:
         raise ConfigError("generate: give exactly one of --prompt TEXT or --input FILE")
     chats = [[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.input)
     model, tokenizer, settings = _load(args)
-    replies = reply_batch(
-        model, tokenizer, [(c, None) for c in chats], settings=settings
-    )  # batched as evaluation
+    # batched as evaluation
+    replies = reply_batch(model, tokenizer, [(c, None) for c in chats], settings=settings)
     results = [{"messages": chat, "reply": r} for chat, r in zip(chats, replies)]
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -372,8 +370,9 @@ def _training_commands(sub) -> None:
         "--refresh",
         nargs="+",
         default=[],
+        choices=STAGES,
         metavar="STAGE",
-        help="recompute these stages: download format split train evaluate merge",
+        help=f"recompute these stages: {' '.join(STAGES)}",
     )
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser(

@@ -31,7 +31,8 @@ def emit(event: str, resource: dict[str, str], payload: dict, wait: bool = False
 def push_data(cfg, new_file: str | None) -> tuple[str, str, int]:
     """(event id, data sha256, records added) of `lora-flow data push`."""
     from lora_core.config import ConfigError
-    from lora_core.sources import append_records, source_fingerprint
+    from lora_core.data import append_records
+    from lora_core.sources import source_fingerprint
 
     if not PREFECT_API_URL.value():
         raise ConfigError(

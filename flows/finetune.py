@@ -19,21 +19,21 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import registry, report, runs, tracking
-from lora_core.base_model import pick_device, quantization_config
+from flows.register import register_and_promote
+from lora_core.base_model import check_quantization, pick_device
 from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
-from lora_core.evaluate import generation_settings
+from tasks import STAGES
 from tasks.base_model import resolve_base_model
 from tasks.cache import file_fingerprint, point_latest, run_key
 from tasks.data import download_data, split_data
 from tasks.evaluate import evaluate
 from tasks.formatting import format_data
+from tasks.inputs import EvalInputs, MergeInputs, StageContext, TrainInputs
 from tasks.merge import merge
-from tasks.registry import register_and_promote
 from tasks.train import train_adapter, train_dir, with_retries
 
-Stage = Literal["download", "format", "split", "train", "evaluate", "merge"]
-STAGES: tuple[str, ...] = Stage.__args__
+Stage = Literal[STAGES]  # type: ignore[valid-type]  # the names of tasks.STAGES, for the run form
 
 
 @flow(name="lora-finetune")
@@ -54,86 +54,64 @@ def finetune(
     """
     cfg = runs.on_deployment_recipe(config)  # a deployment run's partial config changes its recipe
     root = str((Path(cfg.output_dir) / cfg.name).resolve())
-    full, trust = cfg.train.method == "full", cfg.model.trust_remote_code
-    stage = tracking.TimedStages(
-        set(STAGES) if no_cache else set(refresh or [])
-    )  # logs each stage's duration
-    quantization_config(
-        cfg.model.load_in_4bit, pick_device(cfg.train.device)
-    )  # refuse QLoRA without a GPU, up front
+    ctx = StageContext.of(cfg, root=root)
+    stage = tracking.TimedStages(set(STAGES) if no_cache else set(refresh or []))  # logs each duration
+    check_quantization(cfg.model.load_in_4bit, device=pick_device(cfg.train.device))  # before any work
     source_sha = source_fingerprint(cfg.data)
-    key, resume = run_key(cfg, source_sha), "train" not in stage.fresh
-    with tracking.start_run(cfg, flow_run.get_id(), key, resume=resume, trigger=trigger) as run:
-        data = stage("download", download_data)(
-            cfg.data, source_sha, cfg.split.seed, root
-        )  # bad data fails before any model loads
-        base = tracking.timed(resolve_base_model)(cfg.model, cfg.cache_dir)
-        registry.check_base(
-            cfg, base.identity
-        )  # before training: a champion of another base model is never challenged
-        formatted = stage("format", format_data)(
-            data, base, cfg.template, file_fingerprint(cfg.template.chat_template), trust, root
-        )
-        split = stage("split", split_data)(formatted, cfg.split, data.sha256, root)
-        tracking.log_data(
-            cfg,
-            base,
-            data,
-            split,
-            str(train_dir(base, split, cfg.lora, cfg.train, data.sha256, root, cfg.model.load_in_4bit)),
-        )
+    resume = "train" not in stage.fresh
+    with tracking.start_run(
+        cfg, flow_run.get_id(), run_key(cfg, source_sha), resume=resume, trigger=trigger
+    ) as run:
+        run_id = run.info.run_id
+        data, base, split = _prepare(cfg, stage, source_sha=source_sha, ctx=ctx)
         trained = stage("train", with_retries(train_adapter, cfg.retries))(
             base,
             split,
-            cfg.lora,
-            cfg.train,
-            data.sha256,
-            trust,
-            root,
-            cfg.model.load_in_4bit,
-            callbacks=[tracking.metrics_callback(run.info.run_id)],
+            inputs=TrainInputs.of(cfg, data_sha256=data.sha256),
+            ctx=ctx,
+            callbacks=[tracking.metrics_callback(run_id)],
             resume=resume,
-            run_id=run.info.run_id,
+            run_id=run_id,
         )
-        tracking.log_training(trained, full)
+        tracking.log_training(trained, cfg.train.method == "full")
         ev = stage("evaluate", evaluate)(
-            base,
-            split,
-            trained.adapter_dir,
-            trained.adapter_sha256,
-            cfg.eval,
-            cfg.train.max_length,
-            full,
-            cfg.template.system_prompt,
-            file_fingerprint(cfg.eval.prompts_path),
-            trust,
-            root,
+            base, split, trained=trained.adapter, inputs=EvalInputs.of(cfg), ctx=ctx
         )
         tracking.log_evaluation(ev)
-        merged = (
-            stage("merge", merge)(
-                base,
-                trained.adapter_dir,
-                trained.adapter_sha256,
-                split,
-                cfg.merge,
-                trust,
-                root,
-                cfg.train.max_length,
-                generation_settings(cfg.eval),
+        merged = None
+        if cfg.merge.enabled and cfg.train.method != "full":
+            merged = stage("merge", merge)(
+                base, split, trained=trained.adapter, inputs=MergeInputs.of(cfg), ctx=ctx
             )
-            if cfg.merge.enabled and not full
-            else None
-        )
         tracking.log_merge(merged)
-        registered = (
-            tracking.timed(register_and_promote)(cfg, run.info.run_id, base, data, split, trained, ev)
-            if cfg.registry.enabled
-            else None
-        )
+        registered = None
+        if cfg.registry.enabled:
+            registered = tracking.timed(register_and_promote)(
+                cfg, run_id=run_id, base=base, data=data, split=split, trained=trained, ev=ev
+            )
         tracking.log_registration(registered)
-        latest = point_latest(root, trained.adapter_dir, merged and merged.merged_dir, full)
+        latest = point_latest(
+            root, trained.adapter_dir, merged and merged.merged_dir, full=cfg.train.method == "full"
+        )
         tracking.log_cache_use(stage.recomputed)
-        return report.publish(
-            tracking.summary(run.info.run_id, trained, ev, merged, registered, latest)
-        )  # + Prefect artifacts
+        summary = tracking.summary(run_id, trained, ev, merged=merged, registered=registered, latest=latest)
+        return report.publish(summary)  # + Prefect artifacts
+
+
+def _prepare(cfg: PipelineConfig, stage, *, source_sha: str, ctx: StageContext):
+    """The data stages and the base model: (data, base, split), logged to the run before training."""
+    root = ctx.output_root
+    # bad data fails before any model loads
+    data = stage("download", download_data)(
+        cfg.data, source_sha256=source_sha, seed=cfg.split.seed, output_root=root
+    )
+    base = tracking.timed(resolve_base_model)(cfg.model, cfg.cache_dir)
+    registry.check_base(cfg, base.identity)  # a champion of another base model is never challenged
+    formatted = stage("format", format_data)(
+        data, base, cfg=cfg.template, template_sha256=file_fingerprint(cfg.template.chat_template), ctx=ctx
+    )
+    split = stage("split", split_data)(formatted, cfg=cfg.split, data_sha256=data.sha256, output_root=root)
+    # where training keeps its checkpoints, tagged before it starts: `lora-flow resume` finds them
+    folder = train_dir(base, split, inputs=TrainInputs.of(cfg, data_sha256=data.sha256), output_root=root)
+    tracking.log_data(cfg, base, data, split=split, train_dir=str(folder))
+    return data, base, split

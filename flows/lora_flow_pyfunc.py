@@ -44,7 +44,7 @@ def base_path(path: str | os.PathLike) -> str:
 
     base = json.loads((pathlib.Path(path) / BASE_FILE).read_text())
     cache_dir = os.environ.get(CACHE_ENV) or PipelineConfig.model_fields["cache_dir"].default
-    return locate_base(base["source"], base["identity"], base.get("path"), cache_dir)
+    return locate_base(base["source"], base["identity"], base.get("path"), cache_dir=cache_dir)
 
 
 def _load_pyfunc(path, model_config=None):
@@ -64,4 +64,6 @@ def _load_pyfunc(path, model_config=None):
     flavor = _get_flavor_configuration(local, FLAVOR_NAME)
     model_config = _get_model_config(local / _COMPONENTS_BINARY_DIR_NAME, model_config)
     pipeline = _load_model(str(local), flavor, "pipeline", base_model_path=base_path(local))
-    return _TransformersWrapper(pipeline, flavor, model_config, _get_prompt_template(local))
+    return _TransformersWrapper(
+        pipeline, flavor_config=flavor, model_config=model_config, prompt_template=_get_prompt_template(local)
+    )

@@ -165,7 +165,7 @@ def _perplexity_on(mv, val_dir: str, max_length: int):
     base_path = base_of(mv.tags, mv.tags.get("base_model.source"))
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}", dst_path=tmp)
-        return rescore(local, base_path, val_dir, max_length)
+        return rescore(local, base_path, val_dir, max_length=max_length)
 
 
 def _same_base(champ, cand) -> None:
@@ -212,7 +212,7 @@ def promote(name: str, version: str, gate, current_run_id: str | None = None) ->
     the mark of a finished promotion. A version without it is one whose promotion may not have finished:
     running this again completes it (and keeps the details the interrupted run wrote)."""
     with one_promotion(name):  # the champion read below is still the champion when the alias moves
-        return _promote(name, version, gate, current_run_id)
+        return _promote(name, version, gate, current_run_id=current_run_id)
 
 
 def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decision:
@@ -224,7 +224,7 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
         if DECISION in cand.tags:
             return Decision(False, "already champion")
         # the alias moved, then the run was interrupted before the decision was written
-        client.set_model_version_tag(name, cand.version, DECISION, "promoted")
+        client.set_model_version_tag(name, cand.version, key=DECISION, value="promoted")
         return Decision(
             True, cand.tags.get("promotion.reason", "promoted") + " (recorded after an interruption)"
         )
@@ -241,12 +241,12 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
         **{f"promotion.{k}": v for k, v in figures.items()},
     }
     for key, value in tags.items():
-        client.set_model_version_tag(name, cand.version, key, str(value))
+        client.set_model_version_tag(name, cand.version, key=key, value=str(value))
         failpoint("register.tagging")  # after the first of the decision's tags
     if decision.promote:
-        _move_champion(client, name, cand.version, champ, decision.reason)
+        _move_champion(client, name, cand.version, old=champ, reason=decision.reason)
     client.set_model_version_tag(
-        name, cand.version, DECISION, "promoted" if decision.promote else "kept-champion"
+        name, cand.version, key=DECISION, value="promoted" if decision.promote else "kept-champion"
     )
     log.info("%s v%s: %s", name, cand.version, decision.reason)
     return decision
@@ -268,11 +268,12 @@ def _move_champion(client: MlflowClient, name: str, version: str, old, reason: s
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
     payload = dict(model=name, old_version=old and str(old.version), new_version=version, reason=reason)
+    # for automations to act on
     events.emit(
         events.CHAMPION_MOVED,
         {"prefect.resource.id": f"mlflow.registered-model.{name}", "prefect.resource.name": name},
         payload,
-    )  # for automations to act on
+    )
 
 
 def roll_to(name: str, version: str) -> None:
@@ -285,8 +286,8 @@ def roll_to(name: str, version: str) -> None:
         old = champion(client, name)
         if old is not None and old.version == target.version:
             return
-        _move_champion(client, name, target.version, old, "rolled to by request")
-        client.set_model_version_tag(name, target.version, DECISION, "rolled-to")
+        _move_champion(client, name, target.version, old=old, reason="rolled to by request")
+        client.set_model_version_tag(name, target.version, key=DECISION, value="rolled-to")
 
 
 def list_versions(name: str) -> list[dict]:

@@ -8,10 +8,8 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-SUMMARY_KEY, SAMPLES_KEY = (
-    "lora-flow-summary",
-    "lora-flow-samples",
-)  # one artifact history per key across runs
+# one artifact history per key across runs
+SUMMARY_KEY, SAMPLES_KEY = ("lora-flow-summary", "lora-flow-samples")
 
 
 def summary_markdown(s: dict) -> str:

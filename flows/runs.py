@@ -105,10 +105,8 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
         else []
     )
     states = _prefect_states([r.data.tags.get("prefect.flow_run_id") for r in runs]) if with_prefect else {}
-    rows, completed_since = (
-        [],
-        set(),
-    )  # run keys with a FINISHED run newer than the row at hand (runs come newest first)
+    # run keys with a FINISHED run newer than the row at hand (runs come newest first)
+    rows, completed_since = ([], set())
     for r in runs:
         tags = r.data.tags
         ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None

@@ -25,7 +25,9 @@ def base_of(tags: dict, source: str | None) -> str | None:
     if tags.get("train.method") == "full" or not tags.get("base_model.identity"):
         return None  # a full model: nothing to attach to
     cache_dir = PipelineConfig.model_fields["cache_dir"].default
-    return locate_base(source or "", tags["base_model.identity"], tags.get("base_model.path"), cache_dir)
+    return locate_base(
+        source or "", tags["base_model.identity"], tags.get("base_model.path"), cache_dir=cache_dir
+    )
 
 
 def resolve_model(ref: str) -> tuple[str, str | None, dict]:

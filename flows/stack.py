@@ -277,7 +277,7 @@ def _start(state: Path, name: str, specs: dict, env: dict) -> dict:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    return _record(state, name, proc.pid, match, **spec)
+    return _record(state, name, proc.pid, match=match, **spec)
 
 
 def _wait(records: list[dict]) -> None:
@@ -446,13 +446,14 @@ def deploy(
     if cron is not None or timezone is not None:  # the file with the new schedule, next to the stack's state
         state.mkdir(parents=True, exist_ok=True)
         (src := state / "prefect.deploy.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    # pull step: flows run from $PWD
     done = subprocess.run(
         [PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(src)],
         cwd=REPO,
         capture_output=True,
         text=True,
         env={**env, "PREFECT_API_URL": api, "PWD": str(REPO)},
-    )  # pull step: flows run from $PWD
+    )
     if done.returncode != 0:
         lines = [ln.strip() for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
         raise StackError(
@@ -483,9 +484,9 @@ def run(args) -> int:
             state,
             args.prefect_port,
             args.mlflow_port,
-            args.backend_store_uri,
-            args.artifacts_destination,
-            args.mlflow_only,
+            backend=args.backend_store_uri,
+            artifacts=args.artifacts_destination,
+            mlflow_only=args.mlflow_only,
         )
         for name, r in ((n, recs[n]) for n in SERVICES if n in recs):
             print(
@@ -502,7 +503,7 @@ def run(args) -> int:
         for path in [state / f"{rec['name']}.pid" for rec in records] + [state / "env"]:
             path.unlink(missing_ok=True)
     elif args.stack_command == "deploy":
-        print("\n".join(deploy(state, args.prefect_file, args.cron, args.timezone)))
+        print("\n".join(deploy(state, args.prefect_file, args.cron, timezone=args.timezone)))
     else:
         rows, problems = status(state)
         for name, r in rows.items():

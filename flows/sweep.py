@@ -115,9 +115,8 @@ def sweep(config: PipelineConfig) -> dict:
             and best is not None
             and parent.data.tags.get("best.registered_trial") != str(best)
         ):
-            s = finetune(
-                config=space.best_config(cfg, result["best_params"])
-            )  # every stage cached but `register`
+            # every stage cached but `register`
+            s = finetune(config=space.best_config(cfg, result["best_params"]))
             result["registered_version"] = s["registered_version"]
             tracking.set_tags(
                 {

@@ -200,22 +200,22 @@ def start_run(
         **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()},
     }
     previous = find_resumable(experiment_id, run_key) if resume else None
-    nested = (
-        mlflow.active_run() is not None
-    )  # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
+    # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
+    nested = mlflow.active_run() is not None
     if previous is not None:
         count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
         run = mlflow.start_run(run_id=previous.info.run_id, nested=nested, log_system_metrics=True)
         set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
         log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
     else:
+        # CPU, memory, disk, network; GPUs too where pynvml is installed
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=cfg.tracking.run_name or cfg.name,
             tags=tags,
             nested=nested,
             log_system_metrics=True,
-        )  # CPU, memory, disk, network; GPUs too where pynvml is installed
+        )
     try:
         if previous is None:
             _log_config(run.info.run_id, cfg)
@@ -281,7 +281,9 @@ def metrics_callback(run_id: str):
         last_step.update(dict.fromkeys(fresh, step))
         now = int(time.time() * 1000)
         if fresh:
-            client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
+            client.log_batch(
+                run_id, metrics=[Metric(key=k, value=v, timestamp=now, step=step) for k, v in fresh.items()]
+            )
 
     def logged_through() -> int:
         return max((m.step for m in client.get_metric_history(run_id, "loss")), default=0)

@@ -296,6 +296,11 @@ def load_model(
     return model.to(device)
 
 
+def check_quantization(load_in_4bit: bool, *, device: str) -> None:
+    """Refuse QLoRA where it cannot work (no CUDA device, no bitsandbytes), before any stage runs."""
+    quantization_config(load_in_4bit, device)
+
+
 def quantization_config(load_in_4bit: bool, device: str):
     """BitsAndBytes 4-bit NF4 config for QLoRA, or None; refused with the fix where it cannot work."""
     if not load_in_4bit:

@@ -147,9 +147,8 @@ def states_answer(reply: str, prompt: str, answer: str | None) -> bool:
     if expression:
         return False  # "21x^2 - 4", "10π": its digits alone say nothing, only the written-out form
     wanted = set().union(*number_values(answer) or [set()])
-    in_prompt = set().union(
-        *number_values(prompt), _digit_runs(prompt)
-    )  # "6x", "5(x + 2)": 6 and 5 are the prompt's
+    # "6x", "5(x + 2)": 6 and 5 are the prompt's
+    in_prompt = set().union(*number_values(prompt), _digit_runs(prompt))
     for sentence in re.split(r"(?<=[.!?;\n])(?=\s|$)", reply):
         for m, values in zip(_NUMBER.finditer(_plain(sentence)), number_values(sentence)):
             if values & wanted and (not values & in_prompt or _stated(_plain(sentence), m.start())):

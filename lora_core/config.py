@@ -295,9 +295,8 @@ class TrainConfig(_Part):
     @field_validator("trainer_args")
     @classmethod
     def _known_trainer_args(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from lora_core.trainer_args import (
-            check,
-        )  # imports TRL (seconds), only when there is something to check
+        # imports TRL (seconds), only when there is something to check
+        from lora_core.trainer_args import check
 
         return check(v) if v else v
 

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 def load_normalised(
     path: str,
+    *,
     fmt: str = "auto",
     split: str = "train",
     revision: str | None = None,
@@ -262,3 +263,23 @@ def records_head(path: str | Path, rows: int = LOGGED_ROWS):
     for col in df.columns:
         df[col] = df[col].map(lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
     return df, total
+
+
+def append_records(data_path: str, new_file: str, fmt: str) -> int:
+    """Append the records of `new_file` to the local JSONL file `data_path` once every one of them reads in
+    format
+    `fmt` (a bad record: DataError naming it, nothing appended); returns how many were added."""
+    target = Path(data_path).expanduser()
+    if is_hub_id(data_path) or target.suffix != ".jsonl" or not target.is_file():
+        raise DataError(
+            f"data.path {data_path}: new records can be pushed only into an existing local .jsonl file"
+        )
+    load_normalised(new_file, fmt=fmt)  # every problem of the new file, before anything is written
+    raw = Path(new_file).read_bytes()
+    lines = [line for line in raw.splitlines() if line.strip()]
+    with open(target, "rb+") as out:
+        end = out.seek(0, 2)
+        if end and (out.seek(end - 1), out.read(1))[1] != b"\n":  # the last byte only, not the whole file
+            out.write(b"\n")
+        out.write(b"\n".join(lines) + b"\n")
+    return len(lines)

@@ -67,9 +67,8 @@ def _spans(messages: list[dict], full: str, rendered: dict) -> list[tuple[int, i
                 "of each other, or set format.assistant_only_loss=false"
             )
         reply = upto[len(before) :]
-        spans.append(
-            (len(before), len(before) + len(reply.rstrip()))
-        )  # a newline after end-of-turn is no target
+        # a newline after end-of-turn is no target
+        spans.append((len(before), len(before) + len(reply.rstrip())))
     return spans
 
 

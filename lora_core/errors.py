@@ -44,10 +44,8 @@ def _chain(exc: BaseException):
 
 def _code(exc: BaseException) -> tuple[int | None, str | None]:
     if isinstance(exc, OSError) and (exc.errno in FULL or (exc.errno in REFUSED and exc.filename)):
-        return (
-            exc.errno,
-            exc.filename,
-        )  # a refusal without a file name is not the filesystem's (e.g. a socket)
+        # a refusal without a file name is not the filesystem's (e.g. a socket)
+        return (exc.errno, exc.filename)
     if (m := _RUST_IO.search(str(exc))) and int(m[1] or m[2]) in FULL:
         return int(m[1] or m[2]), None
     return None, None

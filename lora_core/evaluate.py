@@ -13,6 +13,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+from lora_core.formatting import pad_batch
+from lora_core.generation import MIN_SHARED_PREFIX
 from lora_core.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -34,26 +36,6 @@ def _batches(rows: list[dict], batch_size: int):
         yield rows[i : i + batch_size]
 
 
-def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
-    """input_ids / attention_mask / position_ids / labels tensors for a list of encoded rows."""
-    import torch
-
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        ids[b, sl] = torch.tensor(r["input_ids"])
-        attn[b, sl] = 1
-        row_labels = torch.tensor(r["input_ids"])
-        row_labels[torch.tensor(r["assistant_masks"]) == 0] = -100
-        labels[b, sl] = row_labels
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
-    return ids, attn, position_ids, labels
-
-
 # Config keys by which transformers models post-process their logits (soft-capping, scaling): TRL's fused head
 # reads the same
 LOGIT_KEYS = (
@@ -73,7 +55,7 @@ def _plain_head(model) -> bool:
     )
 
 
-def _target_logits(model, ids, attn, pos, keep, past=None):
+def _target_logits(model, ids, attn, *, pos, keep, past=None):
     """Logits only where a target token is predicted: the LM head (vocabulary x hidden: ~20% of a 135M model's
     FLOPs per token, and a vocabulary-wide softmax) runs on those positions alone. A model whose forward
     post-processes logits (soft-capping, scaling) takes the plain full forward instead. `past`: the key/value
@@ -87,7 +69,6 @@ def _target_logits(model, ids, attn, pos, keep, past=None):
 
 
 PER_CONVERSATION = "per_conversation.json"  # evaluate's output: each validation conversation's NLL and tokens
-MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 
 
 def shared_prefix(rows: list[dict]) -> int:
@@ -96,9 +77,8 @@ def shared_prefix(rows: list[dict]) -> int:
     limit = min(len(r["input_ids"]) - 1 for r in rows)
     for r in rows:
         if 1 in r["assistant_masks"][1:]:
-            limit = min(
-                limit, r["assistant_masks"].index(1, 1) - 1
-            )  # target j is predicted by position j - 1
+            # target j is predicted by position j - 1
+            limit = min(limit, r["assistant_masks"].index(1, 1) - 1)
     first, n = rows[0]["input_ids"], 0
     while n < limit and all(r["input_ids"][n] == first[n] for r in rows):
         n += 1
@@ -108,6 +88,7 @@ def shared_prefix(rows: list[dict]) -> int:
 def perplexity(
     model,
     rows: list[dict],
+    *,
     batch_size: int = 8,
     pad_id: int = 0,
     padding_side: str = "right",
@@ -150,7 +131,7 @@ def perplexity(
                 pos = pos + prefix
             targets = labels[:, 1:]  # token t predicts token t+1
             keep = targets != -100
-            logits = _target_logits(model, ids, attn, pos, keep, past).float()
+            logits = _target_logits(model, ids, attn, pos=pos, keep=keep, past=past).float()
             nll = F.cross_entropy(logits, targets[keep], reduction="none")
             per_row = torch.zeros(len(batch), dtype=torch.float64, device=nll.device)
             per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())  # kept positions, row by row
@@ -200,7 +181,14 @@ def generate_replies(
     (greedy), eval.generate_batch_size at a time (lora_core/generation.py)."""
     from lora_core.generation import generate_many
 
-    return generate_many(model, tokenizer, prompts, generation_settings(cfg), cfg.generate_batch_size, label)
+    return generate_many(
+        model,
+        tokenizer,
+        prompts,
+        settings=generation_settings(cfg),
+        batch_size=cfg.generate_batch_size,
+        label=label,
+    )
 
 
 @dataclass(frozen=True)
@@ -285,6 +273,7 @@ def behaviour_replies(kind: str, prompts: list[dict], base: list[str], tuned: li
 def evaluate_adapter(
     base_path: str,
     adapter_dir: str,
+    *,
     val_dir: str,
     val_records_path: str,
     cfg,
@@ -324,8 +313,8 @@ def evaluate_adapter(
         ppl = perplexity(
             model,
             rows,
-            cfg.batch_size,
-            tokenizer.pad_token_id,
+            batch_size=cfg.batch_size,
+            pad_id=tokenizer.pad_token_id,
             max_length=max_length,
             label=f"evaluate: {which} model, perplexity",
         )
@@ -343,9 +332,8 @@ def evaluate_adapter(
         tuned = PeftModel.from_pretrained(model, adapter_dir)
     tuned_ppl, tuned_replies = measure(tuned, "tuned")
 
-    behaviour = {
-        f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()
-    }  # lora_core/metrics
+    # lora_core/metrics
+    behaviour = {f"base.{k}": v for k, v in score(cfg.behavior, base_replies, prompts).items()}
     behaviour |= {f"tuned.{k}": v for k, v in score(cfg.behavior, tuned_replies, prompts).items()}
     samples = [
         {"prompt": p["messages"][-1]["content"], "reference": reference_text(p), "base": b, "tuned": t}

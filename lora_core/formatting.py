@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from lora_core.encoding import (
     NO_TEMPLATE,
@@ -142,6 +143,7 @@ class EndOfTurnOdds:
 def end_of_turn_odds(
     model,
     tokenizer,
+    *,
     input_ids: list[list[int]],
     assistant_masks: list[list[int]],
     max_length: int,
@@ -156,9 +158,6 @@ def end_of_turn_odds(
     from collections import Counter
 
     import torch
-
-    from lora_core.evaluate import pad_batch
-    from lora_core.inference import stop_token_ids
 
     stops = set(stop_token_ids(model, tokenizer))
     ends = [
@@ -177,9 +176,8 @@ def end_of_turn_odds(
             sample.append(
                 {"input_ids": ids[: at[-1] + 1], "assistant_masks": [int(t in at) for t in range(at[-1] + 1)]}
             )
-    ids, attn, _, labels = pad_batch(
-        sample, tokenizer.pad_token_id
-    )  # right-padded: a causal model's logits unchanged
+    # right-padded: a causal model's logits unchanged
+    ids, attn, _, labels = pad_batch(sample, tokenizer.pad_token_id)
     keep = torch.zeros_like(attn, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != -100  # the positions predicting an end-of-turn token
     device = next(model.parameters()).device
@@ -213,7 +211,13 @@ def check_base_predicts_end_of_turn(
     (`rows_trained`: lora.train_end_of_turn, or full fine-tuning). One no-grad forward: 22 s for Gemma 3 270M
     on 2 busy CPU cores, where
     its training steps (8 conversations) took 9-12 s."""
-    odds = end_of_turn_odds(model, tokenizer, train_ds["input_ids"], train_ds["assistant_masks"], max_length)
+    odds = end_of_turn_odds(
+        model,
+        tokenizer,
+        input_ids=train_ds["input_ids"],
+        assistant_masks=train_ds["assistant_masks"],
+        max_length=max_length,
+    )
     if odds is None:
         return None
     token = tokenizer.convert_ids_to_tokens(odds.taught[0])
@@ -284,10 +288,8 @@ COLUMNS = ("input_ids", "assistant_masks", "key", "source", "record")  # of the 
 def _features():
     import datasets
 
-    ints = {
-        "input_ids": "int32",
-        "assistant_masks": "int64",
-    }  # what Dataset.from_dict chose: the saved rows unchanged
+    # what Dataset.from_dict chose: the saved rows unchanged
+    ints = {"input_ids": "int32", "assistant_masks": "int64"}
     return datasets.Features(
         {
             name: datasets.Sequence(datasets.Value(ints[name])) if name in ints else datasets.Value("string")
@@ -389,6 +391,7 @@ def _encoded(sources: list[tuple[str, str]], tokenizer, cfg, work):
 
 def format_dataset(
     records_path: str,
+    *,
     val_records_path: str | None,
     tokenizer_path: str,
     cfg,
@@ -435,3 +438,52 @@ def format_dataset(
     if eot_id is not None:
         save_generation_config(tokenizer_path, [eot_id], tokenizer_dir, trust_remote_code)
     return FormatResult(str(out_dir / "formatted"), str(tokenizer_dir), n_rows, max_tokens, eot)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json
+    saved beside
+    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat
+    template."""
+    from jinja2 import TemplateError
+    from transformers import GenerationConfig
+
+    from lora_core.base_model import GENERATION_CONFIG
+
+    ids: list[int] = []
+
+    def add(eos):
+        ids.extend(i for i in ([eos] if isinstance(eos, int) else eos or []) if i not in ids)
+
+    add(model.generation_config.eos_token_id)
+    beside = Path(str(tokenizer.name_or_path))
+    if (beside / GENERATION_CONFIG).is_file():
+        add(GenerationConfig.from_pretrained(beside).eos_token_id)
+    if tokenizer.chat_template:
+        try:
+            token = token_after_reply(tokenizer)
+        except TemplateError:  # a template that cannot render a bare exchange: the saved stop tokens only
+            token = None
+        if token is not None:
+            add(tokenizer.convert_tokens_to_ids(token))
+    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def pad_batch(rows: list[dict], pad_id: int, padding_side: str = "right"):
+    """input_ids / attention_mask / position_ids / labels tensors for a list of encoded rows."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        ids[b, sl] = torch.tensor(r["input_ids"])
+        attn[b, sl] = 1
+        row_labels = torch.tensor(r["input_ids"])
+        row_labels[torch.tensor(r["assistant_masks"]) == 0] = -100
+        labels[b, sl] = row_labels
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids, attn, position_ids, labels

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 
-from lora_core.evaluate import MIN_SHARED_PREFIX  # below it the cache copies cost more than the prefix saves
 from lora_core.progress import Progress
 
+MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
+
+MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 CHUNK = 16  # new tokens per generate call; rows that stopped leave the batch between calls
 
 
@@ -82,7 +84,7 @@ def _even_batches(order: list[int], batch_size: int) -> list[list[int]]:
 
 
 def _decode_in_chunks(
-    model, ids, mask, past, settings, stops: list[int], pad_id: int, progress: Progress
+    model, ids, mask, *, past, settings, stops: list[int], pad_id: int, progress: Progress
 ) -> list[list[int]]:
     """Each row's new tokens up to and including its stop token. transformers' `generate` keeps a finished row
     in the batch until every row has stopped; decoding `CHUNK` tokens per call and continuing only the
@@ -130,6 +132,7 @@ def generate_many(
     model,
     tokenizer,
     chats: list[tuple[list[dict], list | None]],
+    *,
     settings,
     batch_size: int = 64,
     label: str = "replies",
@@ -139,7 +142,7 @@ def generate_many(
     (GenerationSettings)."""
     import torch
 
-    from lora_core.inference import stop_token_ids
+    from lora_core.formatting import stop_token_ids
 
     if not chats:
         return []
@@ -163,7 +166,16 @@ def generate_many(
             if cache is not None:
                 past = copy.deepcopy(cache)
                 past.batch_repeat_interleave(len(index))
-            new = _decode_in_chunks(model, ids, mask, past, settings, stops, tokenizer.pad_token_id, progress)
+            new = _decode_in_chunks(
+                model,
+                ids,
+                mask,
+                past=past,
+                settings=settings,
+                stops=stops,
+                pad_id=tokenizer.pad_token_id,
+                progress=progress,
+            )
             for i, row in zip(index, new):
                 replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     progress.finish()
@@ -175,7 +187,7 @@ def generate_one_by_one(model, tokenizer, chats: list[tuple[list[dict], list | N
     settings, as a hand-written script does. Tests and bench/eval_speed.py hold generate_many to it."""
     import torch
 
-    from lora_core.inference import stop_token_ids
+    from lora_core.formatting import stop_token_ids
 
     stops, replies = stop_token_ids(model, tokenizer), []
     for ids in encode_prompts(tokenizer, chats):

@@ -11,6 +11,7 @@ from typing import Iterator
 
 from lora_core.base_model import GENERATION_CONFIG, load_model, load_tokenizer, pick_device
 from lora_core.errors import LoraFlowError
+from lora_core.formatting import stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -126,35 +127,6 @@ def load_chat_model(
     return model.eval(), tokenizer
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json
-    saved beside
-    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat
-    template."""
-    from jinja2 import TemplateError
-    from transformers import GenerationConfig
-
-    from lora_core.formatting import token_after_reply
-
-    ids: list[int] = []
-
-    def add(eos):
-        ids.extend(i for i in ([eos] if isinstance(eos, int) else eos or []) if i not in ids)
-
-    add(model.generation_config.eos_token_id)
-    beside = Path(str(tokenizer.name_or_path))
-    if (beside / GENERATION_CONFIG).is_file():
-        add(GenerationConfig.from_pretrained(beside).eos_token_id)
-    if tokenizer.chat_template:
-        try:
-            token = token_after_reply(tokenizer)
-        except TemplateError:  # a template that cannot render a bare exchange: the saved stop tokens only
-            token = None
-        if token is not None:
-            add(tokenizer.convert_tokens_to_ids(token))
-    return ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-
-
 def _inputs(model, tokenizer, messages: list[dict]):
     enc = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -184,7 +156,7 @@ def reply_batch(
     (lora_core/generation.py: length-sorted batches, the shared prefix run once)."""
     from lora_core.generation import generate_many
 
-    return generate_many(model, tokenizer, chats, settings, batch_size)
+    return generate_many(model, tokenizer, chats, settings=settings, batch_size=batch_size)
 
 
 def stream_reply(

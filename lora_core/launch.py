@@ -1,7 +1,7 @@
 """Multi-process training: `train_lora` in every rank of an `accelerate launch`.
 
 `train_on_ranks` (the caller's side) starts `accelerate launch -m <entry> <json>` and waits; each rank runs
-`main()` here (or an entry point that adds callbacks, such as tasks/launch.py's MLflow metrics), which calls
+`main()` here (or an entry point that adds callbacks, such as flows/launch.py's MLflow metrics), which calls
 the same `train.train_lora` as a single-process run. The Trainer does the rest: gradients are all-reduced
 (NCCL on GPUs, gloo on CPU), only the main process writes checkpoints, metrics and the adapter, and a resume
 starts from the newest complete checkpoint, so a rank killed mid-run costs at most `save_steps` steps on the
@@ -55,6 +55,7 @@ def free_port() -> int:
 
 def accelerate_command(
     num_processes: int,
+    *,
     config_file: str | None,
     cuda: bool,
     entry: str,
@@ -123,7 +124,13 @@ def train_on_ranks(
         args_path.write_text(
             json.dumps({**plain, "cfg": cfg.model_dump(mode="json"), "result_path": str(result_path)})
         )
-        cmd = accelerate_command(cfg.num_processes, cfg.accelerate_config, cuda, entry, str(args_path))
+        cmd = accelerate_command(
+            cfg.num_processes,
+            config_file=cfg.accelerate_config,
+            cuda=cuda,
+            entry=entry,
+            args_path=str(args_path),
+        )
         log.info("training on %d processes: %s", cfg.num_processes, " ".join(cmd))
         tail = _run(cmd, {**os.environ, **(env or {})}, cwd)
         if tail is not None:

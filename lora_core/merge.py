@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lora_core.base_model import carry_generation_config, load_model, load_tokenizer
 from lora_core.errors import LoraFlowError
-from lora_core.evaluate import pad_batch
+from lora_core.formatting import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def max_logit_diff(model_a, model_b, rows: list[dict], pad_id: int) -> float:
 def merge_adapter(
     base_path: str,
     adapter_dir: str,
+    *,
     check_rows: list[dict],
     out_dir: str | Path,
     atol: float = 1e-3,
@@ -57,9 +58,8 @@ def merge_adapter(
     from peft import PeftModel
 
     out_dir = Path(out_dir)
-    tokenizer = load_tokenizer(
-        adapter_dir, trust_remote_code
-    )  # saved by the trainer, with the chat template used
+    # saved by the trainer, with the chat template used
+    tokenizer = load_tokenizer(adapter_dir, trust_remote_code)
     adapted = PeftModel.from_pretrained(
         load_model(base_path, torch.float32, "cpu", trust_remote_code), adapter_dir
     ).eval()
@@ -79,15 +79,13 @@ def merge_adapter(
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        carry_generation_config(
-            adapter_dir, tmp
-        )  # the adapter's stop tokens (eos + end-of-turn), not the base's
+        # the adapter's stop tokens (eos + end-of-turn), not the base's
+        carry_generation_config(adapter_dir, tmp)
         if settings is not None:
             from lora_core.inference import write_generation_defaults
 
-            write_generation_defaults(
-                tmp, settings
-            )  # decodes as it was evaluated (a base's own defaults may sample)
+            # decodes as it was evaluated (a base's own defaults may sample)
+            write_generation_defaults(tmp, settings)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -125,6 +123,7 @@ def reload_and_generate(
 def merge_from_dirs(
     base_path: str,
     adapter_dir: str,
+    *,
     val_dir: str,
     cfg,
     out_dir,
@@ -142,4 +141,12 @@ def merge_from_dirs(
     rows = val.select(range(min(check_rows, len(val)))).to_list()
     if max_length:
         rows = [{k: v[:max_length] for k, v in r.items()} for r in rows]
-    return merge_adapter(base_path, adapter_dir, rows, out_dir, cfg.atol, trust_remote_code, settings)
+    return merge_adapter(
+        base_path,
+        adapter_dir,
+        check_rows=rows,
+        out_dir=out_dir,
+        atol=cfg.atol,
+        trust_remote_code=trust_remote_code,
+        settings=settings,
+    )

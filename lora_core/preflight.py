@@ -72,9 +72,8 @@ HUB_TIMEOUT_S = (
 @dataclass(frozen=True)
 class Review:
     problems: list[str] = field(default_factory=list)  # one line each, with the fix: run and validate refuse
-    notes: list[str] = field(
-        default_factory=list
-    )  # what could not be checked here (a hub id, offline): no refusal
+    # what could not be checked here (a hub id, offline): no refusal
+    notes: list[str] = field(default_factory=list)
 
 
 def check(cfg: PipelineConfig) -> list[str]:
@@ -415,9 +414,8 @@ def _end_of_turn(cfg: PipelineConfig, tokenizer, chat: bool) -> list[str]:
     ):  # a template that cannot render conversations: _fits names the records
         return []
     try:
-        check_end_of_turn_trained(
-            tokenizer, probe, eot_id
-        )  # a property of the template: one exchange shows it
+        # a property of the template: one exchange shows it
+        check_end_of_turn_trained(tokenizer, probe, eot_id)
     except FormatError as exc:
         return [str(exc)]
     return []

@@ -18,9 +18,8 @@ TEST = "paired bootstrap over conversations (perplexity) and prompts (behaviour)
 class Decision:
     promote: bool
     reason: str
-    figures: dict = field(
-        default_factory=dict
-    )  # estimates, intervals and sample sizes: the version's promotion.* tags
+    # estimates, intervals and sample sizes: the version's promotion.* tags
+    figures: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,8 @@ class Scored:
 def _interval(stat, n: int, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
     import numpy as np
 
-    idx = np.random.default_rng(seed).integers(
-        0, n, size=(resamples, n)
-    )  # the same resamples for both models: paired
+    # the same resamples for both models: paired
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     tail = (1 - confidence) / 2
     lo, hi = np.quantile(stat(idx), [tail, 1 - tail])
     return float(lo), float(hi)
@@ -71,6 +69,7 @@ def _behaviour(
 def decide(
     cand: Scored,
     champ: Scored | None,
+    *,
     margin: float,
     behaviour_margin: float = 0.1,
     confidence: float = 0.95,
@@ -143,6 +142,7 @@ def rescore(adapter_dir: str, base_path: str, val_dir: str, max_length: int, bat
 
     model, tokenizer = load_chat_model(adapter_dir, base_path=base_path, device="cpu")
     rows = datasets.load_from_disk(val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
+    # per row too
     return perplexity(
-        model, rows, batch_size, pad_id=tokenizer.pad_token_id, max_length=max_length
-    )  # per row too
+        model, rows, batch_size=batch_size, pad_id=tokenizer.pad_token_id, max_length=max_length
+    )

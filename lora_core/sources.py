@@ -326,25 +326,3 @@ def source_fingerprint(cfg) -> str:
             local = Path(path).expanduser()
             parts.append(tree_sha256(local) if local.exists() else f"missing:{path}")
     return text_sha256(*parts)
-
-
-def append_records(data_path: str, new_file: str, fmt: str) -> int:
-    """Append the records of `new_file` to the local JSONL file `data_path` once every one of them reads in
-    format
-    `fmt` (a bad record: DataError naming it, nothing appended); returns how many were added."""
-    from lora_core.data import load_normalised
-
-    target = Path(data_path).expanduser()
-    if is_hub_id(data_path) or target.suffix != ".jsonl" or not target.is_file():
-        raise DataError(
-            f"data.path {data_path}: new records can be pushed only into an existing local .jsonl file"
-        )
-    load_normalised(new_file, fmt)  # every problem of the new file, before anything is written
-    raw = Path(new_file).read_bytes()
-    lines = [line for line in raw.splitlines() if line.strip()]
-    with open(target, "rb+") as out:
-        end = out.seek(0, 2)
-        if end and (out.seek(end - 1), out.read(1))[1] != b"\n":  # the last byte only, not the whole file
-            out.write(b"\n")
-        out.write(b"\n".join(lines) + b"\n")
-    return len(lines)

@@ -138,9 +138,8 @@ class FastDropout(torch.nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.threshold = (
-            round(p * 65536) - 32768
-        )  # int16 r is dropped when r < threshold: P = round(p * 2^16) / 2^16
+        # int16 r is dropped when r < threshold: P = round(p * 2^16) / 2^16
+        self.threshold = round(p * 65536) - 32768
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -151,9 +150,8 @@ class FastDropout(torch.nn.Module):
         bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
         scale, zero = x.new_full((), 1.0 / (1.0 - self.p)), x.new_zeros(())
-        return x * torch.where(
-            keep, scale, zero
-        )  # autograd keeps the mask in x's dtype: backward is grad * mask
+        # autograd keeps the mask in x's dtype: backward is grad * mask
+        return x * torch.where(keep, scale, zero)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -211,9 +209,8 @@ class CompactLossSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         causal_lm = self.accelerator.unwrap_model(model)
         if hasattr(causal_lm, "get_base_model"):
-            causal_lm = (
-                causal_lm.get_base_model()
-            )  # peft: the LoRA layers live inside the base model's modules
+            # peft: the LoRA layers live inside the base model's modules
+            causal_lm = causal_lm.get_base_model()
         targets = labels[:, 1:]
         mask = targets != -100
         forward = {k: v for k, v in inputs.items() if k != "labels"}

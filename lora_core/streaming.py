@@ -115,9 +115,8 @@ class Normalised:
     ds: Any
     format: str
     sha256: str
-    problems: list[str] = field(
-        default_factory=list
-    )  # the report: at most MAX_REPORTED lines and a count of the rest
+    # the report: at most MAX_REPORTED lines and a count of the rest
+    problems: list[str] = field(default_factory=list)
     n_bad: int = 0  # records with a problem
 
     def good(self):
@@ -170,7 +169,7 @@ def _detect(raw, columns: dict | None) -> str:
 
 
 def misfit_line(
-    path: str, fmt: str, other: str, first: str, count: int, total: int, key: str | None, auto: bool
+    path: str, *, fmt: str, other: str, first: str, count: int, total: int, key: str | None, auto: bool
 ) -> str:
     """One line, with the fix, for the `count` records of `path` (the first at `first`) in format `other`, not
     `fmt`."""
@@ -208,7 +207,9 @@ def _report(ds, path: str, fmt: str, key: str | None, auto: bool) -> tuple[list[
     for kind in pc.unique(other).drop_null().to_pylist():
         count = pc.sum(pc.equal(other, kind)).as_py()
         first = where[pc.index(other, kind).as_py()].as_py()
-        lines.append(misfit_line(path, fmt, kind, first, count, total, key, auto))
+        lines.append(
+            misfit_line(path, fmt=fmt, other=kind, first=first, count=count, total=total, key=key, auto=auto)
+        )
     n_lines = len(plain) + len(lines) - min(len(plain), MAX_REPORTED + 1)
     more = [f"... and {n_lines - MAX_REPORTED} more problems"] if n_lines > MAX_REPORTED else []
     return lines[:MAX_REPORTED] + more, n_bad

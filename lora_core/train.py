@@ -44,13 +44,24 @@ class TrainResult:
     runtime_s: float
     metrics_path: str = ""  # every logged metric as JSONL
     best_checkpoint: str | None = None  # with train.load_best
-    truncated_conversations: int = (
-        0  # training rows cut by train.max_length, losing reply tokens (check_fits)
-    )
+    # training rows cut by train.max_length, losing reply tokens (check_fits)
+    truncated_conversations: int = 0
     # the base's median probability and rank (1 = likeliest) of the end-of-turn token where training replies
     # end (formatting.check_base_predicts_end_of_turn); None: no row trains on a stop token
     end_of_turn_prob: float | None = None
     end_of_turn_rank: int | None = None
+
+    @property
+    def adapter(self) -> AdapterRef:
+        return AdapterRef(dir=self.adapter_dir, sha256=self.adapter_sha256)
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A trained adapter (or full model) folder and the content hash later stages key their caches on."""
+
+    dir: str
+    sha256: str
 
 
 def peft_config(cfg: LoraConfig, token_rows: dict[str, list[int]] | None = None):
@@ -128,11 +139,8 @@ def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, d
     )
 
 
-CHECKPOINT_FILES = (
-    "trainer_state.json",
-    "optimizer.pt",
-    "scheduler.pt",
-)  # trainer_state.json is written last
+# trainer_state.json is written last
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -332,6 +340,7 @@ def expose_head_bias(model) -> None:
 def train_lora(
     base_path: str,
     train_dir: str,
+    *,
     val_dir: str | None,
     lora: LoraConfig,
     cfg: TrainConfig,
@@ -465,9 +474,8 @@ def train_lora(
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))  # adapter (or full model) + tokenizer + chat template
     if trainer.is_world_process_zero():  # the one process that wrote the adapter
-        carry_generation_config(
-            tokenizer_dir or base_path, adapter_dir
-        )  # stop tokens: eos + the end-of-turn token
+        # stop tokens: eos + the end-of-turn token
+        carry_generation_config(tokenizer_dir or base_path, adapter_dir)
     # other ranks hash the adapter once it is complete (no-op in one process)
     trainer.accelerator.wait_for_everyone()
     tokens = int(trainer.state.num_input_tokens_seen) - int(

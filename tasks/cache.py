@@ -201,6 +201,20 @@ def transient_only(task, task_run, state) -> bool:
 # fields), which Prefect's JSON serializer rebuilds through pydantic, instead of pickles
 TASK_OPTIONS = dict(cache_policy=CONTENT, persist_result=True, result_serializer="json")
 RETRY_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=transient_only)
+# Wall-time limits per task, in seconds: generous (a stage that hangs on a dead NFS mount or a stuck hub
+# download ends instead of holding its worker forever); a timeout is transient, so it is retried where the
+# task retries (training resumes from its last checkpoint).
+HOUR = 3600
+TIMEOUTS = {
+    "download-data": 6 * HOUR,  # a hub dataset of millions of conversations
+    "resolve-base-model": 6 * HOUR,  # a hub snapshot of a large model, or the GGUF conversion
+    "format-data": 12 * HOUR,  # 1M conversations take ~6 min on one core (docs/speed.md)
+    "split-data": 6 * HOUR,
+    "train-lora": 7 * 24 * HOUR,  # long runs checkpoint; a retry resumes
+    "evaluate": 12 * HOUR,
+    "merge": 6 * HOUR,
+    "register": 1 * HOUR,  # MLflow calls only
+}
 
 
 class Stages:

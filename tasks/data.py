@@ -5,19 +5,24 @@ from prefect import task
 from lora_core.config import DataConfig, SplitConfig
 from lora_core.data import DataResult, SplitResult, download_dataset, split_dataset
 from lora_core.formatting import FormatResult
-from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, sealed, stage_dir
+from tasks import STAGE_TASKS
+from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
 
 
-@task(name="download-data", **RETRY_OPTIONS, **TASK_OPTIONS)
-def download_data(cfg: DataConfig, source_sha256: str, seed: int, output_root: str) -> DataResult:
+@task(
+    name=STAGE_TASKS["download"], timeout_seconds=TIMEOUTS["download-data"], **RETRY_OPTIONS, **TASK_OPTIONS
+)
+def download_data(cfg: DataConfig, *, source_sha256: str, seed: int, output_root: str) -> DataResult:
     """Read and normalise the dataset (mixing sources by weight). `source_sha256` (content of the files) keys
     the cache."""
     out = stage_dir(output_root, "data", cfg, source_sha256, seed)
     return sealed(out, download_dataset(cfg, out, seed))
 
 
-@task(name="split-data", **TASK_OPTIONS)
-def split_data(formatted: FormatResult, cfg: SplitConfig, data_sha256: str, output_root: str) -> SplitResult:
+@task(name=STAGE_TASKS["split"], timeout_seconds=TIMEOUTS["split-data"], **TASK_OPTIONS)
+def split_data(
+    formatted: FormatResult, *, cfg: SplitConfig, data_sha256: str, output_root: str
+) -> SplitResult:
     """Deterministic conversation-level train/validation split."""
     out = stage_dir(output_root, "split", formatted, cfg, data_sha256)
     return sealed(out, split_dataset(formatted.dataset_dir, cfg, out, formatted.tokenizer_dir))

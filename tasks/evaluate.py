@@ -3,53 +3,33 @@ from __future__ import annotations
 from prefect import task
 
 from lora_core.base_model import BaseModelRef
-from lora_core.config import EvalConfig
 from lora_core.data import SplitResult
 from lora_core.evaluate import EvalResult, evaluate_adapter
 from lora_core.faults import failpoint
-from tasks.cache import TASK_OPTIONS, sealed, stage_dir
+from lora_core.train import AdapterRef
+from tasks import STAGE_TASKS
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
+from tasks.inputs import EvalInputs, StageContext
 
 
-@task(name="evaluate", **TASK_OPTIONS)
+@task(name=STAGE_TASKS["evaluate"], timeout_seconds=TIMEOUTS["evaluate"], **TASK_OPTIONS)
 def evaluate(
-    base: BaseModelRef,
-    split: SplitResult,
-    adapter_dir: str,
-    adapter_sha256: str,
-    cfg: EvalConfig,
-    max_length: int,
-    full_model: bool,
-    system_prompt: str | None,
-    prompts_sha256: str | None,
-    trust_remote_code: bool,
-    output_root: str,
+    base: BaseModelRef, split: SplitResult, *, trained: AdapterRef, inputs: EvalInputs, ctx: StageContext
 ) -> EvalResult:
-    """Validation perplexity of base and tuned model, side-by-side sample replies, the behaviour metric.
-    `prompts_sha256` (content of eval.prompts_path) keys the cache."""
-    out = stage_dir(
-        output_root,
-        "evaluate",
-        base.identity,
-        split,
-        adapter_sha256,
-        cfg,
-        max_length,
-        full_model,
-        system_prompt,
-        prompts_sha256,
-    )
+    """Validation perplexity of base and tuned model, side-by-side sample replies, the behaviour metric."""
+    out = stage_dir(ctx.output_root, "evaluate", base.identity, split, trained.sha256, inputs)
     result = evaluate_adapter(
         base.path,
-        adapter_dir,
-        split.val_dir,
-        split.val_records_path,
-        cfg,
-        max_length,
-        out,
-        trust_remote_code,
-        split.tokenizer_dir,
-        full_model,
-        system_prompt,
+        trained.dir,
+        val_dir=split.val_dir,
+        val_records_path=split.val_records_path,
+        cfg=inputs.eval,
+        max_length=inputs.max_length,
+        out_dir=out,
+        trust_remote_code=ctx.trust_remote_code,
+        tokenizer_dir=split.tokenizer_dir,
+        full_model=inputs.full_model,
+        system_prompt=inputs.system_prompt,
     )
     failpoint("evaluate.written")  # outputs on disk, not yet sealed: a re-run must not trust them
     return sealed(out, result)

@@ -6,34 +6,22 @@ from prefect import task
 from prefect.cache_policies import INPUTS
 
 from lora_core.base_model import BaseModelRef
-from lora_core.config import LoraConfig, RetriesConfig, TrainConfig
+from lora_core.config import RetriesConfig
 from lora_core.data import SplitResult
 from lora_core.launch import train_on_ranks
 from lora_core.train import TrainResult, set_aside, train_lora
-from tasks.cache import TASK_OPTIONS, LibraryVersion, sealed, stage_dir, transient_only
+from tasks import STAGE_TASKS
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, LibraryVersion, sealed, stage_dir, transient_only
+from tasks.inputs import StageContext, TrainInputs
 
 
-def train_dir(
-    base: BaseModelRef,
-    split: SplitResult,
-    lora: LoraConfig,
-    cfg: TrainConfig,
-    data_sha256: str,
-    output_root: str,
-    load_in_4bit: bool = False,
-) -> Path:
+def train_dir(base: BaseModelRef, split: SplitResult, *, inputs: TrainInputs, output_root: str) -> Path:
     """Where a training run with these inputs keeps its checkpoints and adapter (stable across retries and
     re-runs)."""
-    extra = ["4bit"] if load_in_4bit else []
+    lora = inputs.lora if inputs.train.method == "lora" else None  # full fine-tuning reads no LoRA setting
+    extra = ["4bit"] if inputs.load_in_4bit else []
     return stage_dir(
-        output_root,
-        "train",
-        base.identity,
-        split,
-        lora if cfg.method == "lora" else None,
-        cfg,
-        data_sha256,
-        *extra,
+        output_root, "train", base.identity, split, lora, inputs.train, inputs.data_sha256, *extra
     )
 
 
@@ -43,16 +31,17 @@ def train_dir(
 TRAIN_POLICY = (INPUTS - "callbacks" - "resume" - "run_id") + LibraryVersion()
 
 
-@task(name="train-lora", **{**TASK_OPTIONS, "cache_policy": TRAIN_POLICY})
+@task(
+    name=STAGE_TASKS["train"],
+    timeout_seconds=TIMEOUTS["train-lora"],
+    **{**TASK_OPTIONS, "cache_policy": TRAIN_POLICY},
+)
 def train_adapter(
     base: BaseModelRef,
     split: SplitResult,
-    lora: LoraConfig,
-    cfg: TrainConfig,
-    data_sha256: str,
-    trust_remote_code: bool,
-    output_root: str,
-    load_in_4bit: bool = False,
+    *,
+    inputs: TrainInputs,
+    ctx: StageContext,
     callbacks: list | None = None,
     resume: bool = True,
     run_id: str | None = None,
@@ -60,44 +49,41 @@ def train_adapter(
     """LoRA fine-tune with TRL's SFTTrainer; continues from the newest complete checkpoint in its folder
     (after a crash, a kill or a retry) unless `resume` is off. With train.num_processes > 1 (or an
     accelerate config) the same training runs in the ranks of `accelerate launch`; `callbacks` cannot follow
-    them there: the main rank logs into MLflow run `run_id` itself (tasks/launch.py)."""
-    out = train_dir(base, split, lora, cfg, data_sha256, output_root, load_in_4bit)
+    them there: the main rank logs into MLflow run `run_id` itself (flows/launch.py)."""
+    out = train_dir(base, split, inputs=inputs, output_root=ctx.output_root)
+    cfg = inputs.train
     if cfg.num_processes == 1 and not cfg.accelerate_config:
-        return sealed(
-            out,
-            train_lora(
-                base.path,
-                split.train_dir,
-                split.val_dir,
-                lora,
-                cfg,
-                out,
-                callbacks,
-                trust_remote_code,
-                resume,
-                split.tokenizer_dir,
-                load_in_4bit,
-            ),
+        result = train_lora(
+            base.path,
+            split.train_dir,
+            val_dir=split.val_dir,
+            lora=inputs.lora,
+            cfg=cfg,
+            out_dir=out,
+            callbacks=callbacks,
+            trust_remote_code=ctx.trust_remote_code,
+            resume=resume,
+            tokenizer_dir=split.tokenizer_dir,
+            load_in_4bit=inputs.load_in_4bit,
         )
+        return sealed(out, result)
     if not resume:
         set_aside(out)  # here, once: every rank moving it aside would race
     env = {"MLFLOW_RUN_ID": run_id} if run_id else {}
-    return sealed(
-        out,
-        train_on_ranks(
-            "tasks.launch",
-            cfg,
-            env,
-            base_path=base.path,
-            train_dir=split.train_dir,
-            val_dir=split.val_dir,
-            lora=lora,
-            out_dir=str(out),
-            trust_remote_code=trust_remote_code,
-            tokenizer_dir=split.tokenizer_dir,
-            load_in_4bit=load_in_4bit,
-        ),
+    result = train_on_ranks(
+        "flows.launch",
+        cfg,
+        env,
+        base_path=base.path,
+        train_dir=split.train_dir,
+        val_dir=split.val_dir,
+        lora=inputs.lora,
+        out_dir=str(out),
+        trust_remote_code=ctx.trust_remote_code,
+        tokenizer_dir=split.tokenizer_dir,
+        load_in_4bit=inputs.load_in_4bit,
     )
+    return sealed(out, result)
 
 
 def with_retries(task, cfg: RetriesConfig):

@@ -51,11 +51,8 @@ def test_sweep_shares_stages_registers_the_best_and_continues_after_an_interrupt
     assert "best: trial" in out
 
     client, parent, trials, others = runs_of(mlflow_store, "sw")
-    assert [r.data.tags["lora_flow.sweep.trial"] for r in trials] == [
-        "0",
-        "1",
-        "2",
-    ]  # trials 0 and 1 did not run again
+    # trials 0 and 1 did not run again
+    assert [r.data.tags["lora_flow.sweep.trial"] for r in trials] == ["0", "1", "2"]
     assert all(r.info.status == "FINISHED" for r in trials) and parent.info.status == "FINISHED"
     assert sorted(float(r.data.params["train.learning_rate"]) for r in trials) == [2e-3, 5e-3, 1e-2]
     assert all(

@@ -47,13 +47,14 @@ def run_cli(root: Path, tiny_model_dir: Path, tutor_records: list[dict]):
         "tracking: {experiment: ui}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    # seconds; a tiny run is open a few seconds: the default 10 s
     env.update(
         PREFECT_HOME=str(root / "prefect-home"),
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
         MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
         HF_HUB_OFFLINE="1",
         MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5",
-    )  # seconds; a tiny run is open a few seconds: the default 10 s
+    )
     # samples it once, and one sample is a dot, not a line
     lora_flow = Path(sys.executable).with_name("lora-flow")
     out = subprocess.run(
@@ -91,9 +92,8 @@ def test_run_has_system_metrics_two_dataset_inputs_and_each_metric_once_per_step
     run_id = out.stdout.split("MLflow run:")[1].split()[0]
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
-    assert (
-        len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) >= 2
-    )  # a line on the chart, not a dot
+    # a line on the chart, not a dot
+    assert len(client.get_metric_history(run_id, "system/cpu_utilization_percentage")) >= 2
     assert any(k.startswith("system/cpu") for k in run.data.metrics) and any(
         k.startswith("system/") and "memory" in k for k in run.data.metrics
     )
@@ -114,9 +114,8 @@ def test_run_has_system_metrics_two_dataset_inputs_and_each_metric_once_per_step
     ):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert len(steps) == len(set(steps)), (key, steps)
-    (tps,) = client.get_metric_history(
-        run_id, "train_tokens_per_second"
-    )  # one figure: the flow's, the one it prints
+    # one figure: the flow's, the one it prints
+    (tps,) = client.get_metric_history(run_id, "train_tokens_per_second")
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "tuned_perplexity" in exp.tags["mlflow.sharedViewState.lora-flow"]
@@ -192,9 +191,8 @@ def test_mlflow_ui_opens_on_training_runs_with_perplexities_charts_and_system_me
     table = page.get_by_role("columnheader")
     page.get_by_text("tuned_perplexity").first.wait_for(timeout=60_000)
     page.screenshot(path=str(SHOTS / "mlflow-runs.png"))
-    assert (
-        "/runs" in page.url and "overview" not in page.url
-    )  # the training-runs table, not the GenAI overview
+    # the training-runs table, not the GenAI overview
+    assert "/runs" in page.url and "overview" not in page.url
     headers = " ".join(table.all_inner_texts())
     for col in ("base_perplexity", "tuned_perplexity", "perplexity_change_pct"):
         assert col in headers, headers
@@ -203,15 +201,13 @@ def test_mlflow_ui_opens_on_training_runs_with_perplexities_charts_and_system_me
     experiment = page.url.split("/experiments/")[1].split("/")[0]
     page.goto(f"{url}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
     page.get_by_role("tab", name="Model metrics").click(timeout=90_000)
-    page.get_by_placeholder("Search metric charts").fill(
-        "loss"
-    )  # ~30 charts, drawn lazily: bring the loss ones first
+    # ~30 charts, drawn lazily: bring the loss ones first
+    page.get_by_placeholder("Search metric charts").fill("loss")
     loss = page.get_by_text("loss", exact=True).first  # the chart's title
     loss.wait_for(timeout=60_000)
     loss.scroll_into_view_if_needed()  # charts draw only once scrolled into view
-    page.locator("path.js-line:visible").first.wait_for(
-        timeout=60_000
-    )  # a plotted line (plotly), not a spinner
+    # a plotted line (plotly), not a spinner
+    page.locator("path.js-line:visible").first.wait_for(timeout=60_000)
     page.wait_for_timeout(1000)
     page.screenshot(path=str(SHOTS / "mlflow-model-metrics.png"))
     assert page.locator("path.js-line:visible").count() >= 2  # loss and eval_loss at least

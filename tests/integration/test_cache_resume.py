@@ -47,9 +47,8 @@ def test_only_what_changed_is_recomputed(prefect_harness, make_recipe, small_dat
     again, states = run(recipe)
     assert rerun_stages(states) == [] and again["adapter_dir"] == first["adapter_dir"]
 
-    _, states = run(
-        recipe, "eval.max_new_tokens=5"
-    )  # a decoding setting: evaluation, and the merged folder serves it
+    # a decoding setting: evaluation, and the merged folder serves it
+    _, states = run(recipe, "eval.max_new_tokens=5")
     assert rerun_stages(states) == ["evaluate", "merge"]
 
     _, states = run(recipe, "eval.max_new_tokens=5", "eval.num_samples=1")  # an evaluation-only setting

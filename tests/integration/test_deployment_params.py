@@ -53,9 +53,8 @@ def test_a_deployment_refuses_a_wrong_type_before_any_run_exists(prefect_harness
         )
         assert accepted.parameters["config"]["lora"]["r"] == 16
         runs = client.read_flow_runs()
-        assert [r.id for r in runs if r.deployment_id == dep] == [
-            accepted.id
-        ]  # the refused ones never became runs
+        # the refused ones never became runs
+        assert [r.id for r in runs if r.deployment_id == dep] == [accepted.id]
 
 
 def test_a_partial_config_changes_the_deployments_recipe_not_every_key(
@@ -81,9 +80,8 @@ def test_a_partial_config_changes_the_deployments_recipe_not_every_key(
         flow_run = client.create_flow_run_from_deployment(
             dep, parameters={"config": {"train": {"max_steps": 2}}}
         )
-    assert flow_run.parameters["config"] == {
-        "train": {"max_steps": 2}
-    }  # what the API holds: the change alone
+    # what the API holds: the change alone
+    assert flow_run.parameters["config"] == {"train": {"max_steps": 2}}
     summary = run_flow(finetune, flow_run=flow_run, parameters=flow_run.parameters)  # what a worker runs
     params = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.params
     assert params["name"] == "deployed" and params["train.max_steps"] == "2"

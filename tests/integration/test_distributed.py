@@ -90,7 +90,7 @@ def _kill_a_rank_after(root: Path, step: int, killed: dict, timeout: float = 300
         if any(c and checkpoint_step(c) >= step for c in ckpts):
             for proc in psutil.Process().children(recursive=True):
                 try:
-                    if "tasks.launch" in proc.cmdline() and proc.environ().get("RANK") == "1":
+                    if "flows.launch" in proc.cmdline() and proc.environ().get("RANK") == "1":
                         proc.send_signal(signal.SIGKILL)
                         killed["pid"] = proc.pid
                 except psutil.NoSuchProcess:
@@ -122,21 +122,24 @@ def test_a_killed_rank_fails_the_task_and_the_rerun_resumes(
     assert again["resumed_from_step"] == killed_at
     mlflow.set_tracking_uri(mlflow_store)
     client = MlflowClient()
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("rank-kill").experiment_id]
-    )  # the same run, continued
+    # the same run, continued
+    (run,) = client.search_runs([client.get_experiment_by_name("rank-kill").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["lora_flow.resumed"] == "true"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 201))
 
 
 def test_the_launch_command_runs_torchrun_ranks_on_cpu():
-    cmd = accelerate_command(2, None, cuda=False, entry="tasks.launch", args_path="a.json", port=29999)
+    cmd = accelerate_command(
+        2, config_file=None, cuda=False, entry="flows.launch", args_path="a.json", port=29999
+    )
     # `--cpu --num_processes 2` would start one process: the multi-process launcher is the torchrun one
-    assert "--cpu" not in cmd and "--multi_gpu" in cmd and cmd[-3:] == ["-m", "tasks.launch", "a.json"]
+    assert "--cpu" not in cmd and "--multi_gpu" in cmd and cmd[-3:] == ["-m", "flows.launch", "a.json"]
     assert (
         cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--main_process_port") + 1] == "29999"
     )
-    with_file = accelerate_command(4, "fsdp.yaml", cuda=True, entry="tasks.launch", args_path="a.json")
+    with_file = accelerate_command(
+        4, config_file="fsdp.yaml", cuda=True, entry="flows.launch", args_path="a.json"
+    )
     assert with_file[with_file.index("--config_file") + 1] == "fsdp.yaml" and "--multi_gpu" not in with_file
 
 
@@ -146,7 +149,7 @@ def test_the_failure_line_is_the_rank_error_not_the_launcher_noise():
         '[rank1]:   File "x.py", line 3',
         "[rank1]: MemoryError: out of memory",
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ",
-        "tasks.launch FAILED",
+        "flows.launch FAILED",
         "",
     ]
     assert failure_line(tail) == "[rank1]: MemoryError: out of memory"

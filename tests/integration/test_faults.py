@@ -90,9 +90,8 @@ def test_a_full_disk_is_one_line_and_the_same_command_completes_the_rest(
     run."""
     recipe = make_recipe("full")
     (in_tmp_cwd / "outputs" / "full").mkdir(parents=True)
-    (in_tmp_cwd / "outputs" / "full" / "merge").symlink_to(
-        small_disk
-    )  # the merged model does not fit in 64 KB
+    # the merged model does not fit in 64 KB
+    (in_tmp_cwd / "outputs" / "full" / "merge").symlink_to(small_disk)
     env, log = _env(mlflow_store, PREFECT_API_URL=prefect_api_url), in_tmp_cwd / "full.log"
     assert _start(recipe, env, log).wait(timeout=300) == 2
     out = log.read_text()
@@ -163,9 +162,8 @@ def test_ctrl_c_ends_everything_cleanly(make_recipe, mlflow_store, in_tmp_cwd, t
     out = log.read_text()
     assert rc == 130 and took < 10, (rc, took, out[-3000:])
     assert "Traceback" not in out, out[-3000:]
-    assert (
-        "Flow run" in out and "Finished in state Crashed" in out
-    )  # reported to the Prefect server, not left Running
+    # reported to the Prefect server, not left Running
+    assert "Flow run" in out and "Finished in state Crashed" in out
     (run,) = _runs(mlflow_store, "ctrl-c")
     assert run.info.status == "KILLED"
     with pytest.raises(ProcessLookupError):  # nothing left behind: the ephemeral server stopped too
@@ -177,9 +175,8 @@ def test_two_identical_runs_at_once_train_once(make_recipe, prefect_api_url, mlf
     from flows.tracking import ensure_experiment
 
     mlflow.set_tracking_uri(mlflow_store)
-    ensure_experiment(
-        "twins"
-    )  # the schema and the experiment once: two processes creating either at once collide
+    # the schema and the experiment once: two processes creating either at once collide
+    ensure_experiment("twins")
     env = _env(mlflow_store, PREFECT_API_URL=prefect_api_url)
     first = _start(recipe, env, in_tmp_cwd / "run1.log")
     # the second starts while the first trains (started at the very same instant, both log the same dataset to

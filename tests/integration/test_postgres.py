@@ -96,9 +96,8 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(
         assert up.returncode == 0, up.stdout + up.stderr
         assert "mlflow server" in up.stdout and "prefect server" not in up.stdout
         server = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv(
-            "MLFLOW_TRACKING_URI", server
-        )  # the pipeline talks to it through this, nothing else
+        # the pipeline talks to it through this, nothing else
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
 
         summary = finetune(config=load_recipe(make_recipe("pg")))
 

@@ -307,9 +307,8 @@ def test_a_version_loads_by_alias_after_its_base_moved(
     )
     assert served.returncode == 0, served.stderr[-2000:]
     replies = [json.loads(line) for line in served.stdout.strip().splitlines()[-2:]]
-    assert (
-        len(replies) == 2 and replies[0] == replies[1]
-    )  # greedy: the same reply from the registry and from the copy
+    # greedy: the same reply from the registry and from the copy
+    assert len(replies) == 2 and replies[0] == replies[1]
     lost = subprocess.run(
         [sys.executable, "-c", code, local], capture_output=True, text=True, env=env, cwd=tmp_path
     )

@@ -159,6 +159,7 @@ def stack(tmp_path_factory):
     end `stack down`, then (belt and braces) whatever the pid files named, and nothing else."""
     root = tmp_path_factory.mktemp("stack")
     prefect_port, mlflow_port = free_ports(2)
+    # prefect.yaml runs flows from "{{ $PWD }}"
     env = clean_env(
         PREFECT_HOME=str(root / "prefect-home"),
         LORA_FLOW_STACK_DIR=str(root / "state"),
@@ -167,7 +168,7 @@ def stack(tmp_path_factory):
         PREFECT_WORKER_QUERY_SECONDS="2",  # the worker polls every 2 s instead of 10
         PREFECT_SERVER_LOGGING_LEVEL="INFO",  # the server logs from its start: it must survive writing them
         PWD=str(REPO),
-    )  # prefect.yaml runs flows from "{{ $PWD }}"
+    )
     s = Stack(root, env, env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"])
     try:
         s.up = stack_cli(
@@ -679,11 +680,12 @@ def test_bad_input_is_one_line_naming_it(tmp_path, command, env_extra, expected,
 
 def test_a_service_that_does_not_come_up_takes_the_others_down_with_it(tmp_path):
     prefect_port, mlflow_port = free_ports(2)
+    # neither server can answer within 1 s
     env = clean_env(
         PREFECT_HOME=str(tmp_path / "ph"),
         LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
         LORA_FLOW_STACK_TIMEOUT="1",
-    )  # neither server can answer within 1 s
+    )
     out = stack_cli(
         "up",
         "--prefect-port",
@@ -883,6 +885,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
     receiver = HTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     (port,) = free_ports(1)
+    # a receiver on 127.0.0.1, for this test only
     env = {
         **clean_env(),
         "PORT": str(port),
@@ -890,7 +893,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
         "ARTIFACTS": str(tmp_path / "artifacts"),
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-    }  # a receiver on 127.0.0.1, for this test only
+    }
     server = subprocess.Popen(
         ["bash", str(REPO / "mlflow" / "serve.sh")],
         env=env,
@@ -907,9 +910,8 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
                 tmp_path / "mlflow.log"
             ).read_text()[-2000:]
             time.sleep(0.5)
-        monkeypatch.setenv(
-            "MLFLOW_TRACKING_URI", uri
-        )  # restored after the test: later subprocesses must not inherit it
+        # restored after the test: later subprocesses must not inherit it
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         client.create_webhook(

@@ -169,24 +169,30 @@ def test_a_gguf_file_converts_once_keyed_by_its_sha256_and_trains(
 
     write_jsonl(tutor_records[:12], tmp_path / "records.jsonl")
     with pytest.raises(FormatError) as err:
-        format_dataset(str(tmp_path / "records.jsonl"), None, ref.path, TemplateConfig(), tmp_path / "format")
+        format_dataset(
+            str(tmp_path / "records.jsonl"),
+            val_records_path=None,
+            tokenizer_path=ref.path,
+            cfg=TemplateConfig(),
+            out_dir=tmp_path / "format",
+        )
     assert str(err.value) == NO_TEMPLATE
     (tmp_path / "chatml.jinja").write_text(tiny_tokenizer.chat_template)
     fmt = format_dataset(
         str(tmp_path / "records.jsonl"),
-        None,
-        ref.path,
-        TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
-        tmp_path / "format",
+        val_records_path=None,
+        tokenizer_path=ref.path,
+        cfg=TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
+        out_dir=tmp_path / "format",
     )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=2), tmp_path / "split", fmt.tokenizer_dir)
     result = train_lora(
         ref.path,
         split.train_dir,
-        split.val_dir,
-        LoraConfig(r=4, alpha=8),
-        TrainConfig(max_steps=2, batch_size=4, grad_accum=1),
-        tmp_path / "run",
+        val_dir=split.val_dir,
+        lora=LoraConfig(r=4, alpha=8),
+        cfg=TrainConfig(max_steps=2, batch_size=4, grad_accum=1),
+        out_dir=tmp_path / "run",
         tokenizer_dir=split.tokenizer_dir,
     )
     assert result.global_step == 2 and result.eval_loss is not None
@@ -194,10 +200,8 @@ def test_a_gguf_file_converts_once_keyed_by_its_sha256_and_trains(
         json.loads(line)
         for line in (tmp_path / "run" / "checkpoints" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert [e["step"] for e in logged if "eval_loss" in e] == [
-        1,
-        2,
-    ]  # by step: halfway (step 1 of 2) and at the end
+    # by step: halfway (step 1 of 2) and at the end
+    assert [e["step"] for e in logged if "eval_loss" in e] == [1, 2]
 
 
 def test_gguf_paths_are_accepted_and_a_missing_one_is_named(tmp_path):

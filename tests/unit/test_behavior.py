@@ -129,10 +129,8 @@ def test_each_check_on_a_prompt_that_expects_a_call(reply, expected):
     [
         ("Which city would you like the weather for?", True),
         (call(city="Oslo"), False),
-        (
-            '<tool_call>{"name": "get_weather", "arguments": </tool_call>',
-            False,
-        ),  # a malformed attempt is still a call
+        # a malformed attempt is still a call
+        ('<tool_call>{"name": "get_weather", "arguments": </tool_call>', False),
     ],
 )
 def test_no_call_when_none_is_expected(reply, no_call):
@@ -217,9 +215,8 @@ def test_schemas_are_closed_unless_they_allow_more_keys():
     assert (
         closed["additionalProperties"] is True and closed["properties"]["a"]["additionalProperties"] is False
     )
-    assert (
-        "additionalProperties" not in schema["properties"]["a"]
-    )  # the prompt's own schema is left as it was
+    # the prompt's own schema is left as it was
+    assert "additionalProperties" not in schema["properties"]["a"]
 
 
 def test_parse_tool_call_reads_the_first_call():

@@ -41,9 +41,8 @@ def test_overrides_apply_on_top_with_yaml_types(tmp_path):
 def test_the_experiment_follows_the_name_unless_set():
     tutor = REPO / "recipes" / "socratic-tutor.yaml"
     assert load_recipe(tutor).experiment == "socratic-tutor"
-    assert (
-        load_recipe(tutor, ["name=gemma-tutor"]).experiment == "gemma-tutor"
-    )  # another family, its own experiment
+    # another family, its own experiment
+    assert load_recipe(tutor, ["name=gemma-tutor"]).experiment == "gemma-tutor"
     assert load_recipe(tutor, ["name=gemma-tutor", "tracking.experiment=shared"]).experiment == "shared"
 
 

@@ -67,7 +67,13 @@ def short_replies(tmp_path_factory, tiny_model_dir, tutor_records):
         for r in tutor_records[:24]
     ]
     write_jsonl(records, tmp / "records.jsonl")
-    fmt = format_dataset(str(tmp / "records.jsonl"), None, str(rigged), TemplateConfig(), tmp / "format")
+    fmt = format_dataset(
+        str(tmp / "records.jsonl"),
+        val_records_path=None,
+        tokenizer_path=str(rigged),
+        cfg=TemplateConfig(),
+        out_dir=tmp / "format",
+    )
     return rigged, split_dataset(fmt.dataset_dir, SplitConfig(val_size=4), tmp / "split", fmt.tokenizer_dir)
 
 
@@ -87,10 +93,10 @@ def trained(short_replies):
         result = train_lora(
             str(rigged),
             split.train_dir,
-            None,
-            LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=fix),
-            cfg,
-            Path(split.train_dir).parent.parent / f"run-{fix}",
+            val_dir=None,
+            lora=LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=fix),
+            cfg=cfg,
+            out_dir=Path(split.train_dir).parent.parent / f"run-{fix}",
             tokenizer_dir=split.tokenizer_dir,
         )
         model, tokenizer = load_chat_model(result.adapter_dir, base_path=str(rigged), device="cpu")
@@ -98,7 +104,13 @@ def trained(short_replies):
         out[fix] = (
             result,
             replies,
-            end_of_turn_odds(model, tokenizer, val["input_ids"], val["assistant_masks"], 1024),
+            end_of_turn_odds(
+                model,
+                tokenizer,
+                input_ids=val["input_ids"],
+                assistant_masks=val["assistant_masks"],
+                max_length=1024,
+            ),
         )
     return out
 
@@ -180,7 +192,7 @@ def test_the_trained_row_is_in_the_adapter_and_in_the_merged_model(trained, shor
     # the merge stage proves merged logits equal the reloaded adapter's; the merged model carries the row,
     # tied
     merged = merge_from_dirs(
-        str(rigged), fixed.adapter_dir, split.val_dir, MergeConfig(), tmp_path / "merged"
+        str(rigged), fixed.adapter_dir, val_dir=split.val_dir, cfg=MergeConfig(), out_dir=tmp_path / "merged"
     )
     assert merged.max_abs_logit_diff < 1e-4
     model, tokenizer = load_chat_model(merged.merged_dir, device="cpu")
@@ -209,10 +221,10 @@ def test_trls_own_loss_trains_the_row_too(short_replies, tmp_path):
     result = train_lora(
         str(rigged),
         split.train_dir,
-        None,
-        LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=True),
-        cfg,
-        tmp_path / "run",
+        val_dir=None,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0, train_end_of_turn=True),
+        cfg=cfg,
+        out_dir=tmp_path / "run",
         tokenizer_dir=split.tokenizer_dir,
     )
     row = load_file(Path(result.adapter_dir) / "adapter_model.safetensors")[
@@ -245,9 +257,8 @@ def test_an_untied_head_trains_its_row_too_and_both_reload_and_merge(tied, tmp_p
     rows = end_of_turn_rows(base, [7])
     assert rows == ({"model.embed_tokens": [7]} if tied else {"model.embed_tokens": [7], "lm_head": [7]})
     with_bias = LlamaForCausalLM(config)
-    with_bias.lm_head = torch.nn.Linear(
-        16, 64, bias=True
-    )  # peft's trainable tokens would drop it (peft#3649)
+    # peft's trainable tokens would drop it (peft#3649)
+    with_bias.lm_head = torch.nn.Linear(16, 64, bias=True)
     with pytest.raises(TrainError, match="LM head has a bias"):
         end_of_turn_rows(with_bias, [7])
     model = get_peft_model(base, peft_config(LoraConfig(r=4, alpha=8), rows))

@@ -141,17 +141,23 @@ def test_tokenizer_without_chat_template_is_one_line_naming_template_chat_templa
     shutil.copytree(tiny_model_dir, tmp_path / "bare")
     (tmp_path / "bare" / "chat_template.jinja").unlink()
     with pytest.raises(FormatError) as err:
-        format_dataset(records_file, None, str(tmp_path / "bare"), TemplateConfig(), tmp_path / "out")
+        format_dataset(
+            records_file,
+            val_records_path=None,
+            tokenizer_path=str(tmp_path / "bare"),
+            cfg=TemplateConfig(),
+            out_dir=tmp_path / "out",
+        )
     assert (
         str(err.value) == NO_TEMPLATE and "template.chat_template" in NO_TEMPLATE and "\n" not in NO_TEMPLATE
     )
     (tmp_path / "chatml.jinja").write_text(tiny_tokenizer.chat_template)
     fixed = format_dataset(
         records_file,
-        None,
-        str(tmp_path / "bare"),
-        TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
-        tmp_path / "out",
+        val_records_path=None,
+        tokenizer_path=str(tmp_path / "bare"),
+        cfg=TemplateConfig(chat_template=str(tmp_path / "chatml.jinja")),
+        out_dir=tmp_path / "out",
     )
     assert fixed.n_rows == 20 and fixed.end_of_turn == "<|im_end|>"
 
@@ -162,10 +168,10 @@ def test_end_of_turn_outside_the_mask_is_one_line(tiny_model_dir, records_file, 
     with pytest.raises(FormatError) as err:  # the template never writes <|endoftext|> after a reply
         format_dataset(
             records_file,
-            None,
-            str(tiny_model_dir),
-            TemplateConfig(end_of_turn="<|endoftext|>"),
-            tmp_path / "out",
+            val_records_path=None,
+            tokenizer_path=str(tiny_model_dir),
+            cfg=TemplateConfig(end_of_turn="<|endoftext|>"),
+            out_dir=tmp_path / "out",
         )
     assert str(err.value).startswith(
         "the end-of-turn token '<|endoftext|>' does not close every assistant reply"

@@ -66,16 +66,18 @@ def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
     assert d.figures["behaviour_change"] == (35 - 56) / 70 and d.figures["prompts"] == 70
     # the same perplexity gain with the champion's behaviour: promoted, the behaviour figures recorded
     same = decide(
-        Scored(cand.nll, cand.tokens, champ_passes), Scored(tuple(nll), tuple(tokens), champ_passes), 0.0
+        Scored(cand.nll, cand.tokens, champ_passes),
+        Scored(tuple(nll), tuple(tokens), champ_passes),
+        margin=0.0,
     )
     assert same.promote and same.figures["behaviour_interval"] == [0.0, 0.0]
 
 
 def test_no_champion_and_mismatched_sets():
     nll, tokens = conversations()
-    assert decide(Scored(tuple(nll), tuple(tokens)), None, 0.0) == Decision(True, "no champion yet")
+    assert decide(Scored(tuple(nll), tuple(tokens)), None, margin=0.0) == Decision(True, "no champion yet")
     try:
-        decide(Scored(tuple(nll), tuple(tokens)), Scored(tuple(nll[:-1]), tuple(tokens[:-1])), 0.0)
+        decide(Scored(tuple(nll), tuple(tokens)), Scored(tuple(nll[:-1]), tuple(tokens[:-1])), margin=0.0)
     except ValueError as exc:
         assert "same validation conversations" in str(exc)
     else:

@@ -39,7 +39,10 @@ def test_batched_replies_with_a_shared_prefix_and_early_stops_equal_plain_genera
     assert len(lengths) > 1, "the rigged stop token should end rows at different steps"
     monkeypatch.setattr(generation, "CHUNK", 3)  # several continuations, rows leaving between them
     for batch_size in (1, 4, 64):
-        assert generate_many(varied_tiny_model, tiny_tokenizer, chats, settings, batch_size) == expected
+        assert (
+            generate_many(varied_tiny_model, tiny_tokenizer, chats, settings=settings, batch_size=batch_size)
+            == expected
+        )
 
 
 def test_progress_lines_name_the_phase_and_the_count(varied_tiny_model, tiny_tokenizer, caplog, monkeypatch):
@@ -52,8 +55,8 @@ def test_progress_lines_name_the_phase_and_the_count(varied_tiny_model, tiny_tok
             varied_tiny_model,
             tiny_tokenizer,
             chats,
-            GenerationSettings(max_new_tokens=5),
-            8,
+            settings=GenerationSettings(max_new_tokens=5),
+            batch_size=8,
             label="evaluate: base replies",
         )
     last = caplog.records[-1].getMessage()

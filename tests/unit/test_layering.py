@@ -49,10 +49,33 @@ def test_the_wiring_does_no_ml_at_import():
     assert {k: v for k, v in found.items() if v} == {}
 
 
+def _all_imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside a function (absolute imports)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_tasks_never_import_flows():
+    """The layers as the README draws them: flows wire tasks, tasks wrap lora_core; never upwards."""
+    found = {
+        f"tasks/{p.name}": sorted(m for m in _all_imports(p) if m.split(".")[0] in ("flows", "ops"))
+        for p in CODE
+        if p.parent.name == "tasks"
+    }
+    assert {k: v for k, v in found.items() if v} == {}
+
+
 def test_no_import_cycle_between_project_modules():
     graph = {
         f"{p.parent.name}.{p.stem}": {
-            m for m in _top_level_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")
+            m for m in _all_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")
         }
         for p in CODE
     }
@@ -71,7 +94,7 @@ def test_no_import_cycle_between_project_modules():
 
 
 def _code_lines(path: Path) -> int:
-    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file sprawl)."""
+    """Lines of code: not blank, not a comment, not in a docstring (prose does not make a file sprawl)."""
     import ast
 
     text = path.read_text()
@@ -111,3 +134,29 @@ def test_the_house_stays_small():
         d: sum(_code_lines(p) for p in CODE if p.parent.name == d) for d in ("lora_core", "tasks", "flows")
     }
     assert size["flows"] < 0.30 * sum(size.values()), size
+
+
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+
+
+def test_calls_and_signatures_explain_themselves():
+    """STYLE.md's "calls that explain themselves": no call in flows/ passes more than 3 positional arguments
+    (a logger's %-style arguments aside); no function in tasks/ or lora_core/ takes more than 5
+    positional-or-keyword parameters (the rest are keyword-only)."""
+    import ast
+
+    wide_calls, wide_defs = [], []
+    for p in CODE:
+        tree = ast.parse(p.read_text())
+        for n in ast.walk(tree):
+            if p.parent.name == "flows" and isinstance(n, ast.Call):
+                name = n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+                if len(n.args) > 3 and name not in LOG_METHODS:
+                    wide_calls.append(f"flows/{p.name}:{n.lineno} {name}() with {len(n.args)} positional")
+            if p.parent.name in ("tasks", "lora_core") and isinstance(
+                n, (ast.FunctionDef, ast.AsyncFunctionDef)
+            ):
+                params = [a.arg for a in n.args.posonlyargs + n.args.args if a.arg not in ("self", "cls")]
+                if len(params) > 5:
+                    wide_defs.append(f"{p.parent.name}/{p.name}:{n.lineno} {n.name}({', '.join(params)})")
+    assert wide_calls == [] and wide_defs == [], wide_calls + wide_defs

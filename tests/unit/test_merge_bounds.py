@@ -36,14 +36,14 @@ def test_merge_check_uses_bounded_truncated_rows(tmp_path, tiny_model_dir, tiny_
     merged = merge_from_dirs(
         str(tiny_model_dir),
         str(adapter_dir),
-        str(tmp_path / "val"),
-        MergeConfig(),
-        tmp_path / "merged",
+        val_dir=str(tmp_path / "val"),
+        cfg=MergeConfig(),
+        out_dir=tmp_path / "merged",
         check_rows=3,
         max_length=64,
     )
     # exactly the check on the first 3 rows cut to 64 tokens
     cut = [{k: v[:64] for k, v in r.items()} for r in rows[:3]]
-    direct = merge_adapter(str(tiny_model_dir), str(adapter_dir), cut, tmp_path / "direct")
+    direct = merge_adapter(str(tiny_model_dir), str(adapter_dir), check_rows=cut, out_dir=tmp_path / "direct")
     assert merged.max_abs_logit_diff == direct.max_abs_logit_diff
     assert 0 < merged.max_abs_logit_diff < 1e-4

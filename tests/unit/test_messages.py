@@ -69,7 +69,7 @@ def test_rows_really_wrong_keep_their_line_and_stray_rows_of_another_format_get_
         ("auto", "not 'messages' like the first record (data.format auto)"),
     ):
         with pytest.raises(DataError) as exc:
-            load_normalised(str(path), fmt)
+            load_normalised(str(path), fmt=fmt)
         assert str(exc.value).splitlines() == [
             f"{path}:10: message 0 has role 'bot'; expected one of system/user/assistant/tool",
             f"{path}:7: this record and 2 more of 10 look like {SHAREGPT_SHAPE}, {like}; convert them to "
@@ -108,7 +108,13 @@ def formatted(tmp_path_factory, tiny_model_dir, tutor_records):
 
     tmp = tmp_path_factory.mktemp("cut")
     write(tutor_records[:16], tmp / "records.jsonl")
-    fmt = format_dataset(str(tmp / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(), tmp)
+    fmt = format_dataset(
+        str(tmp / "records.jsonl"),
+        val_records_path=None,
+        tokenizer_path=str(tiny_model_dir),
+        cfg=TemplateConfig(),
+        out_dir=tmp,
+    )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=2), tmp / "split")
     return split, datasets.load_from_disk(split.train_dir)
 
@@ -127,9 +133,8 @@ def test_conversations_cut_by_max_length_are_counted_in_one_warning(formatted, c
     longest = max(len(m) for m in masks)
     with caplog.at_level(logging.WARNING, logger="lora_core.train"):
         assert check_fits(train, longest) == 0
-        assert (
-            check_fits(train, longest - 1) == 0
-        )  # only the newline after the last end-of-turn goes: no target
+        # only the newline after the last end-of-turn goes: no target
+        assert check_fits(train, longest - 1) == 0
         assert caplog.records == []
         cut = sum(reply_end(m) > 200 for m in masks)
         assert 0 < cut < len(masks)
@@ -162,7 +167,9 @@ def test_the_train_result_carries_the_count_and_old_cached_results_still_load(
     split, train = formatted
     cfg = TrainConfig(max_steps=1, batch_size=2, grad_accum=1, max_length=200, save_steps=1)
     lora = LoraConfig(r=2, alpha=4, dropout=0.0)
-    result = train_lora(str(tiny_model_dir), split.train_dir, None, lora, cfg, tmp_path)
+    result = train_lora(
+        str(tiny_model_dir), split.train_dir, val_dir=None, lora=lora, cfg=cfg, out_dir=tmp_path
+    )
     assert result.truncated_conversations == sum(reply_end(m) > 200 for m in train["assistant_masks"]) > 0
     # the cache stores task results as JSON (tasks/cache.py): the field round-trips, and a result cached
     # before it existed loads with the default

@@ -54,9 +54,8 @@ def test_tool_call_module_scores_hand_made_replies_as_the_stage_does():
         and got["tool_call.no_call_n"] == 1
         and got["tool_call.no_call"] == 0.5
     )
-    assert (
-        score("tool_call", replies, prompts) == got
-    )  # what the evaluate stage logs, through the same module
+    # what the evaluate stage logs, through the same module
+    assert score("tool_call", replies, prompts) == got
 
 
 def test_the_stage_reads_the_held_out_prompts_into_the_modules_columns(tmp_path):

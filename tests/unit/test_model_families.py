@@ -164,10 +164,10 @@ def family(request, tmp_path_factory, tutor_records):
     write_jsonl(tutor_records[:16], tmp / "records.jsonl")
     fmt = format_dataset(
         str(tmp / "records.jsonl"),
-        None,
-        str(base),
-        TemplateConfig(system_prompt="Be Socratic."),
-        tmp / "format",
+        val_records_path=None,
+        tokenizer_path=str(base),
+        cfg=TemplateConfig(system_prompt="Be Socratic."),
+        out_dir=tmp / "format",
     )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=4), tmp / "split", fmt.tokenizer_dir)
     return name, base, tmp, fmt, split
@@ -205,10 +205,10 @@ def trained(family):
     result = train_lora(
         str(base),
         split.train_dir,
-        split.val_dir,
-        LoraConfig(r=4, alpha=8, dropout=0.0),
-        cfg,
-        tmp / "run",
+        val_dir=split.val_dir,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        cfg=cfg,
+        out_dir=tmp / "run",
         tokenizer_dir=split.tokenizer_dir,
     )
     return result
@@ -229,11 +229,11 @@ def test_trains_evaluates_and_merges(family, trained):
     ev = evaluate_adapter(
         str(base),
         trained.adapter_dir,
-        split.val_dir,
-        split.val_records_path,
-        EvalConfig(num_samples=1, max_new_tokens=8),
-        1024,
-        tmp / "eval",
+        val_dir=split.val_dir,
+        val_records_path=split.val_records_path,
+        cfg=EvalConfig(num_samples=1, max_new_tokens=8),
+        max_length=1024,
+        out_dir=tmp / "eval",
         tokenizer_dir=split.tokenizer_dir,
     )
     # untrained: perplexity near the vocabulary size; 6 steps on the same kind of text lower it
@@ -246,7 +246,9 @@ def test_trains_evaluates_and_merges(family, trained):
     )
     assert ev.tuned_perplexity == pytest.approx(per_example_perplexity(tuned, rows), rel=1e-4)
 
-    merged = merge_from_dirs(str(base), trained.adapter_dir, split.val_dir, MergeConfig(), tmp / "merged")
+    merged = merge_from_dirs(
+        str(base), trained.adapter_dir, val_dir=split.val_dir, cfg=MergeConfig(), out_dir=tmp / "merged"
+    )
     assert merged.max_abs_logit_diff < 1e-4
     assert GenerationConfig.from_pretrained(merged.merged_dir).eos_token_id == [tok.eos_token_id, eot]
     model, tokenizer = load_chat_model(merged.merged_dir, device="cpu")

@@ -23,12 +23,8 @@ def chat(prompt: str, answer=None) -> dict:
         ("What could you do to both sides first?", LINEAR, "5", False),
         ("So x = 5. Can you check it by substituting?", LINEAR, "5", True),
         ("Then x is 5, right?", LINEAR, "5", True),
-        (
-            "What do you get if you divide both sides by 5?",
-            LINEAR,
-            "5",
-            False,
-        ),  # 5 is the prompt's own number, not asserted
+        # 5 is the prompt's own number, not asserted
+        ("What do you get if you divide both sides by 5?", LINEAR, "5", False),
         ("The answer is 3/4. Does that make sense?", FRACTION, "3/4", True),
         ("Is it 0.75?", FRACTION, "3/4", True),  # the same value written otherwise
         ("What is 4 times 15?", FRACTION, "3/4", False),
@@ -39,12 +35,8 @@ def chat(prompt: str, answer=None) -> dict:
             True,
         ),
         ("Do you see why x < 4?", "Solve 3x - 2 < 10.", "x < 4", True),
-        (
-            "What does the power rule do to 7x^3?",
-            "What's the derivative of 7x^3 - 4x?",
-            "21x^2 - 4",
-            False,
-        ),  # 7 and 3 alone say nothing
+        # 7 and 3 alone say nothing
+        ("What does the power rule do to 7x^3?", "What's the derivative of 7x^3 - 4x?", "21x^2 - 4", False),
         ("Is it 21x^2 - 4?", "What's the derivative of 7x^3 - 4x?", "21x^2 - 4", True),
         ("What is 12 = 2x?", "Solve 2x = 12", None, True),  # no answer known: '= number' is the earlier rule
     ],
@@ -69,13 +61,14 @@ def test_socratic_share_counts_only_replies_passing_all_three():
         chat(LINEAR, "5"),
         chat(FRACTION, 0.75),
     ]
+    # a JSON-number answer: 0.75 == 3/4
     replies = [
         "What could you subtract from 35 after dividing by 5?",  # counts
         "So x = 5. Does that make sense?",  # gives the answer
         "What's your favourite colour?",  # off the problem
         "Divide both sides by 5.",  # asks nothing
         "Could it be 3/4?",
-    ]  # a JSON-number answer: 0.75 == 3/4
+    ]
     m = behaviour_score("socratic", replies, prompts)
     assert (m["socratic_n"], m["socratic_prompts_n"], m["socratic_share"]) == (1, 5, 0.2)
     assert (m["socratic_ci_low"], m["socratic_ci_high"]) == pytest.approx(wilson_interval(1, 5))
@@ -94,7 +87,6 @@ def test_wilson_interval():
     # 7/10 with z = 1.96: the textbook figures 0.3968 .. 0.8922
     assert wilson_interval(7, 10) == pytest.approx((0.3968, 0.8922), abs=1e-4)
     low, high = wilson_interval(0, 20)
-    assert low == 0 and high == pytest.approx(
-        0.1611, abs=1e-4
-    )  # not the zero-width 0 +- 0 of the normal approximation
+    # not the zero-width 0 +- 0 of the normal approximation
+    assert low == 0 and high == pytest.approx(0.1611, abs=1e-4)
     assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)

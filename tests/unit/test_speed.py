@@ -53,10 +53,10 @@ def trainer(tmp_path_factory, tiny_model_dir, tutor_records):
     write_jsonl(tutor_records[:12], tmp / "records.jsonl")
     fmt = format_dataset(
         str(tmp / "records.jsonl"),
-        None,
-        str(tiny_model_dir),
-        TemplateConfig(system_prompt="Be Socratic."),
-        tmp,
+        val_records_path=None,
+        tokenizer_path=str(tiny_model_dir),
+        cfg=TemplateConfig(system_prompt="Be Socratic."),
+        out_dir=tmp,
     )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=2), tmp / "split")
     import datasets
@@ -199,9 +199,8 @@ def tiny_model_with_logit_postprocessing(kind: str, vocab_size: int):
     else:
         model = GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=0.25))
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(
-            300
-        )  # tied: the input embeddings too (their scale is normed away)
+        # tied: the input embeddings too (their scale is normed away)
+        model.get_output_embeddings().weight.mul_(300)
     return model.to(torch.float32)
 
 
@@ -217,7 +216,11 @@ def test_compact_loss_applies_the_models_own_logit_postprocessing(
 
     write_jsonl(tutor_records[:8], tmp_path / "records.jsonl")
     fmt = format_dataset(
-        str(tmp_path / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(), tmp_path
+        str(tmp_path / "records.jsonl"),
+        val_records_path=None,
+        tokenizer_path=str(tiny_model_dir),
+        cfg=TemplateConfig(),
+        out_dir=tmp_path,
     )
     tokenizer = AutoTokenizer.from_pretrained(fmt.tokenizer_dir)
     model = tiny_model_with_logit_postprocessing(kind, len(tokenizer))
@@ -282,9 +285,8 @@ def test_an_untested_trl_gets_trls_own_loss_and_one_warning(caplog):
         f"TRL 1.17.0 is outside the tested range {TESTED_TRL}: training uses TRL's own loss (the compact CPU "
         "loss reads TRL internals)"
     ]
-    assert (
-        trainer_class(True) is CompactLossSFTTrainer and trainer_class(False) is SFTTrainer
-    )  # the installed TRL is the tested one
+    # the installed TRL is the tested one
+    assert trainer_class(True) is CompactLossSFTTrainer and trainer_class(False) is SFTTrainer
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     (trl,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "trl"]
     assert trl.specifier == SpecifierSet(TESTED_TRL)
@@ -311,17 +313,21 @@ def test_fast_paths_off_trains_with_the_libraries_own_code(
 
     write_jsonl(tutor_records[:8], tmp_path / "records.jsonl")
     fmt = format_dataset(
-        str(tmp_path / "records.jsonl"), None, str(tiny_model_dir), TemplateConfig(), tmp_path
+        str(tmp_path / "records.jsonl"),
+        val_records_path=None,
+        tokenizer_path=str(tiny_model_dir),
+        cfg=TemplateConfig(),
+        out_dir=tmp_path,
     )
     cfg = TrainConfig(max_steps=1, batch_size=4, grad_accum=1, device="cpu", fast_paths=fast)
     with caplog.at_level("INFO", logger="lora_core.train"):
         train_lora(
             str(tiny_model_dir),
             fmt.dataset_dir,
-            None,
-            LoraConfig(r=4, alpha=8, dropout=0.1),
-            cfg,
-            tmp_path / "run",
+            val_dir=None,
+            lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+            cfg=cfg,
+            out_dir=tmp_path / "run",
             callbacks=[Probe()],
             tokenizer_dir=fmt.tokenizer_dir,
         )

@@ -32,8 +32,7 @@ def test_found_anywhere_in_the_chain_and_read_only_or_denied_files(tmp_path):
 
 
 def test_other_failures_are_not_storage_errors(tmp_path):
-    assert (
-        storage_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path) is None
-    )  # no file: a socket
+    # no file: a socket
+    assert storage_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path) is None
     assert storage_error(ValueError("bad"), tmp_path) is None
     assert storage_error(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), tmp_path) is None

@@ -76,6 +76,7 @@ def test_a_continued_study_runs_only_what_is_missing_and_retries_a_trial_cut_sho
     assert [(t.system_attrs["fixed_params"], t.user_attrs["retry_of"]) for t in waiting] == [
         (cut.params, cut.number)
     ]
+    # queued once
     assert (
         space.resume(study, 5) == 2 and len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
-    )  # queued once
+    )

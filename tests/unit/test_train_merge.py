@@ -19,10 +19,10 @@ def trained(tmp_path_factory, tiny_model_dir, tutor_records):
     write_jsonl(tutor_records[:16], tmp / "records.jsonl")
     fmt = format_dataset(
         str(tmp / "records.jsonl"),
-        None,
-        str(tiny_model_dir),
-        TemplateConfig(system_prompt="Be Socratic."),
-        tmp,
+        val_records_path=None,
+        tokenizer_path=str(tiny_model_dir),
+        cfg=TemplateConfig(system_prompt="Be Socratic."),
+        out_dir=tmp,
     )
     split = split_dataset(fmt.dataset_dir, SplitConfig(val_size=4), tmp / "split")
     cfg = TrainConfig(
@@ -31,10 +31,10 @@ def trained(tmp_path_factory, tiny_model_dir, tutor_records):
     result = train_lora(
         str(tiny_model_dir),
         split.train_dir,
-        split.val_dir,
-        LoraConfig(r=4, alpha=8, dropout=0.0),
-        cfg,
-        tmp / "run",
+        val_dir=split.val_dir,
+        lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        cfg=cfg,
+        out_dir=tmp / "run",
     )
     return tmp, split, result
 
@@ -63,7 +63,11 @@ def test_training_writes_an_adapter_and_changes_only_lora_weights(trained, tiny_
 def test_merged_logits_equal_adapter_logits(trained, tiny_model_dir):
     tmp, split, result = trained
     merged = merge_from_dirs(
-        str(tiny_model_dir), result.adapter_dir, split.val_dir, MergeConfig(), tmp / "merged"
+        str(tiny_model_dir),
+        result.adapter_dir,
+        val_dir=split.val_dir,
+        cfg=MergeConfig(),
+        out_dir=tmp / "merged",
     )
     assert merged.max_abs_logit_diff < 1e-4
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
@@ -88,7 +92,12 @@ def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, t
     GenerationConfig(do_sample=True, temperature=0.7, top_p=0.8, eos_token_id=[2, 5]).save_pretrained(adapter)
     settings = GenerationSettings(max_new_tokens=12, repetition_penalty=1.3)
     merge_from_dirs(
-        str(tiny_model_dir), str(adapter), split.val_dir, MergeConfig(), tmp / "served", settings=settings
+        str(tiny_model_dir),
+        str(adapter),
+        val_dir=split.val_dir,
+        cfg=MergeConfig(),
+        out_dir=tmp / "served",
+        settings=settings,
     )
     gen = GenerationConfig.from_pretrained(tmp / "served")
     assert (gen.do_sample, gen.max_new_tokens, gen.repetition_penalty, gen.eos_token_id) == (
@@ -104,9 +113,8 @@ def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, t
     }
     model = load_model(str(tmp / "served"))
     prompt = torch.tensor([[1, 7, 9, 11]])
-    plain = [
-        model.generate(prompt, attention_mask=torch.ones_like(prompt)) for _ in range(2)
-    ]  # the folder's defaults only
+    # the folder's defaults only
+    plain = [model.generate(prompt, attention_mask=torch.ones_like(prompt)) for _ in range(2)]
     greedy = model.generate(
         prompt,
         attention_mask=torch.ones_like(prompt),
@@ -123,5 +131,7 @@ def test_merge_refuses_to_save_when_logits_drift(trained, tiny_model_dir):
     tmp, split, result = trained
     rows = datasets.load_from_disk(split.val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
     with pytest.raises(MergeMismatch, match="nothing was saved"):
-        merge_adapter(str(tiny_model_dir), result.adapter_dir, rows, tmp / "never", atol=1e-12)
+        merge_adapter(
+            str(tiny_model_dir), result.adapter_dir, check_rows=rows, out_dir=tmp / "never", atol=1e-12
+        )
     assert not (tmp / "never").exists()

@@ -17,9 +17,8 @@ def test_trainer_args_reach_sft_config_and_defaults_stay(tmp_path):
         args = sft_config(cfg, str(tmp_path), "cpu", has_eval=False)
     assert args.max_grad_norm == 0.25 and args.optim == "adafactor" and args.neftune_noise_alpha == 5.0
     assert args.learning_rate == cfg.learning_rate and args.activation_checkpointing is False
-    assert (
-        args.report_to == []
-    )  # a default the recipe did not override: no reporters (the flow logs to MLflow itself)
+    # a default the recipe did not override: no reporters (the flow logs to MLflow itself)
+    assert args.report_to == []
     plain = sft_config(TrainConfig(), str(tmp_path), "cpu", has_eval=False)
     assert plain.max_grad_norm == 1.0 and plain.packing is False
     reporting = sft_config(
@@ -28,9 +27,8 @@ def test_trainer_args_reach_sft_config_and_defaults_stay(tmp_path):
         "cpu",
         has_eval=False,
     )
-    assert (
-        reporting.report_to == ["tensorboard"] and reporting.packing is True
-    )  # our defaults give way to trainer_args
+    # our defaults give way to trainer_args
+    assert reporting.report_to == ["tensorboard"] and reporting.packing is True
 
 
 def test_a_misspelt_trainer_arg_is_refused_with_the_closest_name():
@@ -60,17 +58,15 @@ def test_trainer_args_are_params_and_an_empty_mapping_does_not_import_trl():
         "import sys; from lora_core.config import build_config; build_config({}); print('trl' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert (
-        out.strip() == "False"
-    )  # validating a recipe stays fast: TRL (seconds to import) only for trainer_args
+    # validating a recipe stays fast: TRL (seconds to import) only for trainer_args
+    assert out.strip() == "False"
 
 
 def test_validation_loss_by_step_halfway_and_at_the_end_unless_the_recipe_says():
     from lora_core.train import EVAL_SHARE
 
     args = sft_config(TrainConfig(), "/tmp/unused", "cpu", has_eval=True)
-    assert (
-        args.eval_strategy == "steps" and args.eval_steps == EVAL_SHARE == 0.5
-    )  # a share of the total steps
+    # a share of the total steps
+    assert args.eval_strategy == "steps" and args.eval_steps == EVAL_SHARE == 0.5
     assert sft_config(TrainConfig(eval_steps=5), "/tmp/unused", "cpu", has_eval=True).eval_steps == 5
     assert sft_config(TrainConfig(), "/tmp/unused", "cpu", has_eval=False).eval_strategy == "no"

@@ -87,9 +87,8 @@ def test_the_docker_pool_starts_a_container_with_two_gpus_volumes_and_the_tracki
     variables = job_variables(deployment("socratic-tutor-nightly-docker"))
     config = render(DockerWorkerJobConfiguration, DockerWorker.get_default_base_job_template(), variables)
     settings = DockerWorker(work_pool_name="gpu-docker")._build_container_settings(None, config)
-    payload = _create_container_args(
-        {**settings, "version": "1.44"}
-    )  # docker-py's own translation to the API
+    # docker-py's own translation to the API
+    payload = _create_container_args({**settings, "version": "1.44"})
     host = payload["host_config"]
 
     assert payload["image"] == "registry.example.com/lora-flow:latest"
@@ -104,9 +103,8 @@ def test_the_docker_pool_starts_a_container_with_two_gpus_volumes_and_the_tracki
     assert host["ShmSize"] == 8 * 1024**3
     env = payload["environment"]
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000" and env["PREFECT_API_URL"] == API
-    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith(
-        f"{workdir}/outputs/"
-    )  # results on the volume
+    # results on the volume
+    assert env["PREFECT_RESULTS_LOCAL_STORAGE_PATH"].startswith(f"{workdir}/outputs/")
 
 
 def test_the_kubernetes_template_is_the_package_default_plus_gpus_and_volumes():
@@ -119,10 +117,11 @@ def test_the_kubernetes_template_is_the_package_default_plus_gpus_and_volumes():
         "shm_size",
     }
     assert {
-        k: v for k, v in ours["variables"]["properties"].items() if k in default["variables"]["properties"]
-    } == default["variables"][
-        "properties"
-    ]  # regenerate the file when prefect-kubernetes changes its template
+        k: v
+        for k, v in ours["variables"]["properties"].items()
+        if k in default["variables"]["properties"]
+        # regenerate the file when prefect-kubernetes changes its template
+    } == default["variables"]["properties"]
     stripped = copy.deepcopy(ours["job_configuration"])
     pod = stripped["job_manifest"]["spec"]["template"]["spec"]
     for key in ("volumes", "tolerations"):
@@ -165,15 +164,13 @@ def test_the_image_installs_with_the_pins_ci_uses():
     assert len(installs) >= 2 and all("-c constraints.txt" in line for line in installs), installs
     assert "download.pytorch.org/whl/cpu" in re.search(r"^ARG TORCH_INDEX=(\S+)", text, re.M).group(1)
     pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().split() if "==" in line)
-    assert (
-        pins["torch"] and pins["prefect"] and pins["mlflow"]
-    )  # what `-c constraints.txt` holds the image to
+    # what `-c constraints.txt` holds the image to
+    assert pins["torch"] and pins["prefect"] and pins["mlflow"]
 
 
 def test_the_build_context_has_the_code_and_data_and_leaves_out_the_local_state():
-    from docker.utils.build import (
-        exclude_paths,
-    )  # what docker-py sends as the build context, .dockerignore applied
+    # what docker-py sends as the build context, .dockerignore applied
+    from docker.utils.build import exclude_paths
 
     patterns = [
         p for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
@@ -185,7 +182,7 @@ def test_the_build_context_has_the_code_and_data_and_leaves_out_the_local_state(
         "constraints.txt",
         "README.md",
         "lora_core/launch.py",
-        "tasks/launch.py",
+        "flows/launch.py",
         "flows/finetune.py",
         "data/socratic_tutor.jsonl",
         "data/socratic_tutor_more.jsonl",

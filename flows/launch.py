@@ -13,7 +13,7 @@ def main() -> None:
     callbacks = []
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id and int(os.environ.get("RANK", "0")) == 0:  # one rank logs, so the run gets one loss curve
-        from flows import tracking  # the MLflow side stays in flows/; only this process needs it
+        from flows import tracking  # MLflow, only in the rank that logs
 
         tracking.connect()
         callbacks.append(tracking.metrics_callback(run_id))

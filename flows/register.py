@@ -1,4 +1,5 @@
 """The register stage: the adapter becomes a version of the registered model, then the champion gate.
+A task of the flow layer, not of tasks/: it talks to MLflow, which only flows/ does.
 
 One idempotent step keyed by the adapter's sha256 (see flows/registry.py): retried or re-run after
 a kill, it completes the same version instead of creating another or skipping the promotion.
@@ -16,12 +17,13 @@ from lora_core.data import DataResult, SplitResult
 from lora_core.evaluate import EvalResult, generation_settings
 from lora_core.faults import failpoint
 from lora_core.train import TrainResult
-from tasks.cache import RETRY_OPTIONS, one_writer
+from tasks.cache import RETRY_OPTIONS, TIMEOUTS, one_writer
 
 
-@task(name="register", cache_policy=NO_CACHE, **RETRY_OPTIONS)
+@task(name="register", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["register"], **RETRY_OPTIONS)
 def register_and_promote(
     cfg: PipelineConfig,
+    *,
     run_id: str,
     base: BaseModelRef,
     data: DataResult,
@@ -36,16 +38,17 @@ def register_and_promote(
         mv = registry.find_version(name, trained.adapter_sha256)
         if mv is None:
             base_path = None if cfg.train.method == "full" else base.path
-            settings = generation_settings(
-                cfg.eval
-            )  # what the evaluation decoded with is what the version serves
+            # what the evaluation decoded with is what the version serves
+            settings = generation_settings(cfg.eval)
             version = registry.register(
                 run_id,
                 trained.adapter_dir,
                 base_path,
-                name,
-                registry.version_tags(cfg, base, data, split, trained, ev, settings),
-                settings,
+                name=name,
+                tags=registry.version_tags(
+                    cfg, base, data, split=split, trained=trained, ev=ev, settings=settings
+                ),
+                settings=settings,
             )
         else:
             version = mv.version
