@@ -1,4 +1,4 @@
-"""Every recipe key named in README.md, docs/*.md or a string in lora_core/, tasks/, flows/ is a real key.
+"""Every recipe key named in the docs or in a string in lora_core/, tasks/, flows/ is a real key.
 
 A key mention is a dotted token (`train.lr_scheduler`, `eval.generate_batch_size`, `lora.r=16`) whose
 first part is a section of PipelineConfig (`model`, `data`, `train`, ...), or a setting `x.field=value`
@@ -27,7 +27,9 @@ from lora_core.config import PipelineConfig
 from lora_core.faults import POINTS
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# CHANGELOG.md is history: it may name a key as it was spelt before a fix
+DOCS = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "mlflow" / "README.md",
+        *sorted((REPO / "docs").glob("*.md"))]
 CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).rglob("*.py"))
 
 # Names with a section's prefix that are not recipe keys but MLflow tags and metrics the flow logs
