@@ -64,7 +64,7 @@ def _spans(messages: list[dict], full: str, rendered: dict) -> list[tuple[int, i
             raise FormatError(
                 f"the chat template renders message {i} differently depending on what follows it, so the "
                 "assistant tokens cannot be located; use a template that renders conversations as prefixes "
-                "of each other, or set format.assistant_only_loss=false"
+                "of each other, or set template.assistant_only_loss=false"
             )
         reply = upto[len(before) :]
         # a newline after end-of-turn is no target
