@@ -28,24 +28,57 @@ from lora_core.faults import POINTS
 
 REPO = Path(__file__).resolve().parents[2]
 # CHANGELOG.md is history: it may name a key as it was spelt before a fix
-DOCS = [REPO / "README.md", REPO / "CONTRIBUTING.md", REPO / "mlflow" / "README.md",
-        *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [
+    REPO / "README.md",
+    REPO / "CONTRIBUTING.md",
+    REPO / "mlflow" / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+]
 CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).rglob("*.py"))
 
 # Names with a section's prefix that are not recipe keys but MLflow tags and metrics the flow logs
 # (flows/tracking.py); test_logged_names_are_still_logged keeps this list honest.
 LOGGED = {
-    "data.sha256", "data.skipped", "data.train_conversations", "data.val_conversations",
-    "data.train_target_tokens", "train.dir", "train.best_checkpoint", "merge.reload_sample",
-    "registry.model", "registry.version",
+    "data.sha256",
+    "data.skipped",
+    "data.train_conversations",
+    "data.val_conversations",
+    "data.train_target_tokens",
+    "train.dir",
+    "train.best_checkpoint",
+    "merge.reload_sample",
+    "registry.model",
+    "registry.version",
 }
 PYTHON_NAMES = {"model.generate"}  # transformers' method, as `model.generate` in prose
 # POINTS: the failpoints of lora_core/faults.py (`train.step`, `merge.written`, ...)
 NOT_KEYS = LOGGED | set(POINTS) | PYTHON_NAMES
 MODULES = {p.stem: p for p in (REPO / "lora_core").glob("*.py")}
 EXTENSIONS = {
-    "py", "md", "txt", "json", "jsonl", "csv", "parquet", "yaml", "yml", "toml", "jinja", "gguf", "db", "log",
-    "pid", "sh", "lock", "whl", "safetensors", "bin", "arrow", "html", "cfg", "ini",
+    "py",
+    "md",
+    "txt",
+    "json",
+    "jsonl",
+    "csv",
+    "parquet",
+    "yaml",
+    "yml",
+    "toml",
+    "jinja",
+    "gguf",
+    "db",
+    "log",
+    "pid",
+    "sh",
+    "lock",
+    "whl",
+    "safetensors",
+    "bin",
+    "arrow",
+    "html",
+    "cfg",
+    "ini",
 }
 TOKEN = re.compile(r"(?<![\w./\\-])([A-Za-z_]\w*(?:\.(?:\w+|\*))+)(?![\w-]*[(/])")
 
@@ -63,8 +96,11 @@ def _is_mapping(annotation) -> bool:
     """A dict field (data.columns, train.trainer_args, sweep.params): its keys are the user's to choose."""
     if typing.get_origin(annotation) is dict:
         return True
-    return any(_is_mapping(a) for a in typing.get_args(annotation) if typing.get_origin(annotation) in
-               (typing.Union, types.UnionType))
+    return any(
+        _is_mapping(a)
+        for a in typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    )
 
 
 def schema(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> tuple[set[str], set[str]]:
@@ -112,7 +148,7 @@ def mentions(text: str) -> list[tuple[int, str]]:
     """(offset, token) of each key mention in a piece of text."""
     found = []
     for m in TOKEN.finditer(text):
-        token, after = m.group(1).rstrip("."), text[m.end(1):]
+        token, after = m.group(1).rstrip("."), text[m.end(1) :]
         parts = token.split(".")
         if len(parts) < 2 or parts[-1].lower() in EXTENSIONS or after.startswith(": unknown key"):
             continue
@@ -138,7 +174,7 @@ def _code_spans(text: str) -> list[tuple[int, str]]:
         offset += len(line)
     blanked = [" "] * len(text)  # the prose only, at its own offsets, for inline code spanning lines
     for start, line in prose:
-        blanked[start:start + len(line)] = line
+        blanked[start : start + len(line)] = line
     for m in re.finditer(r"`([^`]+)`", "".join(blanked)):
         spans.append((m.start(1), m.group(1)))
     return spans
@@ -146,8 +182,11 @@ def _code_spans(text: str) -> list[tuple[int, str]]:
 
 def doc_mentions(path: Path) -> list[tuple[int, str]]:
     text = path.read_text()
-    return [(text.count("\n", 0, start + at) + 1, token)
-            for start, span in _code_spans(text) for at, token in mentions(span)]
+    return [
+        (text.count("\n", 0, start + at) + 1, token)
+        for start, span in _code_spans(text)
+        for at, token in mentions(span)
+    ]
 
 
 def code_mentions(path: Path) -> list[tuple[int, str]]:
@@ -171,35 +210,63 @@ def closest(token: str) -> str:
 
 
 def bad_keys(files: list[tuple[Path, list[tuple[int, str]]]]) -> list[str]:
-    return [f"{path.relative_to(REPO)}:{line}: {token!r} is not a recipe key; "
-            f"closest real key: {closest(token)!r}"
-            for path, found in files for line, token in found if token not in NOT_KEYS and not is_key(token)]
+    return [
+        f"{path.relative_to(REPO)}:{line}: {token!r} is not a recipe key; "
+        f"closest real key: {closest(token)!r}"
+        for path, found in files
+        for line, token in found
+        if token not in NOT_KEYS and not is_key(token)
+    ]
 
 
 def test_schema_walk_sees_nested_and_open_keys():
-    assert {"model.base", "train.lr_scheduler", "eval.generate_batch_size", "template.assistant_only_loss",
-            "data.mix.weight", "sweep.params", "sweep.trials"} <= KEYS
+    assert {
+        "model.base",
+        "train.lr_scheduler",
+        "eval.generate_batch_size",
+        "template.assistant_only_loss",
+        "data.mix.weight",
+        "sweep.params",
+        "sweep.trials",
+    } <= KEYS
     assert {"data.columns", "train.trainer_args", "sweep.params"} <= OPEN
-    assert SECTIONS >= {"model", "data", "template", "split", "lora", "train", "eval", "merge", "registry",
-                        "retries", "tracking", "sweep"}
+    assert SECTIONS >= {
+        "model",
+        "data",
+        "template",
+        "split",
+        "lora",
+        "train",
+        "eval",
+        "merge",
+        "registry",
+        "retries",
+        "tracking",
+        "sweep",
+    }
     assert is_key("train.trainer_args.max_grad_norm") and is_key("eval.*") and not is_key("lora.rank")
 
 
 def test_recognises_key_mentions_and_nothing_else():
-    text = ("set train.lr_scheduler_type=cosine, format.assistant_only_loss=false and `model.base`; "
-            "not torch.float32, os.environ, train.py, data.jsonl, lora_core.train, flows.cli, "
-            "tests/unit/train.py, model.generate(), train.train_lora, cfg.num_processes "
-            "or the example 'lora.rank: unknown key'")
+    text = (
+        "set train.lr_scheduler_type=cosine, format.assistant_only_loss=false and `model.base`; "
+        "not torch.float32, os.environ, train.py, data.jsonl, lora_core.train, flows.cli, "
+        "tests/unit/train.py, model.generate(), train.train_lora, cfg.num_processes "
+        "or the example 'lora.rank: unknown key'"
+    )
     found = [t for _, t in mentions(text)]
     assert found == ["train.lr_scheduler_type", "format.assistant_only_loss", "model.base"]
     assert bad_keys([(REPO / "x", [(1, "format.assistant_only_loss")])]) == [
         "x:1: 'format.assistant_only_loss' is not a recipe key; "
-        "closest real key: 'template.assistant_only_loss'"]
+        "closest real key: 'template.assistant_only_loss'"
+    ]
 
 
 def test_markdown_keys_count_only_in_code():
-    text = ("prose data.nothing here\n\n    lora-flow run x.yaml lora.rank=4\n\n"
-            "see `train.bogus\nkey` and `eval.batch_size`\n")
+    text = (
+        "prose data.nothing here\n\n    lora-flow run x.yaml lora.rank=4\n\n"
+        "see `train.bogus\nkey` and `eval.batch_size`\n"
+    )
     spans = _code_spans(text)
     found = sorted(t for s, span in spans for _, t in mentions(span))
     assert found == ["eval.batch_size", "lora.rank", "train.bogus"]

@@ -15,8 +15,11 @@ from lora_core.train import train_lora
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,6 @@ def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, t
     evaluation's greedy decoding, max tokens and repetition penalty; its stop tokens are kept."""
     import shutil
 
-    import torch
     from transformers import GenerationConfig
 
     from lora_core.inference import GenerationSettings, generation_defaults
