@@ -22,6 +22,7 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -29,6 +30,9 @@ from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.errors import LoraFlowError, refused_write, storage_error
 from tasks import STAGES
+
+if TYPE_CHECKING:
+    from flows.summary import RunSummary
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -79,29 +83,23 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
     return 0
 
 
-def _print_summary(s: dict) -> None:
-    resumed = f" (resumed from step {s['resumed_from_step']})" if s["resumed_from_step"] else ""
+def _print_summary(s: RunSummary) -> None:
+    resumed = f" (resumed from step {s.resumed_from_step})" if s.resumed_from_step else ""
     registered = "(registration disabled)"
-    if s["registered_version"]:
-        p = s["promotion"]
-        verdict = (
-            ""
-            if p is None
-            else (f" -> champion ({p['reason']})" if p["promoted"] else f" (champion kept: {p['reason']})")
-        )
-        registered = f"version {s['registered_version']}{verdict}"
-    base, tuned, change = s["base_perplexity"], s["tuned_perplexity"], s["perplexity_change_pct"]
-    perplexity = f"base {base:.3f} -> tuned {tuned:.3f} ({change:+.1f}%)"
+    if s.registered_version:
+        registered = f"version {s.registered_version}" + (f" -> {s.verdict}" if s.verdict else "")
+    change = f"{s.perplexity_change_pct:+.1f}%"
+    perplexity = f"base {s.base_perplexity:.3f} -> tuned {s.tuned_perplexity:.3f} ({change})"
     print(
         textwrap.dedent(f"""
         ==== lora-flow: done ====
-        MLflow run:            {s["mlflow_run_id"]}{resumed}
+        MLflow run:            {s.mlflow_run_id}{resumed}
         validation perplexity: {perplexity}
-        adapter:               {s["adapter_dir"]}
-        merged model:          {s["merged_dir"] or "(merge disabled)"}
+        adapter:               {s.adapter_dir}
+        merged model:          {s.merged_dir or "(merge disabled)"}
         registry:              {registered}
-        samples:               {s["samples_path"]}
-        open the MLflow UI:    {s["ui_command"]}
+        samples:               {s.samples_path}
+        open the MLflow UI:    {s.ui_command}
     """)
     )
 

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 
 from flows import registry, report, runs, tracking
 from flows.register import register_and_promote
+from flows.summary import RunSummary
 from lora_core.base_model import check_quantization, pick_device
 from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
@@ -42,7 +43,7 @@ def finetune(
     no_cache: bool = False,
     refresh: list[Stage] | None = None,
     trigger: dict[str, str] | None = None,
-) -> dict:
+) -> RunSummary:
     """Fine-tune a causal LM from a recipe, track it in MLflow, register it; returns a summary.
 
     Args:

@@ -43,16 +43,14 @@ def _trial(cfg: PipelineConfig, trial: optuna.Trial) -> float:
     except Exception as exc:
         trial.set_user_attr("note", f"{type(exc).__name__}: {exc}"[:300])
         raise
-    trial.set_user_attr("mlflow_run_id", s["mlflow_run_id"])
-    trial.set_user_attr("tuned_perplexity", s["tuned_perplexity"])  # the table shows it beside any objective
-    MlflowClient().set_tag(s["mlflow_run_id"], "lora_flow.sweep.trial", str(trial.number))
+    trial.set_user_attr("mlflow_run_id", s.mlflow_run_id)
+    trial.set_user_attr("tuned_perplexity", s.tuned_perplexity)  # the table shows it beside any objective
+    MlflowClient().set_tag(s.mlflow_run_id, "lora_flow.sweep.trial", str(trial.number))
     ceiling = cfg.sweep.max_perplexity
-    if ceiling is not None and s["tuned_perplexity"] > ceiling:
-        trial.set_user_attr(
-            "note", f"tuned perplexity {s['tuned_perplexity']:.3f} > max_perplexity {ceiling}"
-        )
-        raise optuna.TrialPruned(trial.user_attrs["note"])
-    return space.objective_value(s, cfg.sweep.objective)
+    if ceiling is not None and s.tuned_perplexity > ceiling:
+        trial.set_user_attr("note", f"tuned perplexity {s.tuned_perplexity:.3f} > max_perplexity {ceiling}")
+        raise optuna.TrialPruned(trial.user_attrs.note)
+    return space.objective_value(s.model_dump(), cfg.sweep.objective)
 
 
 def _log_comparison(cfg: PipelineConfig, study: optuna.Study) -> dict:
@@ -69,7 +67,7 @@ def _log_comparison(cfg: PipelineConfig, study: optuna.Study) -> dict:
         tracking.set_tags(
             {
                 "best.trial": best.number,
-                "best.mlflow_run_id": best.user_attrs["mlflow_run_id"],
+                "best.mlflow_run_id": best.user_attrs.mlflow_run_id,
                 **{f"best.{k}": v for k, v in best.params.items()},
             }
         )
@@ -117,12 +115,12 @@ def sweep(config: PipelineConfig) -> dict:
         ):
             # every stage cached but `register`
             s = finetune(config=space.best_config(cfg, result["best_params"]))
-            result["registered_version"] = s["registered_version"]
+            result["registered_version"] = s.registered_version
             tracking.set_tags(
                 {
-                    "registry.version": s["registered_version"],
+                    "registry.version": s.registered_version,
                     "best.registered_trial": best,
-                    "best.registered_run_id": s["mlflow_run_id"],
+                    "best.registered_run_id": s.mlflow_run_id,
                 }
             )
     return result

@@ -45,7 +45,7 @@ def test_only_what_changed_is_recomputed(prefect_harness, make_recipe, small_dat
     assert rerun_stages(states) == ALL
 
     again, states = run(recipe)
-    assert rerun_stages(states) == [] and again["adapter_dir"] == first["adapter_dir"]
+    assert rerun_stages(states) == [] and again.adapter_dir == first.adapter_dir
 
     # a decoding setting: evaluation, and the merged folder serves it
     _, states = run(recipe, "eval.max_new_tokens=5")
@@ -70,15 +70,15 @@ def test_only_what_changed_is_recomputed(prefect_harness, make_recipe, small_dat
 def test_deleted_or_altered_outputs_are_recomputed_not_trusted(prefect_harness, make_recipe, mlflow_store):
     recipe = make_recipe("integrity")
     first, _ = run(recipe)
-    adapter = Path(first["adapter_dir"]) / "adapter_model.safetensors"
+    adapter = Path(first.adapter_dir) / "adapter_model.safetensors"
     original = adapter.read_bytes()
     adapter.unlink()
-    merged = Path(first["merged_dir"]) / "config.json"
+    merged = Path(first.merged_dir) / "config.json"
     merged.write_text(merged.read_text().replace('"hidden_size": 16', '"hidden_size": 16 '))
     again, states = run(recipe)
     assert states["train-lora"] == "Completed" and states["merge"] == "Completed"
     assert adapter.read_bytes() == original  # recomputed from the final checkpoint, identical
-    assert again["merged_dir"] == first["merged_dir"]
+    assert again.merged_dir == first.merged_dir
 
 
 def _flow_process(recipe: Path, env: dict, log: Path) -> subprocess.Popen:
@@ -160,7 +160,7 @@ def test_sigkill_during_training_resumes_from_the_last_checkpoint(
     reference = make_recipe("reference", train=LONG_TRAIN)
     summary = finetune(config=load_recipe(reference, ["output_dir=outputs-reference"]))
     resumed = load_file(train_dir / "adapter" / "adapter_model.safetensors")
-    straight = load_file(Path(summary["adapter_dir"]) / "adapter_model.safetensors")
+    straight = load_file(Path(summary.adapter_dir) / "adapter_model.safetensors")
     assert resumed.keys() == straight.keys()
     diff = max(float((resumed[k] - straight[k]).abs().max()) for k in resumed)
     assert diff < 1e-5, diff

@@ -83,7 +83,7 @@ def test_a_partial_config_changes_the_deployments_recipe_not_every_key(
     # what the API holds: the change alone
     assert flow_run.parameters["config"] == {"train": {"max_steps": 2}}
     summary = run_flow(finetune, flow_run=flow_run, parameters=flow_run.parameters)  # what a worker runs
-    params = MlflowClient(mlflow_store).get_run(summary["mlflow_run_id"]).data.params
+    params = MlflowClient(mlflow_store).get_run(summary.mlflow_run_id).data.params
     assert params["name"] == "deployed" and params["train.max_steps"] == "2"
     assert params["data.path"] == recipe["data"]["path"] and params["train.batch_size"] == str(
         recipe["train"]["batch_size"]

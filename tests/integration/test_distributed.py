@@ -53,7 +53,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(prefect_harness
     one_s = time.perf_counter() - started
     two = finetune(config=load_recipe(recipe, ["train.batch_size=5", "train.num_processes=2"]))
     two_s = time.perf_counter() - started - one_s
-    single, ranks = losses(one["adapter_dir"]), losses(two["adapter_dir"])
+    single, ranks = losses(one.adapter_dir), losses(two.adapter_dir)
     assert list(ranks) == list(range(1, 7)) and list(single) == list(ranks)
     worst = max(abs(ranks[s] - single[s]) / single[s] for s in single)
     print(
@@ -66,18 +66,18 @@ def test_two_processes_train_like_one_with_the_same_global_batch(prefect_harness
     # the main rank logged one curve into the flow's MLflow run, every step once
     mlflow.set_tracking_uri(mlflow_store)
     client = MlflowClient()
-    assert [m.step for m in client.get_metric_history(two["mlflow_run_id"], "loss")] == list(range(1, 7))
+    assert [m.step for m in client.get_metric_history(two.mlflow_run_id, "loss")] == list(range(1, 7))
     assert len(client.search_runs([client.get_experiment_by_name("ddp").experiment_id])) == 2
 
     # the adapter loads on the base and matches the single-process one to training precision
-    a, b = (load_file(Path(s["adapter_dir"]) / "adapter_model.safetensors") for s in (one, two))
+    a, b = (load_file(Path(s.adapter_dir) / "adapter_model.safetensors") for s in (one, two))
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(load_recipe(recipe).model.base)
-    tuned = PeftModel.from_pretrained(base, two["adapter_dir"])
+    tuned = PeftModel.from_pretrained(base, two.adapter_dir)
     ids = torch.tensor([[1, 5, 9, 2]])
     assert torch.isfinite(tuned(input_ids=ids).logits).all()
 
@@ -119,7 +119,7 @@ def test_a_killed_rank_fails_the_task_and_the_rerun_resumes(
     assert killed_at >= 20
 
     again = finetune(config=load_recipe(recipe))
-    assert again["resumed_from_step"] == killed_at
+    assert again.resumed_from_step == killed_at
     mlflow.set_tracking_uri(mlflow_store)
     client = MlflowClient()
     # the same run, continued

@@ -102,7 +102,7 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(
         summary = finetune(config=load_recipe(make_recipe("pg")))
 
         client = MlflowClient(tracking_uri=server)
-        run = client.get_run(summary["mlflow_run_id"])
+        run = client.get_run(summary.mlflow_run_id)
         assert run.info.status == "FINISHED" and run.data.params["name"] == "pg"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
         assert {"base_perplexity", "tuned_perplexity"} <= set(run.data.metrics)

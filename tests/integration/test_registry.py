@@ -34,14 +34,14 @@ def test_champion_moves_to_better_versions_only_and_loads_by_alias(
     summaries = [
         finetune(config=load_recipe(recipe, [f"train={TRAIN.format(steps=s, lr=lr)}"])) for s, lr in runs
     ]
-    ppl = [s["tuned_perplexity"] for s in summaries]
+    ppl = [s.tuned_perplexity for s in summaries]
     assert ppl[1] < ppl[0] and ppl[2] > ppl[1]
-    assert [s["registered_version"] for s in summaries] == ["1", "2", "3"]
-    assert [s["promotion"]["promoted"] for s in summaries] == [True, True, False]
+    assert [s.registered_version for s in summaries] == ["1", "2", "3"]
+    assert [s.promotion.promoted for s in summaries] == [True, True, False]
     assert aliases(client, "tutor") == {"champion": "2", "previous-champion": "1"}
     for version, s in zip("123", summaries):
         tags = client.get_model_version("tutor", version).tags
-        assert float(tags["val_perplexity"]) == pytest.approx(s["tuned_perplexity"])
+        assert float(tags["val_perplexity"]) == pytest.approx(s.tuned_perplexity)
         assert tags["data.sha256"] and tags["base_model.identity"].startswith("dir-sha256:")
     v3 = client.get_model_version("tutor", "3").tags
     assert v3["promotion.decision"] == "kept-champion" and float(
@@ -194,7 +194,7 @@ def test_the_served_version_replies_exactly_as_it_was_evaluated(
             ],
         )
     )
-    samples = json.loads(Path(summary["samples_path"]).read_text())
+    samples = json.loads(Path(summary.samples_path).read_text())
     code = (
         "import json, sys, mlflow\n"
         "m = mlflow.pyfunc.load_model('models:/served@champion')\n"
@@ -239,7 +239,7 @@ def test_the_served_version_replies_exactly_as_it_was_evaluated(
     assert "Be Socratic." not in tok.apply_chat_template(
         [{"role": "system", "content": "Other."}, *user], tokenize=False
     )
-    tags = MlflowClient(mlflow_store).get_model_version("served", summary["registered_version"]).tags
+    tags = MlflowClient(mlflow_store).get_model_version("served", summary.registered_version).tags
     assert (
         json.loads(tags["serving.generation"])["repetition_penalty"] == 1.3
         and tags["serving.system_prompt"] == "Be Socratic."
