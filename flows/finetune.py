@@ -26,12 +26,13 @@ from lora_core.config import PipelineConfig
 from lora_core.data import source_fingerprint
 from tasks import STAGES
 from tasks.base_model import resolve_base_model
-from tasks.cache import file_fingerprint, point_latest, run_key
+from tasks.cache import file_fingerprint, run_key
 from tasks.data import download_data, split_data
 from tasks.evaluate import evaluate
 from tasks.formatting import format_data
 from tasks.inputs import EvalInputs, MergeInputs, StageContext, TrainInputs
 from tasks.merge import merge
+from tasks.outputs import point_latest
 from tasks.train import train_adapter, train_dir, with_retries
 
 Stage = Literal[STAGES]  # type: ignore[valid-type]  # the names of tasks.STAGES, for the run form

@@ -17,7 +17,8 @@ from lora_core.data import DataResult, SplitResult
 from lora_core.evaluate import EvalResult, generation_settings
 from lora_core.faults import failpoint
 from lora_core.train import TrainResult
-from tasks.cache import RETRY_OPTIONS, TIMEOUTS, one_writer
+from tasks.cache import RETRY_OPTIONS, TIMEOUTS
+from tasks.locks import one_writer
 
 
 @task(name="register", cache_policy=NO_CACHE, timeout_seconds=TIMEOUTS["register"], **RETRY_OPTIONS)

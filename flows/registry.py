@@ -33,7 +33,7 @@ from lora_core.errors import LoraFlowError
 from lora_core.evaluate import PER_CONVERSATION
 from lora_core.faults import failpoint
 from lora_core.registry import Decision, Scored, decide
-from tasks.cache import one_writer
+from tasks.locks import one_writer
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from flows.summary import RunSummary
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
 from lora_core.evaluate import PER_CONVERSATION
-from tasks.cache import Stages
+from tasks.outputs import Stages
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ from lora_core.config import DataConfig, SplitConfig
 from lora_core.data import DataResult, SplitResult, download_dataset, split_dataset
 from lora_core.formatting import FormatResult
 from tasks import STAGE_TASKS
-from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
+from tasks.cache import RETRY_OPTIONS, TASK_OPTIONS, TIMEOUTS, stage_dir
+from tasks.outputs import sealed
 
 
 @task(

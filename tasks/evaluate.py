@@ -8,8 +8,9 @@ from lora_core.evaluate import EvalResult, evaluate_adapter
 from lora_core.faults import failpoint
 from lora_core.train import AdapterRef
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, stage_dir
 from tasks.inputs import EvalInputs, StageContext
+from tasks.outputs import sealed
 
 
 @task(name=STAGE_TASKS["evaluate"], timeout_seconds=TIMEOUTS["evaluate"], **TASK_OPTIONS)

@@ -7,8 +7,9 @@ from lora_core.config import TemplateConfig
 from lora_core.data import DataResult
 from lora_core.formatting import FormatResult, format_dataset
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, stage_dir
 from tasks.inputs import StageContext
+from tasks.outputs import sealed
 
 
 @task(name=STAGE_TASKS["format"], timeout_seconds=TIMEOUTS["format-data"], **TASK_OPTIONS)

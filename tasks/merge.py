@@ -8,8 +8,9 @@ from lora_core.faults import failpoint
 from lora_core.merge import MergeResult, merge_from_dirs
 from lora_core.train import AdapterRef
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, sealed, stage_dir
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, stage_dir
 from tasks.inputs import MergeInputs, StageContext
+from tasks.outputs import sealed
 
 
 @task(name=STAGE_TASKS["merge"], timeout_seconds=TIMEOUTS["merge"], **TASK_OPTIONS)

@@ -11,8 +11,9 @@ from lora_core.data import SplitResult
 from lora_core.launch import train_on_ranks
 from lora_core.train import TrainResult, set_aside, train_lora
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, LibraryVersion, sealed, stage_dir, transient_only
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, LibraryVersion, stage_dir, transient_only
 from tasks.inputs import StageContext, TrainInputs
+from tasks.outputs import sealed
 
 
 def train_dir(base: BaseModelRef, split: SplitResult, *, inputs: TrainInputs, output_root: str) -> Path:

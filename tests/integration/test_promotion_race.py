@@ -14,7 +14,7 @@ import mlflow
 from flows import registry
 from lora_core.config import RegistryConfig
 from lora_core.evaluate import PER_CONVERSATION
-from tasks.cache import LOCKS
+from tasks.locks import LOCKS
 
 
 def _version(client: MlflowClient, name: str, ppl: float) -> str:
