@@ -27,7 +27,14 @@ from typing import TYPE_CHECKING
 import yaml
 
 from flows import stack
-from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
+from lora_core.config import (
+    DEFAULT_RECIPE,
+    ConfigError,
+    PipelineConfig,
+    RegistryConfig,
+    describe_fields,
+    load_recipe,
+)
 from lora_core.errors import LoraFlowError, refused_write, storage_error
 from tasks import STAGES
 
@@ -295,8 +302,13 @@ def _generation_args(p) -> None:
     p.add_argument(
         "--base-model", help="local base model folder (default: the one recorded with the adapter)"
     )
+    from lora_core.inference import GenerationSettings
+
+    plain = GenerationSettings()  # what a folder with no recorded generation settings decodes with
     p.add_argument(
-        "--max-new-tokens", type=int, help="default: what the registry version was evaluated with, else 256"
+        "--max-new-tokens",
+        type=int,
+        help=f"default: what the registry version was evaluated with, else {plain.max_new_tokens}",
     )
     p.add_argument("--temperature", type=float, help="0 = greedy (the default); above 0 samples")
     p.add_argument("--top-p", type=float)
@@ -304,7 +316,7 @@ def _generation_args(p) -> None:
     p.add_argument(
         "--repetition-penalty",
         type=float,
-        help="default: the registry version's evaluation setting, else 1.0",
+        help=f"default: the registry version's evaluation setting, else {plain.repetition_penalty}",
     )
 
 
@@ -423,7 +435,10 @@ def _model_commands(sub) -> None:
     p.add_argument("--version", help="candidate version (default: the newest)")
     p.add_argument("--to", help="make this version the champion unconditionally (rollback)")
     p.add_argument(
-        "--margin", type=float, default=0.0, help="relative perplexity improvement required (0.01 = 1%%)"
+        "--margin",
+        type=float,
+        default=RegistryConfig.model_fields["margin"].default,  # the recipe's default, one copy
+        help="relative perplexity improvement required (0.01 = 1%%)",
     )
     p.add_argument("--list", action="store_true", help="list versions, aliases and decisions")
     p.set_defaults(fn=cmd_promote)

@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from lora_core.config import ModelConfig
 from lora_core.errors import LoraFlowError
@@ -51,16 +52,32 @@ class BaseModelRef:
     source: str  # model.base as the recipe gave it
 
 
+BaseKind = Literal["embedded", "gguf", "local", "hub"]
+
+
+def base_kind(base: str) -> BaseKind:
+    """What model.base names: a model shipped with the package, a .gguf file, a local folder, or a hub id
+    (the one copy of this rule: resolving, identity, preflight and the template check all ask here)."""
+    if base in EMBEDDED:
+        return "embedded"
+    if base.lower().endswith(".gguf"):
+        return "gguf"
+    if base.startswith((".", "/", "~")) or Path(base).expanduser().exists():
+        return "local"
+    return "hub"
+
+
 def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
-    if cfg.base in EMBEDDED:
+    kind = base_kind(cfg.base)
+    if kind == "embedded":
         return materialise_embedded(cfg.base, cache_dir)
     local = Path(cfg.base).expanduser()
-    if cfg.base.lower().endswith(".gguf"):
+    if kind == "gguf":
         if not local.is_file():
             raise BaseModelError(f"model.base {cfg.base!r}: no such GGUF file; fix the path")
         ref = materialise_gguf(local, file_sha256(local), local.stem, cache_dir)
         return BaseModelRef(ref.path, ref.identity, cfg.base)
-    if cfg.base.startswith((".", "/", "~")) or local.exists():
+    if kind == "local":
         if not (local / "config.json").is_file():
             raise BaseModelError(
                 f"model.base {cfg.base!r}: no such model directory (need {local / 'config.json'}); "
@@ -79,9 +96,10 @@ def identity_of(cfg: ModelConfig) -> str | None:
     """The identity `resolve_base` will give, computed without fetching or converting anything
     (None for a hub id, whose commit is known only once resolved, and for a path that does not exist)."""
     local = Path(cfg.base).expanduser()
-    if cfg.base in EMBEDDED:
+    kind = base_kind(cfg.base)
+    if kind == "embedded":
         return f"gguf-sha256:{EMBEDDED[cfg.base]['sha256']}"
-    if cfg.base.lower().endswith(".gguf"):
+    if kind == "gguf":
         return f"gguf-sha256:{file_sha256(local)}" if local.is_file() else None
     return f"dir-sha256:{tree_sha256(local)}" if (local / "config.json").is_file() else None
 

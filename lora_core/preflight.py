@@ -36,6 +36,7 @@ from lora_core.base_model import (
     _COMPLETE,
     EMBEDDED,
     BaseModelError,
+    base_kind,
     load_tokenizer,
     pick_device,
     quantization_config,
@@ -178,17 +179,18 @@ def _tokenizer_source(cfg: PipelineConfig, found: Review) -> Path | None:
     (problems of a local folder or hub id appended)."""
     problems, base = found.problems, cfg.model.base
     local = Path(base).expanduser()
-    if base in EMBEDDED:
+    kind = base_kind(base)
+    if kind == "embedded":
         converted = _converted(cfg, base, EMBEDDED[base]["sha256"])
         if converted is None:
             log.info("%s is not converted yet in %s: tokenizer checks skipped", base, cfg.cache_dir)
         return converted
-    if base.lower().endswith(".gguf"):  # a GGUF file is converted once, keyed by its content
+    if kind == "gguf":  # a GGUF file is converted once, keyed by its content
         if not local.is_file():
             problems.append(f"model.base {base!r}: no such GGUF file; fix the path")
             return None
         return _converted(cfg, local.stem, file_sha256(local)) or local
-    if base.startswith((".", "/", "~")) or local.exists():
+    if kind == "local":
         bad, sound = _local_model(cfg, local)
         problems += bad
         return local if sound else None
@@ -376,14 +378,12 @@ def _chat_template(cfg: PipelineConfig, tokenizer) -> list[str]:
         return []
     if not tokenizer.chat_template and not path:
         base = cfg.model.base
-        if base in EMBEDDED or base.lower().endswith(
-            ".gguf"
-        ):  # the tokenizer is the GGUF's, template and all
+        if base_kind(base) in ("embedded", "gguf"):  # the tokenizer is the GGUF's, template and all
             return [
                 f"model.base {base!r}: its GGUF metadata has no chat template (tokenizer.chat_template), "
                 "so conversations cannot be rendered; set template.chat_template to a Jinja chat-template "
-                "file "
-                "for this model family (recipes/templates/chatml-tools.jinja is ChatML's), or use 'text' data"
+                "file for this model family (recipes/templates/chatml-tools.jinja is ChatML's), "
+                "or use 'text' data"
             ]
         return [
             f"model.base {base!r}: the tokenizer has no chat template, so conversations cannot be "

@@ -34,6 +34,8 @@ import logging
 import torch
 from trl import SFTTrainer
 
+from lora_core.evaluate import LOGIT_KEYS
+
 log = logging.getLogger(__name__)
 
 TESTED_TRL = (
@@ -74,7 +76,7 @@ def trainer_class(fast_paths: bool, trl_version: str | None = None) -> type[SFTT
 # Config keys by which transformers models post-process their logits (the same list TRL's fused head reads).
 # The compact loss reproduces the first two; a model using any other one gets TRL's loss.
 LOGIT_SCALE, SOFTCAP = "logit_scale", "final_logit_softcapping"
-OTHER_LOGIT_KEYS = ("output_multiplier", "lm_head_multiplier", "logits_scaling")
+OTHER_LOGIT_KEYS = tuple(k for k in LOGIT_KEYS if k not in (LOGIT_SCALE, SOFTCAP))
 
 
 def logit_postprocessing(config) -> tuple[float, float | None] | None:
