@@ -293,7 +293,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
     )
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # .to is functools.wraps'd; its stub leaves self unbound
 
 
 def quantization_config(load_in_4bit: bool, device: str):
