@@ -71,7 +71,8 @@ def test_no_import_cycle_between_project_modules():
 
 
 def _code_lines(path: Path) -> int:
-    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file sprawl)."""
+    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file
+    sprawl)."""
     import ast
 
     text = path.read_text()
