@@ -311,7 +311,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
     )
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # .to is functools.wraps'd; its stub leaves self unbound
 
 
 def check_quantization(load_in_4bit: bool, *, device: str) -> None:

@@ -271,7 +271,7 @@ def closed_schema(schema: dict) -> dict:
     return out
 
 
-def _validator(tools: list, name: str, where: str):
+def _validator(tools: list | None, name: str, where: str):
     """A jsonschema validator for the `parameters` of the tool called `name`."""
     from jsonschema import SchemaError
     from jsonschema.validators import validator_for
@@ -306,7 +306,7 @@ def fixed_values(reference: dict, schema: dict, user_text: str) -> dict:
     """The reference arguments a correct call must repeat: numbers, booleans, enum members, strings the user
     wrote."""
     props = schema.get("properties", {})
-    out = {}
+    out: dict[str, bool | int | float | str] = {}
     for key, value in reference.items():
         if isinstance(value, (bool, int, float)):
             out[key] = value
@@ -340,14 +340,15 @@ def score_tool_call(reply: str, prompt: dict, where: str = "held-out prompt") ->
     user_text = "\n".join(m.get("content") or "" for m in prompt["messages"] if m.get("role") == "user")
     fixed = fixed_values(expected["arguments"], validator.schema, user_text)
     named = call is not None and call["name"] == expected["name"]
+    arguments = call["arguments"] if call is not None else {}
     scores = {
         "well_formed": call is not None,
         "right_name": named,
-        "valid_arguments": named and validator.is_valid(call["arguments"]),
+        "valid_arguments": named and validator.is_valid(arguments),
     }
     if fixed:
         scores["right_values"] = named and all(
-            k in call["arguments"] and _same(call["arguments"][k], v) for k, v in fixed.items()
+            k in arguments and _same(arguments[k], v) for k, v in fixed.items()
         )
     return scores
 

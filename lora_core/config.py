@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from lora_core.errors import LoraFlowError
 
@@ -547,7 +548,7 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict, source: str) -> str:
+def _describe(err: ErrorDetails, source: str) -> str:
     loc = tuple(err["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     value = err.get("input")

@@ -76,7 +76,9 @@ def conversation_spans(tokenizer, conversations: list[tuple[list[dict], list | N
     """For each (messages, tools): (full rendering, character spans of each assistant reply with its
     end-of-turn),
     or the FormatError that conversation raises."""
-    jobs, where = [], []  # where[c]: (prefix length, add_generation_prompt) -> index into jobs
+    jobs: list[tuple[list[dict], list | None, bool]] = []
+    # where[c]: (prefix length, add_generation_prompt) -> index into jobs
+    where: list[dict[tuple[int, bool], int]] = []
     for messages, tools in conversations:
         at = {(len(messages), False): len(jobs)}
         jobs.append((messages, tools, False))
@@ -88,7 +90,7 @@ def conversation_spans(tokenizer, conversations: list[tuple[list[dict], list | N
                         jobs.append((messages[: key[0]], tools, key[1]))
         where.append(at)
     texts = render_many(tokenizer, jobs)
-    out = []
+    out: list[tuple[str, list[tuple[int, int]]] | FormatError] = []
     for (messages, _), at in zip(conversations, where):
         rendered = {key: texts[j] for key, j in at.items()}
         full = rendered[(len(messages), False)]

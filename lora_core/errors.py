@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -34,7 +35,7 @@ REFUSED = {
 _RUST_IO = re.compile(r"Os \{ code: (\d+)|\(os error (\d+)\)")
 
 
-def _chain(exc: BaseException):
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -64,7 +65,7 @@ def _fullest(path: Path) -> tuple[Path, int]:
     that space: where an unnamed write most likely failed. Looks at 10,000 folders at most."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    devices = {}
+    devices: dict[int, Path] = {}
     for i, (folder, _, _) in enumerate(os.walk(path, followlinks=True)):
         devices.setdefault(os.stat(folder).st_dev, Path(folder))
         if i == 10_000:

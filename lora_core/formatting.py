@@ -169,7 +169,8 @@ def end_of_turn_odds(
     ]
     if not taught:
         return None
-    sample = []  # each cut after its last reply end, with a mask of 1 exactly at its end-of-turn targets
+    # each cut after its last reply end, with a mask of 1 exactly at its end-of-turn targets
+    sample: list[dict[str, list[int]]] = []
     for ids, at in zip(input_ids, ends):
         at = [t for t in at if ids[t] == taught[0]]
         if at and len(sample) < rows:
@@ -310,8 +311,8 @@ def _format_batch(batch: dict, tokenizer, system_prompt: str | None, assistant_o
         batch["source"], batch["index"], records, encode_records(tokenizer, records, assistant_only)
     ):
         bad = isinstance(enc, FormatError)
-        out["input_ids"].append([] if bad else enc.input_ids)
-        out["assistant_masks"].append([] if bad else enc.assistant_masks)
+        out["input_ids"].append([] if isinstance(enc, FormatError) else enc.input_ids)
+        out["assistant_masks"].append([] if isinstance(enc, FormatError) else enc.assistant_masks)
         out["key"].append(record_key(rec))
         out["source"].append(source)
         out["record"].append(json.dumps(rec, ensure_ascii=False))
@@ -347,6 +348,7 @@ def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int 
         "template.end_of_turn" if cfg.end_of_turn else "from the chat template",
     )
     if chats and cfg.assistant_only_loss:
+        assert first is not None  # chats: the first record has messages
         enc = encode_records(tokenizer, inject_system_prompt([first], cfg.system_prompt))[0]
         if not isinstance(enc, FormatError):  # a record that cannot be encoded is reported with the others
             check_end_of_turn_trained(tokenizer, enc, eot_id)

@@ -190,8 +190,8 @@ def generate_one_by_one(model, tokenizer, chats: list[tuple[list[dict], list | N
     from lora_core.formatting import stop_token_ids
 
     stops, replies = stop_token_ids(model, tokenizer), []
-    for ids in encode_prompts(tokenizer, chats):
-        ids = torch.tensor([ids], device=next(model.parameters()).device)
+    for prompt in encode_prompts(tokenizer, chats):
+        ids = torch.tensor([prompt], device=next(model.parameters()).device)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids,

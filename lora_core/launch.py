@@ -147,6 +147,7 @@ def _run(cmd: list[str], env: dict, cwd: str | None) -> list[str] | None:
     with subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     ) as proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             sys.stderr.write(line)
             tail.append(line)

@@ -292,7 +292,7 @@ def raw_lines(
     hub
     datasets record by record (values JSON cannot hold, such as dates, as their text)."""
     if is_hub_id(path):
-        rows: Iterator[RawRecord] = (
+        rows: Iterator[Line | RawRecord] = (
             RawRecord(f"{path} record {i}", rec)
             for i, rec in enumerate(_hub_dataset(path, split, revision, subset))
         )

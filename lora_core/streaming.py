@@ -309,7 +309,7 @@ class _Found:
     bad_records: bool = False  # a record (not a file) has a problem: the fix may be data.skip_invalid
 
 
-def _source(found: _Found, *args, **kwargs) -> Any | None:
+def _source(found: _Found, *args, **kwargs) -> Normalised | None:
     """One source, normalised; its problems go to `found` (with data.skip_invalid, its bad rows)."""
     try:
         n = normalised(*args, **kwargs)
@@ -357,7 +357,9 @@ def gather_dataset(
     main = _source(found, cfg.path, cfg.format, **common)
     records, fmt, digest = (main.good(), main.format, main.sha256) if main else (None, cfg.format, "")
     if cfg.mix or cfg.weight != 1.0:
-        parts = [records.select(weighted_indices(len(records), cfg.weight, seed))] if main else []
+        parts = (
+            [records.select(weighted_indices(len(records), cfg.weight, seed))] if records is not None else []
+        )
         for i, src in enumerate(cfg.mix):
             more = _source(
                 found,
@@ -381,7 +383,7 @@ def gather_dataset(
             digest = text_sha256(digest, more.sha256, str(src.weight))
             log.info("mixed in %s x%.2f", src.path, src.weight)
         records = datasets.concatenate_datasets(parts) if main else None
-        if main and not len(records):
+        if records is not None and not len(records):
             found.problems.append("data.weight/data.mix sampled no records at all; raise the weights")
     val = None
     if cfg.validation_path:

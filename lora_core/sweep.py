@@ -13,7 +13,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lora_core.config import ConfigError, PipelineConfig, SweepRange, _set_dotted, build_config, merge_tree
+from lora_core.config import (
+    ConfigError,
+    PipelineConfig,
+    SweepConfig,
+    SweepRange,
+    _set_dotted,
+    build_config,
+    merge_tree,
+)
 
 # Keys a trial must not change: where its outputs go, how it is tracked and registered, the sweep itself.
 FIXED = ("name", "output_dir", "cache_dir", "tracking", "registry", "sweep")
@@ -88,8 +96,15 @@ def check(cfg: PipelineConfig, source: str = "recipe") -> None:
         raise ConfigError("\n".join(problems))
 
 
+def _sweep(cfg: PipelineConfig) -> SweepConfig:
+    """The recipe's sweep block; check() reports a recipe without one, with its file name."""
+    if cfg.sweep is None:
+        raise ConfigError("the recipe has no `sweep:` block; add one with params, trials and objective")
+    return cfg.sweep
+
+
 def _objective_problems(cfg: PipelineConfig, source: str) -> list[str]:
-    objective, behavior = cfg.sweep.objective, cfg.eval.behavior
+    objective, behavior = _sweep(cfg).objective, cfg.eval.behavior
     if objective in PERPLEXITIES or (behavior != "none" and objective.startswith(f"tuned.{behavior}")):
         return []
     return [
@@ -116,9 +131,14 @@ def suggest(trial, params: dict) -> dict[str, Any]:
 def sampler(cfg: PipelineConfig):
     import optuna
 
-    sweep = cfg.sweep
+    sweep = _sweep(cfg)
     if sweep.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(v) for k, v in sweep.params.items()}, seed=sweep.seed)
+        grid = {}
+        for key, space in sweep.params.items():
+            if isinstance(space, SweepRange):  # check() reports it first, with the recipe's name
+                raise ConfigError(f"sweep.params.{key}: the grid sampler needs a list of values, not a range")
+            grid[key] = list(space)
+        return optuna.samplers.GridSampler(grid, seed=sweep.seed)
     return optuna.samplers.TPESampler(seed=sweep.seed)
 
 
@@ -127,7 +147,7 @@ def study_name(cfg: PipelineConfig) -> str:
     registered) and the search space. The number of trials is not part of it, so raising it continues the
     study."""
     settings = cfg.model_dump(mode="json", exclude={"tracking", "registry", "sweep"})
-    space = cfg.sweep.model_dump(mode="json", exclude={"trials", "concurrency"})
+    space = _sweep(cfg).model_dump(mode="json", exclude={"trials", "concurrency"})
     digest = hashlib.sha256(json.dumps([settings, space], sort_keys=True).encode()).hexdigest()
     return f"{cfg.name}-{digest[:12]}"
 

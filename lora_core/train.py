@@ -334,7 +334,7 @@ def expose_head_bias(model) -> None:
 
     for module in model.modules():
         if isinstance(module, TrainableTokensWrapper) and isinstance(module.original_module, torch.nn.Linear):
-            module.bias = None
+            module.bias = None  # type: ignore[assignment]  # torch's __setattr__ stub leaves out None (accepted)
 
 
 def train_lora(
@@ -424,11 +424,14 @@ def train_lora(
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(lora, end_of_turn_rows(model, eot.taught) if fixing else None)
+        peft_config=peft_config(
+            lora, end_of_turn_rows(model, eot.taught) if fixing and eot is not None else None
+        )
         if cfg.method == "lora"
         else None,
         callbacks=[*(callbacks or []), metrics_jsonl_callback(out_dir / "checkpoints" / "metrics.jsonl")],
     )
+    assert trainer.model is not None  # the Trainer holds the model it was given (peft-wrapped)
     if fixing:
         expose_head_bias(trainer.model)
     if fast:
