@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from flows import stack
 from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.errors import LoraFlowError, refused_write, storage_error
+from ops import stack
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:

@@ -34,26 +34,25 @@ def _top_level_imports(path: Path) -> set[str]:
     return names
 
 
-CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).glob("*.py"))
+PACKAGES = ("lora_core", "tasks", "flows", "ops")
+CODE = sorted(p for d in PACKAGES for p in (REPO / d).glob("*.py"))
 
 
 def test_the_wiring_does_no_ml_at_import():
-    """flows/ and tasks/ load torch, transformers, peft or trl only inside the lora_core calls that need
+    """flows/, tasks/ and ops/ load torch, transformers, peft or trl only inside the lora_core calls that need
     them."""
     heavy = ("torch", "transformers", "peft", "trl", "datasets")
     found = {
         f"{p.parent.name}/{p.name}": sorted(m for m in _top_level_imports(p) if m.split(".")[0] in heavy)
         for p in CODE
-        if p.parent.name in ("flows", "tasks")
+        if p.parent.name in ("flows", "tasks", "ops")
     }
     assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_no_import_cycle_between_project_modules():
     graph = {
-        f"{p.parent.name}.{p.stem}": {
-            m for m in _top_level_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")
-        }
+        f"{p.parent.name}.{p.stem}": {m for m in _top_level_imports(p) if m.split(".")[0] in PACKAGES}
         for p in CODE
     }
     graph = {
@@ -70,8 +69,30 @@ def test_no_import_cycle_between_project_modules():
     assert [m for m in graph if reaches(m, m, set())] == []
 
 
+def test_ops_sits_beside_the_flows_not_under_them():
+    """ops/ (the local stack of servers and worker) uses lora_core alone; lora_core and tasks never use ops
+    (flows/cli.py may: it mounts `lora-flow stack`). Imports anywhere in a file count, not just the top."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        return names & set(PACKAGES)
+
+    uses = {f"{p.parent.name}/{p.name}": imported(p) for p in CODE}
+    assert {f: u - {"lora_core", "ops"} for f, u in uses.items() if f.startswith("ops/")} == {
+        f: set() for f in uses if f.startswith("ops/")
+    }
+    assert [f for f, u in uses.items() if f.split("/")[0] in ("lora_core", "tasks") and "ops" in u] == []
+
+
 def _code_lines(path: Path) -> int:
-    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file sprawl)."""
+    """Lines of code: not blank, not a comment, not part of a docstring (prose is not what makes a file
+    sprawl)."""
     import ast
 
     text = path.read_text()
