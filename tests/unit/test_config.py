@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from lora_core.config import (
     ConfigError,
@@ -81,7 +82,7 @@ def test_bad_override_syntax():
 
 def test_config_is_frozen_and_every_field_described():
     cfg = PipelineConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):  # frozen
         cfg.lora.r = 3  # type: ignore[misc]
     rows = describe_fields()
     assert len(rows) > 40
