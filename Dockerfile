@@ -24,13 +24,15 @@ WORKDIR /opt/lora-flow
 # dependencies first, so editing the code does not reinstall torch
 COPY pyproject.toml constraints.txt README.md ./
 RUN python -m pip install -c constraints.txt --index-url "${TORCH_INDEX}" torch \
- && mkdir -p lora_core tasks flows && touch lora_core/__init__.py tasks/__init__.py flows/__init__.py \
+ && mkdir -p lora_core tasks flows ops \
+ && touch lora_core/__init__.py tasks/__init__.py flows/__init__.py ops/__init__.py \
  && python -m pip install -c constraints.txt -e . \
- && rm -rf lora_core tasks flows
+ && rm -rf lora_core tasks flows ops
 
 COPY lora_core lora_core
 COPY tasks tasks
 COPY flows flows
+COPY ops ops
 COPY recipes recipes
 COPY data data
 COPY mlflow mlflow

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from flows import stack
 from lora_core.config import (
     DEFAULT_RECIPE,
     ConfigError,
@@ -36,6 +35,7 @@ from lora_core.config import (
     load_recipe,
 )
 from lora_core.errors import LoraFlowError, refused_write, storage_error
+from ops import stack
 from tasks import STAGES
 
 if TYPE_CHECKING:

@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO
 from mlflow.tracking import MlflowClient
 
-from flows import stack as stk
 from flows.finetune import finetune
 from lora_core.config import load_recipe
+from ops import probe
 
 POSTGRES_URI = os.environ.get("LORA_FLOW_TEST_POSTGRES_URI")
 pytestmark = [
@@ -67,7 +67,7 @@ def fresh_database():
 def test_mlflow_server_on_postgresql_tracks_a_real_flow(
     fresh_database, prefect_harness, make_recipe, tmp_path, monkeypatch
 ):
-    port = stk.free_port()
+    port = probe.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "LORA_FLOW_"))}
     # the URI carries a password: MLflow's own variable, never the command line
     env.update(
@@ -75,7 +75,7 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(
         LORA_FLOW_STACK_DIR=str(tmp_path / "state"),
         MLFLOW_BACKEND_STORE_URI=fresh_database,
     )
-    cli = [sys.executable, "-m", "flows.stack"]
+    cli = [sys.executable, "-m", "ops.stack"]
     up = subprocess.run(
         [
             *cli,
@@ -123,4 +123,4 @@ def test_mlflow_server_on_postgresql_tracks_a_real_flow(
     finally:
         down = subprocess.run([*cli, "down"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0 and "mlflow server   stopped" in down.stdout, down.stdout + down.stderr
-    assert not stk.port_in_use(port)
+    assert not probe.port_in_use(port)

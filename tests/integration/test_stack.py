@@ -27,8 +27,9 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from flows import stack as stk
 from lora_core.config import PipelineConfig, load_recipe
+from ops import probe
+from ops import stack as stk
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def stack_cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.stack", *args],
+        [sys.executable, "-m", "ops.stack", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -103,7 +104,9 @@ class Stack:
         return Path(self.env["LORA_FLOW_STACK_DIR"])
 
     def get(self, path: str, body: dict | None = None):
-        status, text = stk.http(self.api + path, body=body, timeout=15)  # retries 503 and dropped connections
+        status, text = probe.http(
+            self.api + path, body=body, timeout=15
+        )  # retries 503 and dropped connections
         assert status in (200, 201), (path, status, text[:500])
         return json.loads(text)
 
@@ -201,10 +204,10 @@ def test_up_is_idempotent_and_every_service_answers(stack):
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already running") == 3
     assert {p.name: p.read_text() for p in stack.state.glob("*.pid")} == pid_files  # nothing restarted
-    assert stk.healthy({"name": "mlflow", "url": stack.mlflow}) and stk.healthy(
+    assert probe.healthy({"name": "mlflow", "url": stack.mlflow}) and probe.healthy(
         {"name": "prefect", "url": stack.api}
     )
-    assert stk.healthy(json.loads(pid_files["worker.pid"]))  # the worker's heartbeat, since it started
+    assert probe.healthy(json.loads(pid_files["worker.pid"]))  # the worker's heartbeat, since it started
 
 
 def test_the_prefect_server_log_is_kept_and_the_server_survives_writing_it(stack):
@@ -213,14 +216,14 @@ def test_the_prefect_server_log_is_kept_and_the_server_survives_writing_it(stack
     broken pipe into SystemExit). The stack runs `prefect server start` with its output in prefect.log."""
     port = stack.api.split(":")[2].split("/")[0]
     assert f"Uvicorn running on http://127.0.0.1:{port}" in (stack.state / "prefect.log").read_text()
-    assert stk.healthy({"name": "prefect", "url": stack.api})
+    assert probe.healthy({"name": "prefect", "url": stack.api})
 
 
 def test_the_prefect_ui_calls_the_api_on_the_stack_port(stack):
     """Issue #15: on any port but 4200 the UI said "Can't connect to Server API at
     http://127.0.0.1:4200/api"."""
     assert not stack.api.endswith(":4200/api")
-    ui = json.loads(stk.http(stack.api.removesuffix("/api") + "/ui-settings")[1])
+    ui = json.loads(probe.http(stack.api.removesuffix("/api") + "/ui-settings")[1])
     assert ui["api_url"] == stack.api
 
 
@@ -359,7 +362,7 @@ def test_a_wrong_typed_config_is_refused_when_the_run_is_created(stack, nightly)
     dep = stack.get(f"/deployments/name/{ON_DEMAND}")
     query = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
     before = stack.get("/flow_runs/filter", query)
-    status, text = stk.http(
+    status, text = probe.http(
         f"{stack.api}/deployments/{dep['id']}/create_flow_run",
         {"parameters": {"config": {"lora": {"r": "sixteen"}}}},
         timeout=15,
@@ -582,7 +585,7 @@ def test_a_port_already_taken_is_named_and_nothing_starts(tmp_path):
         out = stack_cli("up", "--prefect-port", str(busy), "--mlflow-port", str(other), env=env, timeout=60)
     assert out.returncode == 2
     assert f"port {busy} (prefect server) is already in use" in one_error_line(out)
-    assert not list((tmp_path / "state").glob("*.pid")) and not stk.port_in_use(other)
+    assert not list((tmp_path / "state").glob("*.pid")) and not probe.port_in_use(other)
 
 
 @pytest.mark.parametrize(
@@ -707,7 +710,7 @@ def test_a_service_that_does_not_come_up_takes_the_others_down_with_it(tmp_path)
     # both servers had been started: both are gone -- no pid file, ports free, no process
     assert sorted(p.name for p in (tmp_path / "state").glob("*.log")) == ["mlflow.log", "prefect.log"]
     assert not list((tmp_path / "state").glob("*.pid"))
-    assert not stk.port_in_use(prefect_port) and not stk.port_in_use(mlflow_port)
+    assert not probe.port_in_use(prefect_port) and not probe.port_in_use(mlflow_port)
     assert not _processes_mentioning(f"--port {prefect_port}", f"--port {mlflow_port}")
 
 
@@ -856,7 +859,7 @@ def test_down_stops_everything_up_started(stack):
     assert not [p for p in procs if p.is_running()]  # is_running also checks the start time
     assert not list(stack.state.glob("*.pid")) and not (stack.state / "env").exists()
     for url in (stack.api, stack.mlflow):
-        assert not stk.port_in_use(int(url.split(":")[2].split("/")[0]))
+        assert not probe.port_in_use(int(url.split(":")[2].split("/")[0]))
     assert "nothing to stop" in stack_cli("down", env=stack.env).stdout
     no_urls = {k: v for k, v in stack.env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     assert stack_cli("status", env=no_urls).returncode == 3  # not running
@@ -905,7 +908,7 @@ def test_an_mlflow_webhook_hears_the_champion_move(tmp_path, monkeypatch):
     try:
         uri = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
-        while not stk.healthy({"name": "mlflow", "url": uri}):
+        while not probe.healthy({"name": "mlflow", "url": uri}):
             assert server.poll() is None and time.monotonic() < deadline, (
                 tmp_path / "mlflow.log"
             ).read_text()[-2000:]

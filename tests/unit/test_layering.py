@@ -34,17 +34,18 @@ def _top_level_imports(path: Path) -> set[str]:
     return names
 
 
-CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).glob("*.py"))
+PACKAGES = ("lora_core", "tasks", "flows", "ops")
+CODE = sorted(p for d in PACKAGES for p in (REPO / d).glob("*.py"))
 
 
 def test_the_wiring_does_no_ml_at_import():
-    """flows/ and tasks/ load torch, transformers, peft or trl only inside the lora_core calls that need
+    """flows/, tasks/ and ops/ load torch, transformers, peft or trl only inside the lora_core calls that need
     them."""
     heavy = ("torch", "transformers", "peft", "trl", "datasets")
     found = {
         f"{p.parent.name}/{p.name}": sorted(m for m in _top_level_imports(p) if m.split(".")[0] in heavy)
         for p in CODE
-        if p.parent.name in ("flows", "tasks")
+        if p.parent.name in ("flows", "tasks", "ops")
     }
     assert {k: v for k, v in found.items() if v} == {}
 
@@ -74,10 +75,7 @@ def test_tasks_never_import_flows():
 
 def test_no_import_cycle_between_project_modules():
     graph = {
-        f"{p.parent.name}.{p.stem}": {
-            m for m in _all_imports(p) if m.split(".")[0] in ("lora_core", "tasks", "flows")
-        }
-        for p in CODE
+        f"{p.parent.name}.{p.stem}": {m for m in _all_imports(p) if m.split(".")[0] in PACKAGES} for p in CODE
     }
     graph = {
         k.removesuffix(".__init__"): {m if m in graph else m.rsplit(".", 1)[0] for m in v}
@@ -91,6 +89,27 @@ def test_no_import_cycle_between_project_modules():
         return False
 
     assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_ops_sits_beside_the_flows_not_under_them():
+    """ops/ (the local stack of servers and worker) uses lora_core alone; lora_core and tasks never use ops
+    (flows/cli.py may: it mounts `lora-flow stack`). Imports anywhere in a file count, not just the top."""
+    import ast
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        return names & set(PACKAGES)
+
+    uses = {f"{p.parent.name}/{p.name}": imported(p) for p in CODE}
+    assert {f: u - {"lora_core", "ops"} for f, u in uses.items() if f.startswith("ops/")} == {
+        f: set() for f in uses if f.startswith("ops/")
+    }
+    assert [f for f, u in uses.items() if f.split("/")[0] in ("lora_core", "tasks") and "ops" in u] == []
 
 
 def _code_lines(path: Path) -> int:

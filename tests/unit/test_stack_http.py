@@ -1,4 +1,4 @@
-"""flows.stack.http against a real HTTP server on loopback that answers 503 or drops the connection
+"""ops.probe.http against a real HTTP server on loopback that answers 503 or drops the connection
 the way a loaded Prefect server does: retried with backoff, bounded; a refused connection is not."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from flows import stack
+from ops import probe
 
 
 @pytest.fixture()
 def server(monkeypatch):
     """A loopback server whose answers are scripted per request: an int is a status, "reset" drops the
     connection before any answer; past the script it answers 200 "ok". Waits between tries shrink to 50 ms."""
-    monkeypatch.setattr(stack, "RETRY_S", (0.05, 0.1, 0.2, 0.4))
+    monkeypatch.setattr(probe, "RETRY_S", (0.05, 0.1, 0.2, 0.4))
     script, seen = [], []
 
     class Handler(BaseHTTPRequestHandler):
@@ -49,7 +49,7 @@ def server(monkeypatch):
 def test_503_is_retried_with_growing_waits_until_an_answer(server):
     url, script, seen = server
     script += [503, 503]
-    assert stack.http(url + "/api/health") == (200, "ok")
+    assert probe.http(url + "/api/health") == (200, "ok")
     assert len(seen) == 3
     waits = [b[2] - a[2] for a, b in zip(seen, seen[1:])]
     assert waits[0] >= 0.05 and waits[1] >= 0.1  # backoff, in the order of RETRY_S
@@ -58,21 +58,21 @@ def test_503_is_retried_with_growing_waits_until_an_answer(server):
 def test_retries_are_bounded_and_the_last_answer_is_returned(server):
     url, script, seen = server
     script += [503] * 10
-    assert stack.http(url + "/x", body={"a": 1}) == (503, "busy")
+    assert probe.http(url + "/x", body={"a": 1}) == (503, "busy")
     assert len(seen) == 5 and all(method == "POST" for method, _, _ in seen)
 
 
 def test_other_errors_are_answers_not_retries(server):
     url, script, seen = server
     script += [409]
-    assert stack.http(url + "/x", body={}) == (409, "busy")
+    assert probe.http(url + "/x", body={}) == (409, "busy")
     assert len(seen) == 1
 
 
 def test_a_dropped_connection_is_retried(server):
     url, script, seen = server
     script += ["reset", "reset"]
-    assert stack.http(url + "/api/health") == (200, "ok")
+    assert probe.http(url + "/api/health") == (200, "ok")
     assert len(seen) == 3
 
 
@@ -82,5 +82,5 @@ def test_a_refused_connection_raises_at_once():
         port = s.getsockname()[1]  # bound, never listening: connections are refused
         t0 = time.monotonic()
         with pytest.raises(OSError, match="refused"):
-            stack.http(f"http://127.0.0.1:{port}/api/health")
+            probe.http(f"http://127.0.0.1:{port}/api/health")
         assert time.monotonic() - t0 < 1.0

@@ -184,6 +184,7 @@ def test_the_build_context_has_the_code_and_data_and_leaves_out_the_local_state(
         "lora_core/launch.py",
         "flows/launch.py",
         "flows/finetune.py",
+        "ops/stack.py",
         "data/socratic_tutor.jsonl",
         "data/socratic_tutor_more.jsonl",
         "data/socratic_tutor_heldout.jsonl",

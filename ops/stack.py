@@ -3,9 +3,8 @@ loopback, run by the libraries' own commands: `prefect server start`, `prefect w
 (it creates the pool), mlflow/serve.sh (`mlflow server`). Ports: the options, else PREFECT_API_URL /
 MLFLOW_TRACKING_URI, else 4200 / 5000. State in .lora-flow-stack/ (LORA_FLOW_STACK_DIR): `<service>.pid` (pid,
 start time, port; never a password), `<service>.log` (its output) and `env` to `source`. Not `prefect server
-start --background`: in
-Prefect 3.8.8 it leaves the server writing to a pipe nobody reads, and the server exits on its first log
-line."""
+start --background`: in Prefect 3.8.8 it leaves the server writing to a pipe nobody reads, and the server
+exits on its first log line."""
 
 from __future__ import annotations
 
@@ -17,150 +16,32 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
-from urllib import error, request
 
 import psutil
 import yaml
 
 from lora_core.errors import LoraFlowError
+from ops.probe import (
+    HOST,
+    POOL,
+    URL_VARS,
+    StackError,
+    check_backend,
+    healthy,
+    port_in_use,
+    server_problem,
+    service_port,
+    shown,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT, MLFLOW = (str(Path(sys.executable).parent / name) for name in ("prefect", "mlflow"))  # this venv's
-HOST, POOL = "127.0.0.1", "local"  # POOL: the work pool of prefect.yaml's deployments
 SERVICES = ("mlflow", "prefect", "worker")
 TITLES = {"mlflow": "mlflow server", "prefect": "prefect server", "worker": "process worker"}
-URL_VARS = {"prefect": ("PREFECT_API_URL", "/api", 4200), "mlflow": ("MLFLOW_TRACKING_URI", "", 5000)}
 STARTUP_TIMEOUT_S = float(os.environ.get("LORA_FLOW_STACK_TIMEOUT", "120"))  # 2 busy cores: ~10-25 s each
 STOP_TIMEOUT_S = 15.0  # SIGTERM, then SIGKILL whatever is still there
 SECRET_VARS = ("MLFLOW_BACKEND_STORE_URI", "BACKEND", "PGPASSWORD", "PGPASSFILE")  # for `mlflow server` only
-RETRY_S = (0.5, 1.0, 2.0, 4.0)  # waits between the 5 tries of a request a loaded server answers 503 or drops
-_opener = request.build_opener(request.ProxyHandler({}))  # loopback traffic never goes through a proxy
-
-
-class StackError(LoraFlowError):
-    """A problem with the stack's input or one of its services (one line, with the fix)."""
-
-
-def http(url: str, body: dict | None = None, timeout: float = 3.0) -> tuple[int, str]:
-    """(status, text) of a GET, or a JSON POST when body is given. A loaded Prefect server answers 503 or
-    drops the
-    connection: both are retried after RETRY_S, then the last answer returned. A refused connection raises
-        OSError."""
-    req = request.Request(
-        url, None if body is None else json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    for wait_s in (*RETRY_S, None):
-        try:
-            with _opener.open(req, timeout=timeout) as resp:
-                return resp.status, resp.read().decode(errors="replace")
-        except error.HTTPError as exc:
-            if exc.code != 503 or wait_s is None:
-                return exc.code, exc.read().decode(errors="replace")
-        except (ConnectionResetError, error.URLError) as exc:
-            if wait_s is None or not isinstance(getattr(exc, "reason", exc), ConnectionResetError):
-                raise
-        time.sleep(wait_s)
-    raise AssertionError("unreachable: the last try returns or raises")
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return True
-    return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def service_port(name: str, option: int | None, env=os.environ) -> int:
-    """The option, else the port of the loopback URL in the service's variable, else the default."""
-    var, path, default = URL_VARS[name]
-    if value := env.get(var):
-        if not (m := re.fullmatch(r"http://(127\.0\.0\.1|localhost):(\d{1,5})(/.*)?", value)):
-            raise StackError(
-                f"{var}={value!r} is not a loopback URL like http://127.0.0.1:<port>{path}; "
-                f"the stack serves on 127.0.0.1 only -- unset {var} or point it there"
-            )
-        if (m[3] or "").rstrip("/") != path:
-            raise StackError(
-                f"{var}={value!r} must end in {path or 'the port'} (e.g. http://127.0.0.1:{m[2]}{path})"
-            )
-        if option is not None and option != int(m[2]):
-            raise StackError(f"--{name}-port {option} disagrees with {var}={value}; drop one of them")
-        option = int(m[2])
-    if not 0 < (port := default if option is None else option) < 65536:
-        raise StackError(f"--{name}-port {port}: not a TCP port (1-65535)")
-    return port
-
-
-def _shown(uri: str) -> str:
-    return re.sub(r"^([\w+]+://[^:/@]*:)[^@]*@", r"\1***@", uri)
-
-
-def check_backend(uri: str) -> str:
-    """The URI with its password hidden, once its store opens (`mlflow server` would retry ~100 s first)."""
-    import sqlalchemy
-
-    shown = _shown(uri)
-    try:
-        sqlalchemy.create_engine(
-            uri, **({} if uri.startswith("sqlite") else {"connect_args": {"connect_timeout": 5}})
-        ).connect().close()
-    except (
-        sqlalchemy.exc.SQLAlchemyError,
-        ImportError,
-    ) as exc:  # ImportError: the URI's driver is not installed
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StackError(
-            f"--backend-store-uri {shown}: cannot connect ({reason}); use sqlite:////abs/path.db or "
-            "postgresql+psycopg://user:password@host:5432/db"
-        ) from None
-    return shown
-
-
-def healthy(rec: dict) -> bool:
-    """Prefect's /api/health says true, MLflow's /health OK, a worker's heartbeat came after it started (not a
-    former one's)."""
-    try:
-        if rec["name"] != "worker":
-            status, text = http(rec["url"].rstrip("/") + "/health")
-            return status == 200 and text.strip() == ("true" if rec["name"] == "prefect" else "OK")
-        status, text = http(f"{rec['url']}/work_pools/{POOL}/workers/filter", body={})
-    except OSError:  # nothing answers
-        return False
-    return status == 200 and any(
-        w["name"] == rec["worker_name"]
-        and w["status"] == "ONLINE"
-        and datetime.fromisoformat(w["last_heartbeat_time"]).timestamp() >= rec["create_time"]
-        for w in json.loads(text)
-    )
-
-
-def server_problem(name: str, url: str) -> str | None:
-    """None when the Prefect/MLflow server `name` answers at `url`, else the line that says what is wrong."""
-    var, what = URL_VARS[name][0], {"prefect": "Prefect", "mlflow": "MLflow"}[name]
-    try:
-        http(url.rstrip("/") + "/health")
-    except (OSError, ValueError) as exc:  # ValueError: not a URL at all
-        reason = "connection refused" if "refused" in str(exc) else str(getattr(exc, "reason", None) or exc)
-        return (
-            f"{var}={url}: no {what} server answers ({reason}); "
-            "start one with `lora-flow stack up` or fix the variable"
-        )
-    if not healthy({"name": name, "url": url}):
-        return f"{var}={url}: answers, but not as a {what} server" + (
-            " (does it end in /api?)" if name == "prefect" else ""
-        )
-    return None
 
 
 def read_record(state: Path, name: str) -> dict | None:
@@ -245,28 +126,15 @@ def _start(state: Path, name: str, specs: dict, env: dict) -> dict:
             "PREFECT_SERVER_API_PORT": port,
             "PREFECT_SERVER_UI_API_URL": spec["url"],
         }
-    elif (
-        name == "mlflow"
-    ):  # serve.sh hands the backend URI (and its password) to `mlflow server` in the environment
+    elif name == "mlflow":  # serve.sh hands the backend URI (and its password) to `mlflow server` in its env
         argv, match = ["bash", str(REPO / "mlflow/serve.sh")], ["mlflow"]
         env = {**env, **spec.pop("env", {}), "PORT": port, "MLFLOW": MLFLOW}
-    # flow runs inherit the worker's environment: they report to this Prefect and track into this MLflow
     else:
-        argv = [
-            PREFECT,
-            "worker",
-            "start",
-            "--pool",
-            POOL,
-            "--type",
-            "process",
-            "--name",
-            spec["worker_name"],
-        ]
-        match, env = (
-            ["worker start", spec["worker_name"]],
-            {**env, "PREFECT_API_URL": spec["url"], "MLFLOW_TRACKING_URI": specs["mlflow"]["url"]},
-        )
+        # flow runs inherit the worker's environment: they report to this Prefect and track into this MLflow
+        name_opt = ["--name", spec["worker_name"]]
+        argv = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", *name_opt]
+        match = ["worker start", spec["worker_name"]]
+        env = {**env, "PREFECT_API_URL": spec["url"], "MLFLOW_TRACKING_URI": specs["mlflow"]["url"]}
     with open(state / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -313,45 +181,37 @@ def _plan(state: Path, specs: dict) -> tuple[dict, list[str]]:
     return running, to_start
 
 
-def up(
-    state: Path,
-    prefect_port: int | None = None,
-    mlflow_port: int | None = None,
-    backend: str | None = None,
-    artifacts: str | None = None,
-    mlflow_only: bool = False,
-    env=os.environ,
-) -> tuple[dict, list[str]]:
-    """Start what is not running, leave what is: (records of every service, names of those started now)."""
+def _specs(
+    prefect_port: int | None, mlflow_port: int | None, backend: str | None, mlflow_only: bool, env
+) -> dict:
+    """Each service's port, URL and worker name, from the options and the shell; every input problem raised
+    before anything starts. The backend store (the option, else MLFLOW_BACKEND_STORE_URI) must open: its URI
+    is kept with the password hidden, and whole in mlflow's `env`, which serve.sh alone gets."""
     p_port, m_port = service_port("prefect", prefect_port, env), service_port("mlflow", mlflow_port, env)
     if p_port == m_port and not mlflow_only:
         raise StackError(f"--prefect-port and --mlflow-port are both {p_port}; give them different ports")
     if backend and re.match(r"^[\w+]+://[^:/@]*:[^@]+@", backend):
         raise StackError(
-            f"--backend-store-uri {_shown(backend)}: a password on a command line is "
-            "readable by every user (`ps`); "
-            "export MLFLOW_BACKEND_STORE_URI='...' and drop the option"
+            f"--backend-store-uri {shown(backend)}: a password on a command line is readable by every user "
+            "(`ps`); export MLFLOW_BACKEND_STORE_URI='...' and drop the option"
         )
     backend = backend or env.get(SECRET_VARS[0])  # MLflow's own variable: reaches `mlflow server` alone
-    hidden, api = (
-        {"backend_store_uri": check_backend(backend)} if backend else {},
-        f"http://{HOST}:{p_port}/api",
-    )
+    hidden = {"backend_store_uri": check_backend(backend)} if backend else {}
+    api = f"http://{HOST}:{p_port}/api"
     specs = {
         "mlflow": {"port": m_port, "url": f"http://{HOST}:{m_port}", **hidden},
         "prefect": {"port": p_port, "url": api},
         "worker": {"url": api, "worker_name": f"lora-flow-stack-{socket.gethostname()}"},
     }
-    state.mkdir(parents=True, exist_ok=True)
-    (state / ".gitignore").write_text("*\n")
-    running, to_start = _plan(state, {n: s for n, s in specs.items() if n == "mlflow" or not mlflow_only})
-    # the backend store's credentials go to `mlflow server` alone: the Prefect server, the worker and the flow
-    # runs it starts never connect to that database
-    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", *SECRET_VARS)}
-    env.update({"ARTIFACTS": artifacts} if artifacts else {})
     specs["mlflow"]["env"] = {"BACKEND": backend} if backend else {}  # serve.sh's; never written to state
+    return {n: s for n, s in specs.items() if n == "mlflow" or not mlflow_only}
+
+
+def _launch(state: Path, to_start: list[str], specs: dict, env: dict) -> list[dict]:
+    """Both servers at once (independent, ~10 s each), then the worker, each waited for; on any failure,
+    what this call started is stopped and forgotten."""
     started: list[dict] = []
-    try:  # both servers at once (independent, ~10 s each), then the worker
+    try:
         for batch in (
             [n for n in ("mlflow", "prefect") if n in to_start],
             [n for n in ("worker",) if n in to_start],
@@ -363,13 +223,39 @@ def up(
         for rec in started:
             (state / f"{rec['name']}.pid").unlink()
         raise
-    records = {**running, **{rec["name"]: rec for rec in started}}
+    return started
+
+
+def _write_env(state: Path, records: dict) -> None:
+    """`state/env`: the export lines that point a shell at the running servers."""
     exports = [
         f"export {URL_VARS[n][0]}={records[n]['url']}\n" for n in ("prefect", "mlflow") if n in records
     ]
     (state / "env").write_text(
         "# written by `lora-flow stack up`; `source` it to point a shell at the stack\n" + "".join(exports)
     )
+
+
+def up(
+    state: Path,
+    prefect_port: int | None = None,
+    mlflow_port: int | None = None,
+    backend: str | None = None,
+    artifacts: str | None = None,
+    mlflow_only: bool = False,
+    env=os.environ,
+) -> tuple[dict, list[str]]:
+    """Start what is not running, leave what is: (records of every service, names of those started now)."""
+    specs = _specs(prefect_port, mlflow_port, backend, mlflow_only, env)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / ".gitignore").write_text("*\n")
+    running, to_start = _plan(state, specs)
+    # the backend store's credentials go to `mlflow server` alone: the Prefect server, the worker and the flow
+    # runs it starts never connect to that database
+    env = {k: v for k, v in env.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", *SECRET_VARS)}
+    env.update({"ARTIFACTS": artifacts} if artifacts else {})
+    records = {**running, **{rec["name"]: rec for rec in _launch(state, to_start, specs, env)}}
+    _write_env(state, records)
     return records, to_start
 
 
@@ -564,7 +450,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m flows.stack ...`: the same commands as `lora-flow stack ...`."""
+    """`python -m ops.stack ...`: the same commands as `lora-flow stack ...`."""
     parser = argparse.ArgumentParser(prog="lora-flow")
     add_parser(parser.add_subparsers(required=True))
     try:
