@@ -10,8 +10,7 @@ file to a dataset saved on disk:
   plain map      load_dataset("json") + ds.map(lambda r: {"input_ids":
   tokenizer.apply_chat_template(r["messages"])})
                  + save_to_disk: the per-example idiom of the transformers chat-template docs (ids only, no
-                 mask)
-  plain batched  the same map with batched=True, apply_chat_template on 1,000 conversations a call
+  mask) plain batched  the same map with batched=True, apply_chat_template on 1,000 conversations a call
 Printed per side: wall time, records/s, peak RSS (VmHWM: counts the pages of memory-mapped Arrow files it
 read), peak anonymous RSS (RssAnon sampled every 0.2 s: the memory that is the process's own), and the map
 workers' peak RSS (with --num-proc > 1).
@@ -65,8 +64,7 @@ def generate(n: int, path: Path, seed: int = 0) -> None:
 
 def anon_peak() -> dict:
     """Samples this process's anonymous resident memory (RssAnon: heap, not the memory-mapped Arrow files,
-    whose pages
-    count in RSS but are the kernel's to drop) every 0.2 s in a thread; {"peak": bytes so far}."""
+    whose pages count in RSS but are the kernel's to drop) every 0.2 s in a thread; {"peak": bytes so far}."""
     import threading
 
     seen = {"peak": 0}

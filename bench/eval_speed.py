@@ -4,8 +4,7 @@
     .venv/bin/python bench/eval_speed.py --part perplexity --conversations 105 --repeat 3
 
 generation: the recipe's held-out prompts (eval.prompts_path, system prompt injected; `--prompts N`, the first
-    N),
-answered greedily with eval.max_new_tokens by the base model two ways: lora_core.generation.generate_many
+N), answered greedily with eval.max_new_tokens by the base model two ways: lora_core.generation.generate_many
 (what the evaluate stage and `lora-flow generate` run: eval.generate_batch_size rows per generate call,
 length-sorted, the shared prefix run once) and a plain loop, one `model.generate` per prompt with the same
 settings. Printed: wall time and generated tokens/s of each, the speed-up, how many greedy replies differ from

@@ -7,12 +7,10 @@ batched path.
 Run after `make run` (it registers the champion in ./mlruns). Printed, for the recipe's first held-out
 prompts:
 - `mlflow.pyfunc.load_model(uri)`: load time, then `predict` of one chat request (max_tokens = the served
-default,
-  eval.max_new_tokens), wall time and generated tokens/s, and whether the reply equals the version's
+  default, eval.max_new_tokens), wall time and generated tokens/s, and whether the reply equals the version's
   samples.json;
 - `lora-flow chat`'s path (flows.serve.resolve_model + load_chat_model + stream_reply): time to the first
-token
-  and to the whole reply;
+  token and to the whole reply;
 - the evaluate stage's path (lora_core.generation.generate_many) on the same model for `--prompts` prompts at
 once:
   its time per reply, which is what a batch of requests costs each when they arrive together.

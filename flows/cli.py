@@ -54,9 +54,8 @@ def _terminate(signum, frame):
 
 
 class _UserErrorsOnce(logging.Filter):
-    """Console only: a task or flow failing on a LoraFlowError (or a Ctrl-C) prints its one line from main(),
-    not
-    Prefect's traceback (which still reaches the flow-run logs in the Prefect API)."""
+    """Console only: a task or flow failing on a LoraFlowError (or a Ctrl-C) prints its one line from
+    main(), not Prefect's traceback (which still reaches the flow-run logs in the Prefect API)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info and record.exc_info[1]

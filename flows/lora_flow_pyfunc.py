@@ -21,9 +21,8 @@ import pathlib
 import mlflow
 
 BASE_FILE = "lora_flow_base.json"  # {"source", "identity", "path"} of the base the adapter was trained on
-CACHE_ENV = (
-    "LORA_FLOW_CACHE_DIR"  # where a served embedded/GGUF base is materialised (default: the recipe default)
-)
+# where a served embedded/GGUF base is materialised (default: the recipe default)
+CACHE_ENV = "LORA_FLOW_CACHE_DIR"
 
 
 def save_model(path, mlflow_model, base: dict, **kwargs) -> None:

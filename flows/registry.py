@@ -364,9 +364,8 @@ def check_base(cfg, identity: str | None) -> None:
 
 def base_problems(cfg) -> list[str]:
     """`check_base` for `lora-flow validate`, with the base's identity computed without loading it (a hub
-    base's
-    commit is known only once resolved: checked at run time). A local store that does not exist yet has no
-    champion."""
+    base's commit is known only once resolved: checked at run time). A local store that does not exist yet
+    has no champion."""
     from flows import tracking
     from lora_core.base_model import identity_of
 

@@ -1,6 +1,5 @@
 """Recent flow runs, joined from MLflow (run, tags, training folder) and Prefect (flow-run state); the
-temporary
-Prefect API a run started from a terminal talks to."""
+temporary Prefect API a run started from a terminal talks to."""
 
 from __future__ import annotations
 
@@ -29,10 +28,10 @@ def shielded_prefect_server() -> None:
     """Start Prefect's temporary API server (what a run uses when PREFECT_API_URL is unset) deaf to Ctrl-C.
 
     Prefect starts it as a child in our process group, so a terminal's Ctrl-C killed it too: the flow could
-    not report its end (2.5 min of HTTP retries, a traceback, the flow run left Running). Started with SIGINT
-    blocked (a blocked signal stays blocked across fork and exec), only lora-flow sees the Ctrl-C; Prefect
-    stops the
-    server with SIGTERM at exit. get_client() finds this same (singleton) server running and uses it."""
+    not report its end (2.5 min of HTTP retries, a traceback, the flow run left Running). Started with
+    SIGINT blocked (a blocked signal stays blocked across fork and exec), only lora-flow sees the Ctrl-C;
+    Prefect stops the server with SIGTERM at exit. get_client() finds this same (singleton) server running
+    and uses it."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 

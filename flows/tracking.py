@@ -69,10 +69,9 @@ def ui_url(uri: str) -> str:
 
 
 def experiment_link(uri: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The experiment's training-runs table with the perplexity columns (the shared view), or one run's page.
-    MLflow 3.17's UI takes the GenAI-or-training choice from `workflowType` (URL, else the browser's last
-    choice,
-    default GenAI), not from the experiment tag: the link carries it."""
+    """The experiment's training-runs table with the perplexity columns (the shared view), or one run's
+    page. MLflow 3.17's UI takes the GenAI-or-training choice from `workflowType` (URL, else the browser's
+    last choice, default GenAI), not from the experiment tag: the link carries it."""
     page = f"runs/{run_id}?" if run_id else f"runs?viewStateShareKey={VIEW_KEY}&"
     return f"{ui_url(uri)}/#/experiments/{experiment_id}/{page}workflowType=machine_learning"
 
@@ -84,9 +83,8 @@ def ui_command(uri: str, experiment_id: str) -> str:
     return f"open {link}"
 
 
-VIEW_KEY = (
-    "lora-flow"  # the runs table's columns: the UI loads an experiment tag mlflow.sharedViewState.<key>
-)
+# the runs table's columns: the UI loads an experiment tag mlflow.sharedViewState.<key>
+VIEW_KEY = "lora-flow"
 RUNS_VIEW = {
     "selectedColumns": [
         f"metrics.`{m}`"

@@ -87,9 +87,8 @@ def resolve_base(cfg: ModelConfig, cache_dir: str | Path) -> BaseModelRef:
     return _from_hub(cfg)
 
 
-BASE_SEARCH_ENV = (
-    "LORA_FLOW_BASE_MODELS"  # folders (os.pathsep-separated) where local base models are looked up
-)
+# folders (os.pathsep-separated) where local base models are looked up
+BASE_SEARCH_ENV = "LORA_FLOW_BASE_MODELS"
 
 
 def identity_of(cfg: ModelConfig) -> str | None:

@@ -4,11 +4,10 @@ socratic (strict): over the held-out prompts, a reply counts when all three hold
     asks       it asks a question ('?');
     no_answer  it does not give the answer away: no "the answer is" / "answer:", and
                - when the prompt carries its final `answer` (eval.prompts_path records {"prompt", "answer"}):
-               no
-                 number of the answer appears in the reply as a number of its own (3/4 = 0.75 = 75%; 20% also
-                 matches 20; "2x" or "x^2" hold no standalone 2), nor the answer written out ("x<4", "5:8",
-                 "10π"; spaces and case ignored). A number the prompt itself contains counts only when stated:
-                 "= 5", "x is 5", or after "answer/result/solution" in the same sentence;
+                 no number of the answer appears in the reply as a number of its own (3/4 = 0.75 = 75%; 20%
+                 also matches 20; "2x" or "x^2" hold no standalone 2), nor the answer written out ("x<4",
+                 "5:8", "10π"; spaces and case ignored). A number the prompt itself contains counts only when
+                 stated: "= 5", "x is 5", or after "answer/result/solution" in the same sentence;
                - without an answer: no equals sign followed by a number (the earlier rule);
     on_topic   it shares a number or a math concept with the prompt: concepts are named by words or symbols
                (_CONCEPTS: "multiplication" and "4 × 3", "thirds" and "1/3", "both sides" and "x + 2 = 5").
@@ -20,26 +19,25 @@ socratic (strict): over the held-out prompts, a reply counts when all three hold
 tool_call: each held-out prompt is scored against its reference assistant turn and its own `tools`.
   A call is the first `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in a reply (Hermes/Qwen
   style, as recipes/templates/chatml-tools.jinja renders it), or a reply that is one bare JSON object of that
-  shape. Over the prompts whose reference makes a call (the first of its tool_calls is the expected one), each
-  step requires the previous ones except right_values, which requires right_name only:
+  shape. Over the prompts whose reference makes a call (the first of its tool_calls is the expected one),
+  each step requires the previous ones except right_values, which requires right_name only:
     tool_call.well_formed      the reply holds a call that parses: a JSON object, a string name, object
-    arguments tool_call.right_name       ... naming the expected function
-    tool_call.valid_arguments  ... whose arguments validate (jsonschema) against that function's `parameters`
-    in
-                               the prompt's tools: required keys present, types and enums respected, and no
-                               key the schema does not list (additionalProperties is false unless the schema
-                               sets it)
-    tool_call.right_values     ... every value the reference fixes is equal in the call. The reference fixes a
-                               value that is a number, a boolean, an enum member, or a string the user wrote
-                               (a whole word or phrase of a user turn, case- and whitespace-insensitive); free
-                               text the model composes (an email body, a query, a ticker the user did not
-                               spell) is not compared.
-                               Strings compare case-insensitively after strip; numbers by value (12000 ==
-                               12000.0, "12000" is not a number). Over the prompts whose reference fixes at
-                               least one value.
+                               arguments
+    tool_call.right_name       ... naming the expected function
+    tool_call.valid_arguments  ... whose arguments validate (jsonschema) against that function's
+                               `parameters` in the prompt's tools: required keys present, types and enums
+                               respected, and no key the schema does not list (additionalProperties is false
+                               unless the schema sets it)
+    tool_call.right_values     ... every value the reference fixes is equal in the call. The reference fixes
+                               a value that is a number, a boolean, an enum member, or a string the user
+                               wrote (a whole word or phrase of a user turn, case- and
+                               whitespace-insensitive); free text the model composes (an email body, a
+                               query, a ticker the user did not spell) is not compared. Strings compare
+                               case-insensitively after strip; numbers by value (12000 == 12000.0, "12000"
+                               is not a number). Over the prompts whose reference fixes at least one value.
   Over the prompts whose reference is text (a clarifying question, a refusal):
-    tool_call.no_call          the reply holds no call, and no `<tool_call>` tag either (a malformed call is a
-    call)
+    tool_call.no_call          the reply holds no call, and no `<tool_call>` tag either (a malformed call is
+                               a call)
   Each share comes with `<name>_n`, the number of prompts that pass, and the denominators are
   `tool_call.expects_call_n`, `tool_call.values_fixed_n` and `tool_call.expects_none_n`; a share over zero
   prompts is left out rather than reported as 0.
@@ -330,8 +328,7 @@ def _same(got, want) -> bool:
 def score_tool_call(reply: str, prompt: dict, where: str = "held-out prompt") -> dict[str, bool]:
     """Pass/fail per check for one reply; prompt = {messages, tools, reference}. The checks that apply to a
     prompt expecting a call: well_formed, right_name, valid_arguments and (when values are fixed)
-    right_values;
-    to one expecting none: no_call."""
+    right_values; to one expecting none: no_call."""
     expected = expected_call(prompt["reference"])
     call = parse_tool_call(reply)
     if expected is None:

@@ -52,11 +52,11 @@ def load_normalised(
     columns: dict[str, str] | None = None,
     key: str | None = "data.format",
 ) -> tuple[list[dict], str, str]:
-    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing every
-    problem. `columns` renames source fields first (e.g. {"question": "instruction", "answer": "output"}).
-    `key` is the recipe key that sets `fmt`, named in the fix when the records are in another format (None:
-    `fmt` is data.path's).
-    For small inputs (a pushed file, tests); the stages stream (streaming.normalised)."""
+    """Read and normalise a dataset; returns (records, format, content sha256). Raises DataError listing
+    every problem. `columns` renames source fields first (e.g. {"question": "instruction", "answer":
+    "output"}). `key` is the recipe key that sets `fmt`, named in the fix when the records are in another
+    format (None: `fmt` is data.path's). For small inputs (a pushed file, tests); the stages stream
+    (streaming.normalised)."""
     with tempfile.TemporaryDirectory() as work:
         n = normalised(
             path,
@@ -242,16 +242,14 @@ def split_dataset(formatted_dir: str, cfg, out_dir: str | Path, tokenizer_dir: s
     )
 
 
-LOGGED_ROWS = (
-    10_000  # records of a split shown as a run's dataset: enough to browse, ~10 MB of short chats in pandas
-)
+# records of a split shown as a run's dataset: enough to browse, ~10 MB of short chats in pandas
+LOGGED_ROWS = 10_000
 
 
 def records_head(path: str | Path, rows: int = LOGGED_ROWS):
     """The first `rows` records of a JSONL file as a pandas DataFrame, nested values as JSON text (as a UI
-    shows
-    them), and how many records the whole file holds (counted line by line: a 1M-record split never sits in
-    memory)."""
+    shows them), and how many records the whole file holds (counted line by line: a 1M-record split never
+    sits in memory)."""
     import itertools
 
     import pandas as pd
@@ -267,8 +265,7 @@ def records_head(path: str | Path, rows: int = LOGGED_ROWS):
 
 def append_records(data_path: str, new_file: str, fmt: str) -> int:
     """Append the records of `new_file` to the local JSONL file `data_path` once every one of them reads in
-    format
-    `fmt` (a bad record: DataError naming it, nothing appended); returns how many were added."""
+    format `fmt` (a bad record: DataError naming it, nothing appended); returns how many were added."""
     target = Path(data_path).expanduser()
     if is_hub_id(data_path) or target.suffix != ".jsonl" or not target.is_file():
         raise DataError(

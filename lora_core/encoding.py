@@ -4,9 +4,8 @@ The mask rule is formatting.py's: for assistant message i, the characters betwee
 add_generation_prompt=True) and render(messages[:i+1]) are that reply plus its end-of-turn token; tokens whose
 first character falls inside such a span are trained on. Done a batch at a time it costs one render per
 conversation plus one per reply (the rendering up to a reply that ends the conversation is the full one), and
-one batched call of the
-tokenizer: per record ~0.2 ms for a short system/user/assistant chat on one core, about what a plain
-`apply_chat_template(..., tokenize=True)` costs (docs/speed.md, "Data at size").
+one batched call of the tokenizer: per record ~0.2 ms for a short system/user/assistant chat on one core,
+about what a plain `apply_chat_template(..., tokenize=True)` costs (docs/speed.md, "Data at size").
 """
 
 from __future__ import annotations
@@ -34,9 +33,9 @@ class Encoded:
 
 
 def render_many(tokenizer, jobs: list[tuple[list[dict], list | None, bool]]) -> list[str]:
-    """Each (messages, tools, add_generation_prompt) rendered with the chat template: the ones without tools
-    in one
-    apply_chat_template call per add_generation_prompt value (it takes one tools list for a whole batch)."""
+    """Each (messages, tools, add_generation_prompt) rendered with the chat template: the ones without
+    tools in one apply_chat_template call per add_generation_prompt value (it takes one tools list for a
+    whole batch)."""
     out: list[str | None] = [None] * len(jobs)
     for gen in (False, True):
         batch = [i for i, (_, tools, g) in enumerate(jobs) if g is gen and not tools]
@@ -74,8 +73,7 @@ def _spans(messages: list[dict], full: str, rendered: dict) -> list[tuple[int, i
 
 def conversation_spans(tokenizer, conversations: list[tuple[list[dict], list | None]]) -> list:
     """For each (messages, tools): (full rendering, character spans of each assistant reply with its
-    end-of-turn),
-    or the FormatError that conversation raises."""
+    end-of-turn), or the FormatError that conversation raises."""
     jobs: list[tuple[list[dict], list | None, bool]] = []
     # where[c]: (prefix length, add_generation_prompt) -> index into jobs
     where: list[dict[tuple[int, bool], int]] = []
@@ -112,10 +110,9 @@ def _mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[
 
 
 def _tokenize(tokenizer, texts: list[str], *, offsets: bool) -> dict[str, list]:
-    """input_ids (and offset_mapping) of each text, without added special tokens: a fast tokenizer's backend
-    encodes the
-    batch directly (what tokenizer(texts) does, less its conversion of every encoding to dicts: ~50 us a
-    record)."""
+    """input_ids (and offset_mapping) of each text, without added special tokens: a fast tokenizer's
+    backend encodes the batch directly (what tokenizer(texts) does, less its conversion of every encoding
+    to dicts: ~50 us a record)."""
     if not texts:
         return {"input_ids": [], "offset_mapping": []}
     if not getattr(tokenizer, "is_fast", False):

@@ -1,6 +1,6 @@
 """The one base class of errors whose message is written for the user (one line per problem, with the fix),
-and
-the translation of a filesystem's refusal (disk full, quota, read-only, no permission) into one of them."""
+and the translation of a filesystem's refusal (disk full, quota, read-only, no permission) into one of
+them."""
 
 from __future__ import annotations
 
@@ -61,8 +61,7 @@ def _size(n: int) -> str:
 
 def _fullest(path: Path) -> tuple[Path, int]:
     """The filesystem at or under `path` (mounts and symlinked folders included) with the least free space,
-    and
-    that space: where an unnamed write most likely failed. Looks at 10,000 folders at most."""
+    and that space: where an unnamed write most likely failed. Looks at 10,000 folders at most."""
     while not path.exists() and path != path.parent:
         path = path.parent
     devices: dict[int, Path] = {}
@@ -74,16 +73,14 @@ def _fullest(path: Path) -> tuple[Path, int]:
 
 
 def refused_write(exc: BaseException) -> tuple[int, str | None] | None:
-    """(errno, file or None) when a filesystem refusal caused `exc` (anywhere in its chain), else None. Cheap:
-    what
-    the console filter and the retry condition ask of every failure."""
+    """(errno, file or None) when a filesystem refusal caused `exc` (anywhere in its chain), else None.
+    Cheap: what the console filter and the retry condition ask of every failure."""
     return next(((code, path) for code, path in map(_code, _chain(exc)) if code is not None), None)
 
 
 def storage_error(exc: BaseException, folder: str | Path) -> StorageError | None:
-    """The StorageError line for `exc` if a filesystem refusal caused it, else None. `folder`: where the run
-    writes
-    (output_dir), named when the error does not say which file; its free space is measured here."""
+    """The StorageError line for `exc` if a filesystem refusal caused it, else None. `folder`: where the
+    run writes (output_dir), named when the error does not say which file; its free space is measured here."""
     if (refusal := refused_write(exc)) is None:
         return None
     code, path = refusal

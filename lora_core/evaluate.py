@@ -177,8 +177,7 @@ def generate_replies(
     model, tokenizer, prompts: list[tuple[list[dict], list | None]], cfg, label: str = "replies"
 ) -> list[str]:
     """Replies to chat prompts ((messages ending with a user turn, tools or None)) decoded as eval config
-    `cfg` says
-    (greedy), eval.generate_batch_size at a time (lora_core/generation.py)."""
+    `cfg` says (greedy), eval.generate_batch_size at a time (lora_core/generation.py)."""
     from lora_core.generation import generate_many
 
     return generate_many(
@@ -204,9 +203,9 @@ class EvalResult:
 
 
 def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list[dict]:
-    """[{messages, tools, reference, answer}] from held-out prompts (eval.prompts_path; `answer`: a record's
-    final
-    answer, which the socratic metric checks a reply does not give away) or the validation conversations."""
+    """[{messages, tools, reference, answer}] from held-out prompts (eval.prompts_path; `answer`: a
+    record's final answer, which the socratic metric checks a reply does not give away) or the validation
+    conversations."""
     from lora_core.data import inject_system_prompt, read_jsonl
     from lora_core.formatting import prompt_messages
 
@@ -234,8 +233,7 @@ def _eval_prompts(val_records_path: str, cfg, system_prompt: str | None) -> list
 
 def reference_text(prompt: dict) -> str:
     """What samples.json shows as a prompt's reference: the reference reply (its text, or its tool calls as
-    JSON), or
-    for a held-out prompt without one, the final answer the reply is checked not to give away."""
+    JSON), or for a held-out prompt without one, the final answer the reply is checked not to give away."""
     import json
 
     ref = prompt.get("reference") or {}

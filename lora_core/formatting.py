@@ -65,8 +65,7 @@ def special_tokens(tokenizer) -> set[str]:
 
 def token_after_reply(tokenizer) -> str | None:
     """The special token the chat template writes right after an assistant reply (whitespace skipped), or
-    None.
-    Raises jinja2's TemplateError when the template cannot render a user/assistant exchange."""
+    None. Raises jinja2's TemplateError when the template cannot render a user/assistant exchange."""
     reply = PROBE[-1]["content"]
     text = _render(tokenizer, PROBE, None)
     at = text.rfind(reply)
@@ -79,9 +78,8 @@ def token_after_reply(tokenizer) -> str | None:
 
 def end_of_turn(tokenizer, override: str | None = None) -> str:
     """The token that closes an assistant turn: `override` (template.end_of_turn), checked against the
-    vocabulary,
-    else the one the chat template writes after a reply. A FormatError of one line, with the fix, when neither
-    works."""
+    vocabulary, else the one the chat template writes after a reply. A FormatError of one line, with the
+    fix, when neither works."""
     from jinja2 import TemplateError
 
     if override is not None:
@@ -114,8 +112,7 @@ def end_of_turn(tokenizer, override: str | None = None) -> str:
 
 def check_end_of_turn_trained(tokenizer, encoded: Encoded, end_of_turn_id: int | None = None) -> None:
     """Every trained run of tokens (a reply) must end with the end-of-turn token, or the tuned model never
-    learns to stop.
-    `end_of_turn_id` defaults to the one the chat template writes (end_of_turn)."""
+    learns to stop. `end_of_turn_id` defaults to the one the chat template writes (end_of_turn)."""
     eot = (
         tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)) if end_of_turn_id is None else end_of_turn_id
     )
@@ -150,10 +147,9 @@ def end_of_turn_odds(
     rows: int = 16,
 ) -> EndOfTurnOdds | None:
     """How likely `model` finds the token that ends the replies of encoded rows (cut to `max_length`),
-    measured in one no-grad forward of the first `rows` rows that have one; None when no row trains on a stop
-    token. The stop tokens are inference.stop_token_ids'; a reply ends where one is a target (each reply's
-    mask closes with the end-of-turn token,
-    a text record with eos)."""
+    measured in one no-grad forward of the first `rows` rows that have one; None when no row trains on a
+    stop token. The stop tokens are inference.stop_token_ids'; a reply ends where one is a target (each
+    reply's mask closes with the end-of-turn token, a text record with eos)."""
     import statistics
     from collections import Counter
 
@@ -209,9 +205,8 @@ def check_base_predicts_end_of_turn(
 ) -> EndOfTurnOdds | None:
     """The train stage's check, before training: the base's EndOfTurnOdds on the first 16 training rows,
     logged; below UNLEARNT_PROB one warning with the fix, unless the token's rows are trained anyway
-    (`rows_trained`: lora.train_end_of_turn, or full fine-tuning). One no-grad forward: 22 s for Gemma 3 270M
-    on 2 busy CPU cores, where
-    its training steps (8 conversations) took 9-12 s."""
+    (`rows_trained`: lora.train_end_of_turn, or full fine-tuning). One no-grad forward: 22 s for Gemma 3
+    270M on 2 busy CPU cores, where its training steps (8 conversations) took 9-12 s."""
     odds = end_of_turn_odds(
         model,
         tokenizer,
@@ -330,9 +325,8 @@ def _first_record(path: str) -> dict | None:
 
 def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int | None]:
     """The end-of-turn token and its id (None for text records without template.end_of_turn), raised as one
-    line before any record is encoded when the template cannot end a turn; checked against the first record's
-    mask, once (a property of
-    the template)."""
+    line before any record is encoded when the template cannot end a turn; checked against the first
+    record's mask, once (a property of the template)."""
     from lora_core.records import inject_system_prompt
 
     first = _first_record(records_path)
@@ -356,9 +350,8 @@ def _check_template(tokenizer, records_path: str, cfg) -> tuple[str | None, int 
 
 
 def _encoded(sources: list[tuple[str, str]], tokenizer, cfg, work):
-    """Every records JSONL line (source "train" or "val") encoded by a batched datasets map over Arrow files
-    in `work`,
-    with progress for big inputs; the dataset has COLUMNS and "problem"."""
+    """Every records JSONL line (source "train" or "val") encoded by a batched datasets map over Arrow
+    files in `work`, with progress for big inputs; the dataset has COLUMNS and "problem"."""
     import time
 
     import datasets
@@ -400,11 +393,10 @@ def format_dataset(
     out_dir,
     trust_remote_code: bool = False,
 ) -> FormatResult:
-    """Render every conversation with the base tokenizer's chat template and build its loss mask, a batch at a
-    time through Arrow files (memory stays flat in the number of records). Problems of the model (no chat
-    template, unknown end-of-turn token) are one line, raised before any record is encoded; problems of
-    records are listed by record,
-    at most 20."""
+    """Render every conversation with the base tokenizer's chat template and build its loss mask, a batch
+    at a time through Arrow files (memory stays flat in the number of records). Problems of the model (no
+    chat template, unknown end-of-turn token) are one line, raised before any record is encoded; problems
+    of records are listed by record, at most 20."""
     import tempfile
     from pathlib import Path
 
@@ -444,9 +436,8 @@ def format_dataset(
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: the model's generation-config eos ids, those of a generation_config.json
-    saved beside
-    the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn token of the chat
-    template."""
+    saved beside the tokenizer (formatting writes one with the end-of-turn token), and the end-of-turn
+    token of the chat template."""
     from jinja2 import TemplateError
     from transformers import GenerationConfig
 

@@ -36,8 +36,7 @@ def shared_prefix(rows: list[list[int]]) -> int:
 
 class _StepCounter:
     """A transformers streamer that only counts decoding steps, for progress lines (every put after the
-    prompt's is
-    one new token per row)."""
+    prompt's is one new token per row)."""
 
     def __init__(self, progress: Progress, rows: int):
         self.progress, self.rows, self.prompt_seen = progress, rows, False
@@ -86,11 +85,10 @@ def _even_batches(order: list[int], batch_size: int) -> list[list[int]]:
 def _decode_in_chunks(
     model, ids, mask, *, past, settings, stops: list[int], pad_id: int, progress: Progress
 ) -> list[list[int]]:
-    """Each row's new tokens up to and including its stop token. transformers' `generate` keeps a finished row
-    in the batch until every row has stopped; decoding `CHUNK` tokens per call and continuing only the
-    unfinished rows from
-    their key/value cache (the documented way to continue a generation) spends the steps on rows still
-    writing."""
+    """Each row's new tokens up to and including its stop token. transformers' `generate` keeps a finished
+    row in the batch until every row has stopped; decoding `CHUNK` tokens per call and continuing only the
+    unfinished rows from their key/value cache (the documented way to continue a generation) spends the
+    steps on rows still writing."""
     import torch
 
     rows = list(range(ids.shape[0]))

@@ -46,9 +46,9 @@ class GenerationSettings:
 
 
 def write_generation_defaults(folder: str | Path, settings: GenerationSettings) -> None:
-    """Write `settings` as the defaults of `folder`'s generation_config.json (kept: its stop tokens), so that
-    a plain
-    transformers `generate()` on the folder decodes as the evaluation did: greedy unless asked to sample."""
+    """Write `settings` as the defaults of `folder`'s generation_config.json (kept: its stop tokens), so
+    that a plain transformers `generate()` on the folder decodes as the evaluation did: greedy unless asked
+    to sample."""
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_pretrained(folder)

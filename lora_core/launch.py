@@ -103,8 +103,7 @@ def train_on_ranks(
 ):
     """Run `train_lora(**train_kwargs, lora=..., cfg=cfg)` in `cfg.num_processes` ranks of `accelerate launch
     -m entry`; returns the main rank's TrainResult. A rank's bad-input error raises LaunchError; any other
-    death RankFailed,
-    with the rank's last error line."""
+    death RankFailed, with the rank's last error line."""
     import torch
 
     from lora_core.train import TrainResult

@@ -8,8 +8,7 @@
 loads;
 - chat data: the tokenizer has a chat template, or template.chat_template names a template file;
 - template.end_of_turn, as the format stage checks it: a token of the vocabulary (when unset: the chat
-template writes
-  a special token after a reply), and the token that closes a reply inside the loss mask;
+  template writes a special token after a reply), and the token that closes a reply inside the loss mask;
 - train.max_length keeps a target (assistant) token of at least one training conversation. Exact, not
   estimated: conversations are encoded as the format stage does (chat template + loss mask), stopping at
   the first one that keeps a target, so a dataset that fits costs one encoding.
@@ -65,9 +64,8 @@ WEIGHT_FILES = (
 )
 
 
-HUB_TIMEOUT_S = (
-    10  # a hub that has not answered model_info by then leaves model.base "not checked", not refused
-)
+# a hub that has not answered model_info by then leaves model.base "not checked", not refused
+HUB_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
@@ -117,9 +115,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _data(cfg: PipelineConfig, problems: list[str], work: Path) -> tuple[Iterator[dict] | None, str]:
-    """The training conversations as the format and split stages will see them (read lazily from Arrow files
-    in
-    `work`), and the data format."""
+    """The training conversations as the format and split stages will see them (read lazily from Arrow
+    files in `work`), and the data format."""
     system_prompt = cfg.template.system_prompt
     # the flow seeds the mix sampling with split.seed; keys are those of the records with the system prompt
     try:
@@ -174,9 +171,8 @@ def _converted(cfg: PipelineConfig, name: str, sha256: str) -> Path | None:
 
 
 def _tokenizer_source(cfg: PipelineConfig, found: Review) -> Path | None:
-    """The folder (or, for a GGUF not converted yet, the .gguf file) the tokenizer will come from, if it is on
-    disk
-    (problems of a local folder or hub id appended)."""
+    """The folder (or, for a GGUF not converted yet, the .gguf file) the tokenizer will come from, if it is
+    on disk (problems of a local folder or hub id appended)."""
     problems, base = found.problems, cfg.model.base
     local = Path(base).expanduser()
     kind = base_kind(base)
@@ -347,8 +343,7 @@ def _load_tokenizer(cfg: PipelineConfig, source: Path, problems: list[str]) -> A
 
 def _gguf_tokenizer(cfg: PipelineConfig, gguf: Path, problems: list[str]) -> Any | None:
     """The tokenizer the conversion will save, built by transformers from the GGUF's tokenizer.* metadata
-    alone
-    (the same call base_model.materialise_gguf makes; tensors are never read)."""
+    alone (the same call base_model.materialise_gguf makes; tensors are never read)."""
     from transformers import AutoTokenizer
 
     log.info(
@@ -396,8 +391,8 @@ def _chat_template(cfg: PipelineConfig, tokenizer) -> list[str]:
 
 def _end_of_turn(cfg: PipelineConfig, tokenizer, chat: bool) -> list[str]:
     """The format stage's end-of-turn checks, on one short exchange: template.end_of_turn is a token of the
-    vocabulary
-    (unset: the chat template writes one after a reply), and it closes the reply inside the loss mask."""
+    vocabulary (unset: the chat template writes one after a reply), and it closes the reply inside the loss
+    mask."""
     from jinja2 import TemplateError
 
     try:

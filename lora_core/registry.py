@@ -1,10 +1,9 @@
-"""The champion gate, free of any registry client: a candidate replaces the champion only when, scored on the
-same validation conversations, its perplexity is lower by more than `margin` with confidence (the whole
-interval of a paired bootstrap over conversations lies below -margin), and, where the recipe has a behaviour
-metric, its share of passing replies on the same prompts is not worse by more than `behaviour_margin`
-(non-inferiority: the
-interval's lower end above -behaviour_margin). A 0.1% gain on 40 conversations is noise; it does not
-promote."""
+"""The champion gate, free of any registry client: a candidate replaces the champion only when, scored on
+the same validation conversations, its perplexity is lower by more than `margin` with confidence (the whole
+interval of a paired bootstrap over conversations lies below -margin), and, where the recipe has a
+behaviour metric, its share of passing replies on the same prompts is not worse by more than
+`behaviour_margin` (non-inferiority: the interval's lower end above -behaviour_margin). A 0.1% gain on 40
+conversations is noise; it does not promote."""
 
 from __future__ import annotations
 
@@ -29,9 +28,8 @@ class Scored:
 
     nll: tuple[float, ...]
     tokens: tuple[int, ...]
-    passes: tuple[bool, ...] | None = (
-        None  # None: no behaviour metric, or prompts the other was not scored on
-    )
+    # None: no behaviour metric, or prompts the other was not scored on
+    passes: tuple[bool, ...] | None = None
 
 
 def _interval(stat, n: int, confidence: float, resamples: int, seed: int) -> tuple[float, float]:

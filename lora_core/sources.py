@@ -162,8 +162,7 @@ def _one_document(path: Path) -> None:
 
 def _jsonl_lines(path: Path) -> Iterator[Line]:
     """(where, line, problem) of every record, read line by line: memory stays flat whatever the file size.
-    Lines
-    split at \\n only (U+2028 is legal inside a JSON string); a trailing \\r (Windows line ends) is
+    Lines split at \\n only (U+2028 is legal inside a JSON string); a trailing \\r (Windows line ends) is
     dropped."""
     with open(path, "rb") as f:
         _check_head(path, f.read(SNIFF_BYTES))
@@ -288,9 +287,8 @@ def source_digest(
 def raw_lines(
     path: str, split: str = "train", revision: str | None = None, subset: str | None = None
 ) -> Iterator[Line]:
-    """Every record of a source as a Line (JSON text), streamed: a .jsonl file line by line, other files and
-    hub
-    datasets record by record (values JSON cannot hold, such as dates, as their text)."""
+    """Every record of a source as a Line (JSON text), streamed: a .jsonl file line by line, other files
+    and hub datasets record by record (values JSON cannot hold, such as dates, as their text)."""
     if is_hub_id(path):
         rows: Iterator[Line | RawRecord] = (
             RawRecord(f"{path} record {i}", rec)

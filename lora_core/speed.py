@@ -9,8 +9,7 @@ SDPA attention), which are already fast there.
   scores every padded position in vocabulary tiles and recomputes them in backward with an fp32 cast of the
   head each tile: a third of every training step here.
 - `FastDropout`: LoRA dropout with the mask drawn as 16-bit integers (a quarter of a 64-bit draw each) instead
-of
-  torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
+  of torch's CPU `bernoulli_`, which took a sixth of every step. Same semantics: each input element is kept
   with probability 1 - p (p rounded to a multiple of 1/65536) and scaled by 1/(1 - p).
 
 - `heap_reuse`: glibc keeps freed activation buffers (0.1-30 MB, allocated and freed hundreds of times per
@@ -38,15 +37,13 @@ from lora_core.evaluate import LOGIT_KEYS
 
 log = logging.getLogger(__name__)
 
-TESTED_TRL = (
-    ">=1.16,<1.17"  # the TRL releases CompactLossSFTTrainer was checked against; pyproject.toml pins the same
-)
+# the TRL releases CompactLossSFTTrainer was checked against; pyproject.toml pins the same
+TESTED_TRL = ">=1.16,<1.17"
 
 
 def trl_use_triton(version: str | None = None):
     """TRL's private `_use_triton(device)`, or a string saying why TRL (installed, or `version`) is not one
-    the compact
-    loss was tested with."""
+    the compact loss was tested with."""
     import trl
     from packaging.specifiers import SpecifierSet
 
@@ -62,8 +59,7 @@ def trl_use_triton(version: str | None = None):
 
 def trainer_class(fast_paths: bool, trl_version: str | None = None) -> type[SFTTrainer]:
     """CompactLossSFTTrainer where the fast paths are on and TRL (installed, or `trl_version`) is a tested
-    one;
-    TRL's SFTTrainer otherwise, with one warning when TRL is the reason."""
+    one; TRL's SFTTrainer otherwise, with one warning when TRL is the reason."""
     if not fast_paths:
         return SFTTrainer
     use_triton = trl_use_triton(trl_version)
@@ -81,9 +77,8 @@ OTHER_LOGIT_KEYS = tuple(k for k in LOGIT_KEYS if k not in (LOGIT_SCALE, SOFTCAP
 
 def logit_postprocessing(config) -> tuple[float, float | None] | None:
     """(scale, softcap) the model applies to its LM head's output, as `softcap * tanh(scale * logits /
-    softcap)` (Cohere multiplies by `logit_scale`; Gemma 2/3 soft-cap with `final_logit_softcapping`), or None
-    when it
-    post-processes them in another way."""
+    softcap)` (Cohere multiplies by `logit_scale`; Gemma 2/3 soft-cap with `final_logit_softcapping`), or
+    None when it post-processes them in another way."""
     text = config.get_text_config()
     if any(getattr(text, key, None) not in (None, 1, 1.0) for key in OTHER_LOGIT_KEYS):
         return None
@@ -105,10 +100,9 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # bytes, both parameters' defaults
 
 @contextlib.contextmanager
 def heap_reuse(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20):
-    """Within the block, glibc serves allocations up to `mmap_threshold` bytes (its maximum, 32 MB) from the
-    heap and trims the heap top only past `trim_threshold`; afterwards the defaults come back and the heap is
-    trimmed.
-    A no-op where the C library is not glibc."""
+    """Within the block, glibc serves allocations up to `mmap_threshold` bytes (its maximum, 32 MB) from
+    the heap and trims the heap top only past `trim_threshold`; afterwards the defaults come back and the
+    heap is trimmed. A no-op where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):

@@ -42,9 +42,8 @@ def workers(rows: int) -> int | None:
 
 @contextlib.contextmanager
 def progress(rows: int):
-    """datasets' progress bars (records done/total, records/s) for inputs big enough to take a while, and none
-    for
-    small ones (the bundled recipes, tests), whose output stays one line per problem."""
+    """datasets' progress bars (records done/total, records/s) for inputs big enough to take a while, and
+    none for small ones (the bundled recipes, tests), whose output stays one line per problem."""
     from datasets.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
@@ -63,9 +62,8 @@ def _features(**kinds: str):
 
 def write_lines(path: str, split: str, revision: str | None, subset: str | None, out: Path):
     """Every Line of a source into one Arrow file at `out`, written 10,000 at a time with datasets'
-    ArrowWriter (a
-    generator of one dict per record, Dataset.from_generator, managed ~33,000 records/s here: 24 s for
-    788k)."""
+    ArrowWriter (a generator of one dict per record, Dataset.from_generator, managed ~33,000 records/s
+    here: 24 s for 788k)."""
     import itertools
 
     from datasets.arrow_writer import ArrowWriter
@@ -231,8 +229,8 @@ def normalised(
     """Read and normalise one source into Arrow files under `work`. File-level problems (encoding, no such
     file, an empty file) raise a DataError; record-level ones are in the result (`problems`, `n_bad`).
     `columns` renames source fields first; `key` is the recipe key that sets `fmt`, named in the fix (None:
-    `fmt` is data.path's); keys are computed
-    with `system_prompt` injected, as the format stage keys records."""
+    `fmt` is data.path's); keys are computed with `system_prompt` injected, as the format stage keys
+    records."""
     import datasets
 
     started = time.monotonic()
@@ -278,9 +276,8 @@ def normalised(
 
 
 def weighted_indices(n: int, weight: float, seed: int) -> list[int]:
-    """`weight` x the rows 0..n-1, deterministically: whole copies, then a seeded sample for the fraction (the
-    rows
-    random.Random(seed).sample picks from a list of n records)."""
+    """`weight` x the rows 0..n-1, deterministically: whole copies, then a seeded sample for the fraction
+    (the rows random.Random(seed).sample picks from a list of n records)."""
     import random
 
     whole, frac = int(weight), weight - int(weight)
@@ -340,8 +337,8 @@ def gather_dataset(
     cfg, seed: int = 0, *, work: Path, system_prompt: str | None = None, keys: bool = True
 ) -> GatheredData:
     """Every source of the data config read and normalised (mix sources by weight) into Arrow files under
-    `work`;
-    one DataError lists all problems. `keys`: compute record keys (what the split needs; 15 us a record)."""
+    `work`; one DataError lists all problems. `keys`: compute record keys (what the split needs; 15 us a
+    record)."""
     import datasets
 
     found = _Found(getattr(cfg, "skip_invalid", False))
@@ -396,8 +393,7 @@ def gather_dataset(
 
 def write_column(ds, column: str, path: str | Path, desc: str | None = None) -> None:
     """One string column of `ds` as lines of `path`, batch by batch (atomically: a .tmp file renamed), with
-    datasets'
-    progress bar when `desc` is given and bars are on."""
+    datasets' progress bar when `desc` is given and bars are on."""
     from datasets.utils.tqdm import tqdm
 
     path = Path(path)
@@ -415,8 +411,7 @@ def write_column(ds, column: str, path: str | Path, desc: str | None = None) -> 
 
 def write_arrow(sources: list[tuple[str, str]], out: Path) -> str:
     """The non-blank lines of JSONL files, each (name, path), into one Arrow file at `out` (columns source,
-    index within
-    its file, line), 10,000 at a time; returns its path."""
+    index within its file, line), 10,000 at a time; returns its path."""
     import itertools
 
     from datasets.arrow_writer import ArrowWriter

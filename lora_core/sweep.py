@@ -208,8 +208,8 @@ def importances(study) -> dict[str, float]:
 
 def resume(study, trials: int) -> int:
     """Trials still to run for a study of `trials`: finished ones (complete, pruned, failed on their own)
-    count;
-    one cut short (Ctrl-C, a kill: left FAIL without a note, or RUNNING) is queued again with its values."""
+    count; one cut short (Ctrl-C, a kill: left FAIL without a note, or RUNNING) is queued again with its
+    values."""
     import optuna
 
     states = optuna.trial.TrialState

@@ -87,9 +87,8 @@ EVAL_SHARE = 0.5  # validation loss halfway and at the end unless train.eval_ste
 
 def sft_config(cfg: TrainConfig, output_dir: str, device: str, has_eval: bool, dtype=None):
     """TRL's SFTConfig for `cfg`; `dtype` is the autocast dtype (default: `cfg.dtype` resolved for the
-    device).
-    `cfg.trainer_args` come on top of the defaults below (the keys the recipe sets elsewhere were refused at
-    validation)."""
+    device). `cfg.trainer_args` come on top of the defaults below (the keys the recipe sets elsewhere were
+    refused at validation)."""
     import torch
     from trl import SFTConfig
 
@@ -182,8 +181,7 @@ def _logged_before(line: str, step: int) -> bool:
 def metrics_jsonl_callback(path: Path):
     """A TrainerCallback appending every log line (loss, lr, grad norm, eval loss ...) with its step to
     `path`. A resumed training starts again at its checkpoint's step: what the interrupted one logged after
-    that step is
-    dropped first, so each step appears once."""
+    that step is dropped first, so each step appears once."""
     from transformers import TrainerCallback
 
     class MetricsJsonl(TrainerCallback):
@@ -206,9 +204,8 @@ def metrics_jsonl_callback(path: Path):
 
 def frozen_base_dtype(base_dtype: str, device: str):
     """'auto': bfloat16 where the hardware has fast bf16 matmuls (CUDA with bf16; CPUs with AVX512-BF16 or
-    AMX), else float32. Measured with bench/train_speed.py on a 2-core AVX512-BF16 CPU: bf16 matmul peak 4.4x
-    fp32's,
-    LoRA training 1.8x faster than with an fp32 base, same validation loss (2.9205 vs 2.9207)."""
+    AMX), else float32. Measured with bench/train_speed.py on a 2-core AVX512-BF16 CPU: bf16 matmul peak
+    4.4x fp32's, LoRA training 1.8x faster than with an fp32 base, same validation loss (2.9205 vs 2.9207)."""
     import torch
 
     if base_dtype != "auto":
@@ -228,8 +225,7 @@ def autocast_dtype(dtype: str, device: str, weights):
     is held in bfloat16 (LoRA on a fast-bf16 CPU, see frozen_base_dtype), so the LoRA matmuls run in bf16 like
     the base's. Measured with bench/train_speed.py: ~5% faster than fp32 LoRA compute over a bf16 base, same
     loss. Over an fp32 base (full fine-tuning, CPUs without fast bf16) CPU autocast would re-cast every weight
-    on every
-    step: float32."""
+    on every step: float32."""
     import torch
 
     if dtype != "auto" or device != "cpu":
@@ -267,9 +263,9 @@ class TrainError(LoraFlowError):
 
 
 def check_fits(train_ds, max_length: int) -> int:
-    """TRL truncates to max_length (keeping the start) and silently drops rows left with no target: refuse if
-    none
-    is left, else say in one line how many conversations lose reply tokens to the cut. Returns that count."""
+    """TRL truncates to max_length (keeping the start) and silently drops rows left with no target: refuse
+    if none is left, else say in one line how many conversations lose reply tokens to the cut. Returns that
+    count."""
     cut, kept, longest = 0, 0, 0
     for masks in train_ds["assistant_masks"]:
         kept += 1 in masks[:max_length]
@@ -305,9 +301,8 @@ def check_fits(train_ds, max_length: int) -> int:
 
 def end_of_turn_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
     """peft's trainable_token_indices for `token_ids`: their input-embedding rows, and their LM-head rows
-    where the head
-    is its own matrix (a tied head reads the embedding's rows: peft ties its copy to the embedding's, one set
-    of rows)."""
+    where the head is its own matrix (a tied head reads the embedding's rows: peft ties its copy to the
+    embedding's, one set of rows)."""
     names = {module: name for name, module in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if (
@@ -326,9 +321,8 @@ def end_of_turn_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
 
 def expose_head_bias(model) -> None:
     """TRL's fused LM-head loss (CUDA, train.fast_paths=false) reads `lm_head.bias`, which peft's
-    TrainableTokensWrapper
-    does not pass through (only `weight`): the wrapped head's bias is None (end_of_turn_rows refuses any
-    other)."""
+    TrainableTokensWrapper does not pass through (only `weight`): the wrapped head's bias is None
+    (end_of_turn_rows refuses any other)."""
     import torch
     from peft.utils.other import TrainableTokensWrapper
 

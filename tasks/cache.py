@@ -38,10 +38,9 @@ def library_fingerprint() -> str:
 
 @dataclasses.dataclass
 class LibraryVersion(CachePolicy):
-    """Keys on lora_core's source, and makes any policy it is added to SERIALIZABLE on LOCKS: one writer per
-    key.
-    Two identical runs at once would share one output folder; the second waits, then reads the first's
-    result."""
+    """Keys on lora_core's source, and makes any policy it is added to SERIALIZABLE on LOCKS: one writer
+    per key. Two identical runs at once would share one output folder; the second waits, then reads the
+    first's result."""
 
     isolation_level: IsolationLevel | None = IsolationLevel.SERIALIZABLE
     lock_manager: ProcessLocks | None = dataclasses.field(default_factory=lambda: LOCKS)

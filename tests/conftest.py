@@ -81,9 +81,8 @@ def tiny_model_dir(tmp_path_factory, tutor_records) -> Path:
 
 @pytest.fixture()
 def varied_tiny_model(tiny_model_dir):
-    """The tiny model with weights drawn with std 0.5: varied greedy text (the fixture's near-uniform logits
-    make greedy
-    repeat one token), which a mild repetition penalty already changes (measured)."""
+    """The tiny model with weights drawn with std 0.5: varied greedy text (the fixture's near-uniform
+    logits make greedy repeat one token), which a mild repetition penalty already changes (measured)."""
     import torch
 
     from lora_core.base_model import load_model

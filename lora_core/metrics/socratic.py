@@ -1,7 +1,6 @@
 """Socratic tutoring replies, strict: a reply counts when it asks a question, does not give the problem's
-final answer
-away, and stays on the problem (lora_core/behavior.py states each rule; docs/pipeline.md, "Behaviour
-metrics")."""
+final answer away, and stays on the problem (lora_core/behavior.py states each rule; docs/pipeline.md,
+"Behaviour metrics")."""
 
 import datasets
 import evaluate

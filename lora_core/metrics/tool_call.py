@@ -1,8 +1,7 @@
 """Tool-calling replies in the Hermes format (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`):
 over the prompts whose reference calls a tool, well-formed call, right name, schema-valid arguments, right
-fixed values; over
-those whose reference is text (a clarifying question, a refusal), no call (lora_core/behavior.py states each
-rule)."""
+fixed values; over those whose reference is text (a clarifying question, a refusal), no call
+(lora_core/behavior.py states each rule)."""
 
 import json
 

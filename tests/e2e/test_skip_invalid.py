@@ -1,7 +1,6 @@
 """data.skip_invalid: a file with one assistant-first conversation (the OpenAI cookbook's toy chat data has
-one) is
-refused with the setting named, and with the setting it trains on the rest; the run records what it skipped
-and why."""
+one) is refused with the setting named, and with the setting it trains on the rest; the run records what it
+skipped and why."""
 
 import json
 from pathlib import Path

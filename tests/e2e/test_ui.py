@@ -1,7 +1,6 @@
 """What a user sees: the console of `lora-flow run`, and the MLflow UI in a real browser (Debian's chromium
-driven by
-Playwright) over the store that run wrote. Screenshots land in test-artifacts/ (git-ignored) for a person to
-look at."""
+driven by Playwright) over the store that run wrote. Screenshots land in test-artifacts/ (git-ignored) for
+a person to look at."""
 
 from __future__ import annotations
 
@@ -26,10 +25,9 @@ SHOTS = REPO / "test-artifacts"
 
 @pytest.fixture(scope="module")
 def cli_run(tiny_model_dir, tutor_records):
-    """`lora-flow run` on the tiny model in a fresh process: its own PREFECT_HOME and ephemeral server, a new
-    SQLite store.
-    In a folder of its own: pytest prunes old basetemps, and other pytest sessions on the machine may prune
-    this one's."""
+    """`lora-flow run` on the tiny model in a fresh process: its own PREFECT_HOME and ephemeral server, a
+    new SQLite store. In a folder of its own: pytest prunes old basetemps, and other pytest sessions on the
+    machine may prune this one's."""
     root = Path(tempfile.mkdtemp(prefix="lora-flow-ui-"))
     try:
         yield run_cli(root, tiny_model_dir, tutor_records)

@@ -61,9 +61,8 @@ def test_a_partial_config_changes_the_deployments_recipe_not_every_key(
     prefect_harness, make_recipe, mlflow_store
 ):
     """`prefect deployment run ... --param config='{"train": {"max_steps": 2}}'`: the run trains the
-    deployment's
-    recipe with that one change (without the merge it would be the all-defaults recipe: another name, data,
-    model)."""
+    deployment's recipe with that one change (without the merge it would be the all-defaults recipe:
+    another name, data, model)."""
     from mlflow.tracking import MlflowClient
     from prefect.flow_engine import run_flow
 

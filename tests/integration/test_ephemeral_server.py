@@ -1,6 +1,6 @@
-"""The temporary Prefect API server a terminal run starts (no PREFECT_API_URL): waited for when the machine is
-slow,
-one line naming the fixes, and exit code 2, when it never answers. Real servers, in their own processes."""
+"""The temporary Prefect API server a terminal run starts (no PREFECT_API_URL): waited for when the machine
+is slow, one line naming the fixes, and exit code 2, when it never answers. Real servers, in their own
+processes."""
 
 from __future__ import annotations
 

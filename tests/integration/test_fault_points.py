@@ -1,7 +1,7 @@
 """The flow killed (SIGKILL) at each of six awkward moments, then re-run: every re-run ends as an
-uninterrupted run does. Runs bench/faults.py itself on the tiny model (real `lora-flow run` subprocesses, the
-session's Prefect
-server, a SQLite MLflow store), so the table the bench prints is the one this test holds to."""
+uninterrupted run does. Runs bench/faults.py itself on the tiny model (real `lora-flow run` subprocesses,
+the session's Prefect server, a SQLite MLflow store), so the table the bench prints is the one this test
+holds to."""
 
 import json
 import os

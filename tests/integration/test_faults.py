@@ -84,10 +84,9 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_one_line_and_the_same_command_completes_the_rest(
     make_recipe, prefect_api_url, mlflow_store, in_tmp_cwd, small_disk
 ):
-    """The merge stage writes to a full disk: one `error:` line naming the folder, its free space and what is
-    kept,
-    exit 2, no traceback, no retries; with more space the same command redoes the merge alone, in the same
-    run."""
+    """The merge stage writes to a full disk: one `error:` line naming the folder, its free space and what
+    is kept, exit 2, no traceback, no retries; with more space the same command redoes the merge alone, in
+    the same run."""
     recipe = make_recipe("full")
     (in_tmp_cwd / "outputs" / "full").mkdir(parents=True)
     # the merged model does not fit in 64 KB

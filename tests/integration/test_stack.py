@@ -299,8 +299,7 @@ def test_the_gpu_file_deploys_every_deployment_onto_its_pools(stack, tmp_path):
     """deploy/prefect-gpu.yaml as written, minus its image build and push (no Docker daemon here): `prefect
     deploy
     --all` against the stack's server, onto a Docker pool and a Kubernetes pool made with the commands its
-    header
-    gives, accepts both deployments with their GPU job variables."""
+    header gives, accepts both deployments with their GPU job variables."""
     prefect = str(Path(sys.executable).parent / "prefect")
     pools = [
         ["work-pool", "create", "gpu-docker", "--type", "docker"],
@@ -436,9 +435,9 @@ def test_unchanged_data_finishes_from_cache_and_new_data_retrains(stack, nightly
 
 
 def test_a_burst_of_data_pushes_makes_one_retraining_run(stack, tiny_model_dir, tutor_records, tmp_path):
-    """prefect.yaml's nightly trigger (its debounce shortened to 20 s) on a tiny recipe: three `lora-flow data
-    push`
-    in a row, one of them with new records, create exactly one flow run, which trains on the new data."""
+    """prefect.yaml's nightly trigger (its debounce shortened to 20 s) on a tiny recipe: three `lora-flow
+    data push` in a row, one of them with new records, create exactly one flow run, which trains on the new
+    data."""
     recipe = write_recipe(tmp_path, "pushed", tiny_model_dir, tutor_records)
     doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
     (dep,) = [d for d in doc["deployments"] if d["name"] == NIGHTLY.split("/")[1]]
@@ -778,8 +777,7 @@ def _in_session(proc: psutil.Process, sid: int) -> bool:
 )
 def test_a_postgres_password_reaches_the_mlflow_server_alone(tmp_path):
     """Given as MLflow's own variable, the backend URI reaches `mlflow server` and its workers: no command
-    line,
-    no state file, and not the environment of the Prefect server, the worker or anything they start."""
+    line, no state file, and not the environment of the Prefect server, the worker or anything they start."""
     uri = os.environ["LORA_FLOW_TEST_POSTGRES_URI"]
     # as it appears in a URI: CI's password equals its role name, which a masked URI keeps
     password = ":" + uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1] + "@"

@@ -39,10 +39,9 @@ MAX_NEW = 8
 
 def rig_never_ends(base: Path, out: Path) -> Path:
     """The tiny base made to never predict EOT, like Gemma 3 270M its <end_of_turn>: the token's (tied) row
-    shrunk to 1e-3 of itself, near zero like an unused token's, and the final norm's weight raised 60-fold so
-    the other logits
-    spread over about +-10: EOT's stays ~0, below the likeliest token's wherever LoRA moves the (normed)
-    hidden state."""
+    shrunk to 1e-3 of itself, near zero like an unused token's, and the final norm's weight raised 60-fold
+    so the other logits spread over about +-10: EOT's stays ~0, below the likeliest token's wherever LoRA
+    moves the (normed) hidden state."""
     model, tokenizer = load_model(str(base)), load_tokenizer(str(base))
     with torch.no_grad():
         model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(EOT)] *= 1e-3
@@ -80,8 +79,7 @@ def short_replies(tmp_path_factory, tiny_model_dir, tutor_records):
 @pytest.fixture(scope="module")
 def trained(short_replies):
     """lora.train_end_of_turn -> (TrainResult, replies to the held-out prompts, EndOfTurnOdds of the tuned
-    model on them):
-    20 steps each (fp32 base, so every CPU computes the same)."""
+    model on them): 20 steps each (fp32 base, so every CPU computes the same)."""
     rigged, split = short_replies
     val = datasets.load_from_disk(split.val_dir)
     chats = [(json.loads(r)["messages"][:1], None) for r in val["record"]]
@@ -203,9 +201,9 @@ def test_the_trained_row_is_in_the_adapter_and_in_the_merged_model(trained, shor
 
 
 def test_trls_own_loss_trains_the_row_too(short_replies, tmp_path):
-    """TRL's fused LM-head loss (on CUDA, and with train.fast_paths=false) reads `lm_head.bias`, which peft's
-    wrapper of
-    the head does not pass through (train.expose_head_bias): one step through it trains the row."""
+    """TRL's fused LM-head loss (on CUDA, and with train.fast_paths=false) reads `lm_head.bias`, which
+    peft's wrapper of the head does not pass through (train.expose_head_bias): one step through it trains
+    the row."""
     from safetensors.torch import load_file
 
     rigged, split = short_replies
@@ -236,9 +234,8 @@ def test_trls_own_loss_trains_the_row_too(short_replies, tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_an_untied_head_trains_its_row_too_and_both_reload_and_merge(tied, tmp_path):
-    """A Llama with its own LM head (like Llama 3 8B): the token's embedding row and its head row both train,
-    and the
-    adapter reloads and merges to the same logits."""
+    """A Llama with its own LM head (like Llama 3 8B): the token's embedding row and its head row both
+    train, and the adapter reloads and merges to the same logits."""
     from peft import PeftModel, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -41,8 +41,7 @@ def test_batch_size_and_padding_side_do_not_change_perplexity(model, rows, tiny_
 
 def test_each_rows_nll_is_its_own_in_the_callers_order(model, rows, tiny_tokenizer):
     """The per-conversation figures the champion gate resamples: each row scored alone gives the same NLL,
-    whatever
-    the batching (rows are sorted by length inside, and continue a shared prefix's cache)."""
+    whatever the batching (rows are sorted by length inside, and continue a shared prefix's cache)."""
     pad = tiny_tokenizer.pad_token_id
     got = perplexity(model, rows, batch_size=3, pad_id=pad)
     for r, nll, tokens in zip(rows, got.row_nll, got.row_tokens):

@@ -1,6 +1,5 @@
-"""The champion gate on constructed per-conversation NLLs: noise does not promote, a clear gain does, a gain
-in
-perplexity with a behaviour regression does not; every decision says why, with its figures."""
+"""The champion gate on constructed per-conversation NLLs: noise does not promote, a clear gain does, a
+gain in perplexity with a behaviour regression does not; every decision says why, with its figures."""
 
 import math
 import random

@@ -1,8 +1,7 @@
 """Chat models beyond ChatML, at the lora_core level: a Gemma-style (`<start_of_turn>...<end_of_turn>`, eos
 `<eos>`) and a Llama-3-style (`<|start_header_id|>...<|eot_id|>`, eos `<|end_of_text|>`) tokenizer + tiny
 random model, each formatted (the mask is each reply plus its end-of-turn token), trained, evaluated and
-merged; generation stops at the
-end-of-turn token; and the real CLI runs on one of them."""
+merged; generation stops at the end-of-turn token; and the real CLI runs on one of them."""
 
 from __future__ import annotations
 
@@ -86,8 +85,7 @@ FAMILIES = {
 
 def build_family_model(name: str, path: Path, corpus: list[str]) -> Path:
     """A ~400-token byte-level BPE tokenizer with the family's special tokens and chat template, and a
-    2-layer,
-    16-dim model: Gemma 3 (tied embeddings) or Llama (untied LM head, like Llama 3 8B)."""
+    2-layer, 16-dim model: Gemma 3 (tied embeddings) or Llama (untied LM head, like Llama 3 8B)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
         Gemma3ForCausalLM,
@@ -256,11 +254,10 @@ def test_trains_evaluates_and_merges(family, trained):
 
 
 def rig_alternating(model, first: int, then: int) -> None:
-    """Greedy decoding of this untied Llama becomes a fixed bigram: after `first` comes `then`, after anything
-    else `first`. Hidden dims 0 and 1 carry the choice: every embedding writes 100 into dim 1 (`first`) except
-    `first`'s,
-    which writes it into dim 0 (`then`); no layer writes to those dims, and the final norm and LM head read
-    only them."""
+    """Greedy decoding of this untied Llama becomes a fixed bigram: after `first` comes `then`, after
+    anything else `first`. Hidden dims 0 and 1 carry the choice: every embedding writes 100 into dim 1
+    (`first`) except `first`'s, which writes it into dim 0 (`then`); no layer writes to those dims, and the
+    final norm and LM head read only them."""
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
         emb[:, :2] = torch.tensor([0.0, 100.0])
@@ -277,9 +274,9 @@ def rig_alternating(model, first: int, then: int) -> None:
 
 
 def test_generation_stops_at_the_end_of_turn_token(tmp_path, tutor_records):
-    """A Llama-3-style base (its generation config knows only eos) rigged to answer 'A' then the end-of-turn
-    token, again
-    and again: the reply is one 'A', because the chat template's end-of-turn token is a stop token."""
+    """A Llama-3-style base (its generation config knows only eos) rigged to answer 'A' then the
+    end-of-turn token, again and again: the reply is one 'A', because the chat template's end-of-turn token
+    is a stop token."""
     base = build_family_model("llama3", tmp_path / "llama3", corpus_of(tutor_records))
     model, tokenizer = load_chat_model(base, device="cpu")
     eot, a = token_id(tokenizer, "<|eot_id|>"), token_id(tokenizer, "A")
@@ -311,8 +308,8 @@ for prompt in json.loads(sys.argv[2]):
 def test_cli_runs_each_family_and_the_version_serves_what_was_evaluated(name, tmp_path, tutor_records):
     """`lora-flow run RECIPE key=value ...` in a subprocess (its own ephemeral Prefect, a SQLite MLflow
     store), then the registered version through `mlflow.pyfunc` in a fresh process: exactly samples.json's
-    replies. Both templates
-    write `bos_token` themselves, so the served prompt must not get a second one from the tokenizer."""
+    replies. Both templates write `bos_token` themselves, so the served prompt must not get a second one
+    from the tokenizer."""
     base = build_family_model(name, tmp_path / name, corpus_of(tutor_records))
     write_jsonl(tutor_records[:24], tmp_path / "tutor.jsonl")
     recipe = tmp_path / f"{name}-tutor.yaml"

@@ -1,8 +1,7 @@
-"""`lora-flow validate` on what `run` would refuse only after converting the weights or formatting the data:
-a .gguf base whose metadata carries no chat template (its tokenizer is read from the GGUF's metadata, the
-weights are neither converted nor dequantised), and a template.end_of_turn that is not a token or does not
-close a reply.
-Each is one `error:` line and exit code 2."""
+"""`lora-flow validate` on what `run` would refuse only after converting the weights or formatting the
+data: a .gguf base whose metadata carries no chat template (its tokenizer is read from the GGUF's metadata,
+the weights are neither converted nor dequantised), and a template.end_of_turn that is not a token or does
+not close a reply. Each is one `error:` line and exit code 2."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""After a resume, training/metrics.jsonl holds each step once: what the interrupted session logged past its
-last
-checkpoint is replaced by the resumed session's lines."""
+"""After a resume, training/metrics.jsonl holds each step once: what the interrupted session logged past
+its last checkpoint is replaced by the resumed session's lines."""
 
 import json
 import shutil

@@ -148,9 +148,8 @@ print(inside, mmapped_by(20 << 20))
 
 
 def test_heap_reuse_serves_large_blocks_from_the_heap_and_restores_glibc_defaults():
-    """In a fresh process (a long-lived one's heap may be hemmed in by other mappings): within the block a 20
-    MB
-    allocation comes from the heap, after it glibc's defaults mmap it again."""
+    """In a fresh process (a long-lived one's heap may be hemmed in by other mappings): within the block a
+    20 MB allocation comes from the heap, after it glibc's defaults mmap it again."""
     import subprocess
     import sys
 
@@ -164,8 +163,8 @@ def test_heap_reuse_serves_large_blocks_from_the_heap_and_restores_glibc_default
 
 def tiny_model_with_logit_postprocessing(kind: str, vocab_size: int):
     """A 2-layer, 16-dim model whose forward post-processes its logits, with an LM head scaled up so logits
-    reach
-    tens: Gemma 2 soft-caps at 30, Cohere multiplies by logit_scale, Granite divides by logits_scaling."""
+    reach tens: Gemma 2 soft-caps at 30, Cohere multiplies by logit_scale, Granite divides by
+    logits_scaling."""
     from transformers import (
         CohereConfig,
         CohereForCausalLM,
@@ -209,8 +208,7 @@ def test_compact_loss_applies_the_models_own_logit_postprocessing(
     kind, tmp_path, tiny_model_dir, tutor_records
 ):
     """Soft-capped or scaled logits: the fast path's loss is the model's own loss (and TRL's); a
-    post-processing it
-    does not reproduce (Granite's logits_scaling) sends the model to TRL's loss."""
+    post-processing it does not reproduce (Granite's logits_scaling) sends the model to TRL's loss."""
     import datasets
     from transformers import AutoTokenizer
 

@@ -89,9 +89,9 @@ def test_merged_logits_equal_adapter_logits(trained, tiny_model_dir):
 
 
 def test_merged_folder_decodes_as_evaluated_even_over_a_sampling_base(trained, tiny_model_dir):
-    """A base whose generation_config samples (as many hub chat models' do): the merged folder's own defaults
-    are the
-    evaluation's greedy decoding, max tokens and repetition penalty; its stop tokens are kept."""
+    """A base whose generation_config samples (as many hub chat models' do): the merged folder's own
+    defaults are the evaluation's greedy decoding, max tokens and repetition penalty; its stop tokens are
+    kept."""
     import shutil
 
     from transformers import GenerationConfig

@@ -1,8 +1,8 @@
 """The GPU work pools of deploy/prefect-gpu.yaml, rendered offline by the pool types' own packages: the job
 each worker would start (the Docker API payload of docker-py; the Kubernetes Job manifest of
-prefect-kubernetes) from the deployment's job variables. And the image those jobs run: ./Dockerfile installs
-with CI's pins.
-No Docker daemon, cluster or server is touched; what needs them is on paper (see the file's header)."""
+prefect-kubernetes) from the deployment's job variables. And the image those jobs run: ./Dockerfile
+installs with CI's pins. No Docker daemon, cluster or server is touched; what needs them is on paper (see
+the file's header)."""
 
 import asyncio
 import copy
