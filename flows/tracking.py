@@ -428,7 +428,7 @@ def log_cache_use(recomputed: list[str]) -> None:
 
 def summary(run_id: str, trained, ev, merged, registered: dict | None, latest: str) -> RunSummary:
     uri, experiment_id = mlflow.get_tracking_uri(), MlflowClient().get_run(run_id).info.experiment_id
-    model, version = (registered["model"], registered["version"]) if registered else (None, None)
+    model, version = (registered["model"], str(registered["version"])) if registered else (None, None)
     return RunSummary(
         **{
             "mlflow_run_id": run_id,
