@@ -126,16 +126,28 @@ class Normalised:
         import pyarrow.compute as pc
 
         return (
-            self.ds.select(where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
+            select(self.ds, where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
         )
 
     def bad(self):
         """The rows with a problem: where, problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(
+        return select(self.ds, where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(
             ["where", "problem"]
         )
+
+
+def select(ds, indices):
+    """ds.select(indices), named by a hash of the indices' bytes: datasets would pickle a list of a million
+    ints to name the result (~2 s)."""
+    import hashlib
+
+    import numpy as np
+
+    idx = np.asarray(indices, dtype=np.int64)
+    name = hashlib.sha256(ds._fingerprint.encode() + idx.tobytes()).hexdigest()[:32]
+    return ds.select(idx, new_fingerprint=name)
 
 
 def where_true(mask) -> list[int]:
@@ -377,7 +389,7 @@ def gather_dataset(
     records, fmt, digest = (main.good(), main.format, main.sha256) if main else (None, cfg.format, "")
     if cfg.mix or cfg.weight != 1.0:
         parts = (
-            [records.select(weighted_indices(len(records), cfg.weight, seed))] if records is not None else []
+            [select(records, weighted_indices(len(records), cfg.weight, seed))] if records is not None else []
         )
         for i, src in enumerate(cfg.mix):
             more = _source(
@@ -398,7 +410,7 @@ def gather_dataset(
                 )
                 continue
             good = more.good()
-            parts.append(good.select(weighted_indices(len(good), src.weight, seed + i + 1)))
+            parts.append(select(good, weighted_indices(len(good), src.weight, seed + i + 1)))
             digest = text_sha256(digest, more.sha256, str(src.weight))
             log.info("mixed in %s x%.2f", src.path, src.weight)
         records = datasets.concatenate_datasets(parts) if main else None
