@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from flows import store
 from lora_core.config import (
     DEFAULT_RECIPE,
     ConfigError,
@@ -334,7 +335,7 @@ def cmd_validate(args) -> int:
             continue
         checked = preflight.review(cfg)  # every check that needs no model weights, and what went unchecked
         found = checked.problems
-        if not found:
+        if not found and not store.local_store_missing():  # no store yet: no champion (and no MLflow import)
             from flows.registry import base_problems
 
             found = base_problems(cfg)  # what `run` refuses before training: a champion of another base

@@ -366,11 +366,10 @@ def base_problems(cfg) -> list[str]:
     """`check_base` for `lora-flow validate`, with the base's identity computed without loading it (a hub
     base's commit is known only once resolved: checked at run time). A local store that does not exist yet
     has no champion."""
-    from flows import tracking
+    from flows import store, tracking
     from lora_core.base_model import identity_of
 
-    uri = tracking.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if store.local_store_missing():
         return []
     tracking.connect()
     try:

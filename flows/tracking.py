@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import mlflow
+from flows.store import DEFAULT_STORE_DIR, tracking_uri  # noqa: F401 - public here too
 from flows.summary import RunSummary
 from lora_core.config import PipelineConfig, flatten
 from lora_core.errors import LoraFlowError
@@ -25,18 +26,8 @@ from tasks.outputs import Stages
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORE_DIR = Path("mlflow")
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 BATCH = 100  # params/metrics per log_batch call (MLflow's limit for params)
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else a SQLite store in ./mlflow (artifacts beside it)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    DEFAULT_STORE_DIR.mkdir(exist_ok=True)
-    return f"sqlite:///{(DEFAULT_STORE_DIR / 'mlflow.db').resolve()}"
 
 
 class TrackingUnreachable(LoraFlowError):

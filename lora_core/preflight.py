@@ -51,7 +51,7 @@ from lora_core.formatting import (
     end_of_turn,
 )
 from lora_core.hashing import file_sha256
-from lora_core.streaming import column, gather_dataset
+from lora_core.streaming import column, gather_dataset, select
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _data(cfg: PipelineConfig, problems: list[str], work: Path) -> tuple[Iterato
         except DataError as exc:
             problems.append(f"{exc} (data.path {cfg.data.path})")
             return None, gathered.format
-        records = records.select(train)
+        records = select(records, train)
     rows = (
         json.loads(r)
         for batch in records.select_columns(["record"]).iter(batch_size=100)

@@ -11,6 +11,7 @@ problem are left out instead, and listed (where, problem) for the run. Figures: 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_core.fastjsonl import COLUMNS, plain_chats
 from lora_core.hashing import text_sha256
 from lora_core.records import MAX_REPORTED, SHAPES, detect_format, inject_system_prompt, normalise, record_key
 from lora_core.sources import DataError, bad_json, raw_lines, source_digest
@@ -122,16 +124,28 @@ class Normalised:
         import pyarrow.compute as pc
 
         return (
-            self.ds.select(where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
+            select(self.ds, where_true(pc.is_null(self.ds.data.column("problem")))) if self.n_bad else self.ds
         )
 
     def bad(self):
         """The rows with a problem: where, problem."""
         import pyarrow.compute as pc
 
-        return self.ds.select(where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(
+        return select(self.ds, where_true(pc.is_valid(self.ds.data.column("problem")))).select_columns(
             ["where", "problem"]
         )
+
+
+def select(ds, indices):
+    """ds.select(indices), named by a hash of the indices' bytes: datasets would pickle a list of a million
+    ints to name the result (~2 s)."""
+    import hashlib
+
+    import numpy as np
+
+    idx = np.asarray(indices, dtype=np.int64)
+    name = hashlib.sha256(ds._fingerprint.encode() + idx.tobytes()).hexdigest()[:32]
+    return ds.select(idx, new_fingerprint=name)
 
 
 def where_true(mask) -> list[int]:
@@ -142,27 +156,26 @@ def where_true(mask) -> list[int]:
     return pc.indices_nonzero(flat).to_pylist()
 
 
-def _detect(raw, columns: dict | None) -> str:
-    """The format of the first record that parses ("unparsed" when none does: their parse errors are
-    reported)."""
-    for batch in raw.iter(batch_size=BATCH):
-        for where, text in zip(batch["where"], batch["text"]):
-            if text is None:
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if columns and isinstance(value, dict):
-                value = {columns.get(k, k): v for k, v in value.items()}
-            fmt = detect_format(value)
-            if fmt is None:
-                keys = sorted(value) if isinstance(value, dict) else []
-                raise DataError(
-                    f"{where}: cannot detect the format from keys {keys}; expected 'messages', "
-                    "'conversations', 'instruction'+'output' or 'text', or set data.format"
-                )
-            return fmt
+def _detect(rows, columns: dict | None) -> str:
+    """The format of the first record (of `rows`, (where, text) pairs) that parses ("unparsed" when none
+    does: their parse errors are reported)."""
+    for where, text in rows:
+        if text is None:
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if columns and isinstance(value, dict):
+            value = {columns.get(k, k): v for k, v in value.items()}
+        fmt = detect_format(value)
+        if fmt is None:
+            keys = sorted(value) if isinstance(value, dict) else []
+            raise DataError(
+                f"{where}: cannot detect the format from keys {keys}; expected 'messages', "
+                "'conversations', 'instruction'+'output' or 'text', or set data.format"
+            )
+        return fmt
     return "unparsed"
 
 
@@ -242,24 +255,42 @@ def normalised(
             f"{path}: dataset is empty (no records); add records or point data.path at another file"
         )
     out = Path(tempfile.mkstemp(dir=work, suffix=".arrow")[1])
-    write_lines(path, split, revision, subset, out)
-    raw = datasets.Dataset.from_file(str(out))
     auto = fmt == "auto" or key is None  # the format was read from a record, not set for this file
-    if fmt == "auto":
-        fmt = _detect(raw, columns)
-    with progress(len(raw)):
-        ds = raw.map(
-            _normalise_batch,
-            batched=True,
-            batch_size=BATCH,
-            num_proc=workers(len(raw)),
-            remove_columns=["text"],
-            fn_kwargs={"fmt": fmt, "columns": columns or None, "system_prompt": system_prompt, "keys": keys},
-            features=_features(
-                where="string", problem="string", record="string", key="string", other="string", parsed="bool"
-            ),
-            desc=f"validating {Path(path).name}",
+    if fmt == "auto" and not columns:
+        fmt = _detect(((line.where, line.text) for line in raw_lines(path, split, revision, subset)), None)
+    fast = None
+    if fmt == "messages" and not columns:  # plain chats: pyarrow reads them (lora_core/fastjsonl.py)
+        slow = functools.partial(
+            _normalise_batch, fmt=fmt, columns=None, system_prompt=system_prompt, keys=keys
         )
+        fast = plain_chats(
+            path, out, slow=slow, system_prompt=system_prompt, keys=keys, desc=f"validating {Path(path).name}"
+        )
+    if fast is not None:
+        ds = datasets.Dataset.from_file(str(out))
+    else:
+        write_lines(path, split, revision, subset, out)
+        raw = datasets.Dataset.from_file(str(out))
+        if fmt == "auto":
+            fmt = _detect(
+                ((w, t) for b in raw.iter(batch_size=BATCH) for w, t in zip(b["where"], b["text"])), columns
+            )
+        with progress(len(raw)):
+            ds = raw.map(
+                _normalise_batch,
+                batched=True,
+                batch_size=BATCH,
+                num_proc=workers(len(raw)),
+                remove_columns=["text"],
+                fn_kwargs={
+                    "fmt": fmt,
+                    "columns": columns or None,
+                    "system_prompt": system_prompt,
+                    "keys": keys,
+                },
+                features=_features(**COLUMNS),
+                desc=f"validating {Path(path).name}",
+            )
     problems, n_bad = _report(ds, path, fmt, key, auto)
     seconds = time.monotonic() - started
     log.info(
@@ -355,7 +386,7 @@ def gather_dataset(
     records, fmt, digest = (main.good(), main.format, main.sha256) if main else (None, cfg.format, "")
     if cfg.mix or cfg.weight != 1.0:
         parts = (
-            [records.select(weighted_indices(len(records), cfg.weight, seed))] if records is not None else []
+            [select(records, weighted_indices(len(records), cfg.weight, seed))] if records is not None else []
         )
         for i, src in enumerate(cfg.mix):
             more = _source(
@@ -376,7 +407,7 @@ def gather_dataset(
                 )
                 continue
             good = more.good()
-            parts.append(good.select(weighted_indices(len(good), src.weight, seed + i + 1)))
+            parts.append(select(good, weighted_indices(len(good), src.weight, seed + i + 1)))
             digest = text_sha256(digest, more.sha256, str(src.weight))
             log.info("mixed in %s x%.2f", src.path, src.weight)
         records = datasets.concatenate_datasets(parts) if main else None
