@@ -218,7 +218,7 @@ def test_the_served_version_replies_exactly_as_it_was_evaluated(
         "-m",
         "flows.cli",
         "generate",
-        f"runs:/{summary['mlflow_run_id']}",
+        f"runs:/{summary.mlflow_run_id}",
         "--prompt",
         samples[0]["prompt"],
     ]
