@@ -1,8 +1,8 @@
 """Serving latency of a registered version: MLflow pyfunc and `lora-flow chat`, against the evaluate stage's
 batched path.
 
-    .venv/bin/python bench/serve_latency.py [--model models:/socratic-tutor@champion] [--recipe
-    recipes/socratic-tutor.yaml]
+    .venv/bin/python bench/serve_latency.py
+        [--model models:/socratic-tutor@champion] [--recipe recipes/socratic-tutor.yaml]
 
 Run after `make run` (it registers the champion in ./mlruns). Printed, for the recipe's first held-out
 prompts:
@@ -11,9 +11,8 @@ prompts:
   samples.json;
 - `lora-flow chat`'s path (flows.serve.resolve_model + load_chat_model + stream_reply): time to the first
   token and to the whole reply;
-- the evaluate stage's path (lora_core.generation.generate_many) on the same model for `--prompts` prompts at
-once:
-  its time per reply, which is what a batch of requests costs each when they arrive together.
+- the evaluate stage's path (lora_core.generation.generate_many) on the same model for `--prompts` prompts
+  at once: its time per reply, which is what a batch of requests costs each when they arrive together.
 """
 
 from __future__ import annotations

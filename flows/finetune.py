@@ -1,12 +1,13 @@
 """The fine-tune flow.
 
 Stages (each a Prefect task in tasks/, cached on the content it reads):
-  download-data -> resolve-base-model -> format-data -> split-data -> train-lora -> evaluate -> merge ->
-register One MLflow run per flow run holds the params, the training curves, the dataset, the adapter, the
+  download-data -> resolve-base-model -> format-data -> split-data -> train-lora -> evaluate -> merge
+  -> register
+One MLflow run per flow run holds the params, the training curves, the dataset, the adapter, the
 perplexities and the sample replies; `register` makes the adapter a registry version and runs the
-champion gate. Each stage logs its duration; the run's Prefect page shows the outcome and the sample replies
-as artifacts (flows/report.py). The flow's parameter is the whole typed recipe, so deployments and the Prefect
-UI's run form see every field with its type and default.
+champion gate. Each stage logs its duration; the run's Prefect page shows the outcome and the sample
+replies as artifacts (flows/report.py). The flow's parameter is the whole typed recipe, so deployments and
+the Prefect UI's run form see every field with its type and default.
 """
 
 from __future__ import annotations
