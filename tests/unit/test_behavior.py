@@ -137,6 +137,74 @@ def test_no_call_when_none_is_expected(reply, no_call):
     assert score_tool_call(reply, text_prompt()) == {"no_call": no_call}
 
 
+def restraint_prompt(user, reference):
+    return {
+        "messages": [{"role": "user", "content": user}],
+        "tools": [WEATHER, FLIGHTS],
+        "reference": {"role": "assistant", "content": reference},
+    }
+
+
+@pytest.mark.parametrize(
+    "reply, no_call",
+    [
+        ("Where will you be flying from?", True),
+        ("Happy to search. Which city or airport are you leaving from?", True),
+        # inventing the missing origin and calling is not restraint, in any form a call takes
+        (call("search_flights", origin="London"), False),
+        (json.dumps({"name": "search_flights", "arguments": {"origin": "London"}}), False),
+        ("From London, I assume?\n" + call("search_flights", origin="London"), False),
+        # nor is calling another tool instead of asking
+        (call(city="Lisbon"), False),
+    ],
+    ids=[
+        "asks",
+        "asks-politely",
+        "invents-origin",
+        "invents-origin-bare-json",
+        "asks-and-calls",
+        "other-tool",
+    ],
+)
+def test_asking_for_the_missing_argument_is_restraint_and_inventing_it_is_not(reply, no_call):
+    prompt = restraint_prompt("Find me a flight to Lisbon.", "Where will you be flying from?")
+    assert score_tool_call(reply, prompt) == {"no_call": no_call}
+
+
+@pytest.mark.parametrize(
+    "reply, no_call",
+    [
+        ("I can't order food; I can only check the weather and search flights.", True),
+        ("Sorry, that's not something I can do here.", True),
+        # braces in prose are not a call: only a reply that is one JSON object is
+        ('I can\'t do that. The tools I have take {"city": ...} or {"origin": ...}.', True),
+        # the tag in text counts as a call, well-formed or not
+        ("No tool fits, so I won't use <tool_call> here.", False),
+        ("I can't order food.\n<tool_call>\n</tool_call>", False),
+        ("<tool_call>I can't order food.</tool_call>", False),
+    ],
+    ids=["refuses", "refuses-short", "braces-in-prose", "tag-in-text", "empty-tags", "refusal-in-tags"],
+)
+def test_a_refusal_passes_no_call_unless_it_holds_a_tool_call_tag(reply, no_call):
+    prompt = restraint_prompt(
+        "Order me a large pepperoni pizza.", "I can't place food orders; I can only check the weather."
+    )
+    assert score_tool_call(reply, prompt) == {"no_call": no_call}
+
+
+def test_restraint_counts_toward_no_call_only():
+    prompts = [
+        restraint_prompt("Find me a flight to Lisbon.", "Where will you be flying from?"),
+        restraint_prompt("Order me a pizza.", "I can't order food."),
+        restraint_prompt("Find me a flight to Lisbon.", "Where will you be flying from?"),
+    ]
+    replies = ["Where are you flying from?", "I can't order food.", call("search_flights", origin="Oslo")]
+    got = behaviour_score("tool_call", replies, prompts)
+    assert got["tool_call.expects_none_n"] == 3 and got["tool_call.expects_call_n"] == 0
+    assert got["tool_call.no_call_n"] == 2 and got["tool_call.no_call"] == 2 / 3
+    assert "tool_call.well_formed" not in got
+
+
 def test_only_values_the_user_wrote_numbers_and_enum_members_are_compared():
     # "Oslo, NO" is not in the user's words, so a call with "Oslo" is not held to it; the enum member and the
     # number are
@@ -261,3 +329,24 @@ def test_evaluation_default_decoding_is_plain_greedy(varied_tiny_model, tiny_tok
             )
             != got
         )
+
+
+def test_the_held_out_tool_calling_set_decides_and_its_references_pass_their_own_checks():
+    # data/tool_calling_eval.jsonl (issue #28): at least 40 prompts expecting a call and 40 expecting none,
+    # and each reference, replayed as a reply, passes every check that applies to it
+    from conftest import REPO
+
+    from lora_core.data import read_jsonl
+    from lora_core.formatting import prompt_messages
+
+    prompts, replies = [], []
+    for record in read_jsonl(str(REPO / "data" / "tool_calling_eval.jsonl")):
+        messages, _ = prompt_messages(record["messages"])
+        reference = record["messages"][len(messages)]
+        prompts.append({"messages": messages, "tools": record["tools"], "reference": reference})
+        fn = (reference.get("tool_calls") or [{}])[0].get("function")
+        replies.append(call(fn["name"], **fn["arguments"]) if fn else reference["content"])
+    got = behaviour_score("tool_call", replies, prompts)
+    assert got["tool_call.expects_call_n"] >= 40 and got["tool_call.expects_none_n"] >= 40
+    for check in ("well_formed", "right_name", "valid_arguments", "right_values", "no_call"):
+        assert got[f"tool_call.{check}"] == 1.0, check
