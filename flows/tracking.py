@@ -421,26 +421,24 @@ def summary(run_id: str, trained, ev, merged, registered: dict | None, latest: s
     uri, experiment_id = mlflow.get_tracking_uri(), MlflowClient().get_run(run_id).info.experiment_id
     model, version = (registered["model"], str(registered["version"])) if registered else (None, None)
     return RunSummary(
-        **{
-            "mlflow_run_id": run_id,
-            "latest_dir": latest,
-            "behaviour": ev.behaviour,
-            "registered_model": model,
-            "registered_version": version,
-            "promotion": registered and registered["promotion"],
-            "tracking_uri": uri,
-            "base_perplexity": ev.base_perplexity,
-            "tuned_perplexity": ev.tuned_perplexity,
-            "perplexity_change_pct": 100 * ev.perplexity_change,
-            "resumed_from_step": trained.resumed_from_step,
-            "train_tokens_per_second": trained.train_tokens_per_second,  # the figure logged under that name
-            "adapter_dir": trained.adapter_dir,
-            "merged_dir": merged and merged.merged_dir,
-            "samples_path": ev.samples_path,
-            "ui_command": ui_command(uri, experiment_id),
-            "run_url": experiment_link(uri, experiment_id, run_id),
-            "version_url": version and f"{ui_url(uri)}/#/models/{model}/versions/{version}",
-        }
+        mlflow_run_id=run_id,
+        latest_dir=latest,
+        behaviour=ev.behaviour,
+        registered_model=model,
+        registered_version=version,
+        promotion=registered and registered["promotion"],
+        tracking_uri=uri,
+        base_perplexity=ev.base_perplexity,
+        tuned_perplexity=ev.tuned_perplexity,
+        perplexity_change_pct=100 * ev.perplexity_change,
+        resumed_from_step=trained.resumed_from_step,
+        train_tokens_per_second=trained.train_tokens_per_second,  # the figure logged under that name
+        adapter_dir=trained.adapter_dir,
+        merged_dir=merged and merged.merged_dir,
+        samples_path=ev.samples_path,
+        ui_command=ui_command(uri, experiment_id),
+        run_url=experiment_link(uri, experiment_id, run_id),
+        version_url=version and f"{ui_url(uri)}/#/models/{model}/versions/{version}",
     )
 
 
