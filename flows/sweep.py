@@ -49,7 +49,7 @@ def _trial(cfg: PipelineConfig, trial: optuna.Trial) -> float:
     ceiling = cfg.sweep.max_perplexity
     if ceiling is not None and s.tuned_perplexity > ceiling:
         trial.set_user_attr("note", f"tuned perplexity {s.tuned_perplexity:.3f} > max_perplexity {ceiling}")
-        raise optuna.TrialPruned(trial.user_attrs.note)
+        raise optuna.TrialPruned(trial.user_attrs["note"])
     return space.objective_value(s.model_dump(), cfg.sweep.objective)
 
 
@@ -67,7 +67,7 @@ def _log_comparison(cfg: PipelineConfig, study: optuna.Study) -> dict:
         tracking.set_tags(
             {
                 "best.trial": best.number,
-                "best.mlflow_run_id": best.user_attrs.mlflow_run_id,
+                "best.mlflow_run_id": best.user_attrs["mlflow_run_id"],
                 **{f"best.{k}": v for k, v in best.params.items()},
             }
         )
