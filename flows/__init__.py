@@ -4,8 +4,10 @@ import logging
 import os
 import warnings
 
+from ops import FLOW_RUN_LOGGERS
+
 # Library logs reach the flow-run logs; must be set before prefect configures logging.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "lora_core,flows")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", FLOW_RUN_LOGGERS)
 # The ephemeral server's telemetry heartbeat prints "Failed to send telemetry" offline and a `database is
 # locked` traceback on a first run (it writes to the SQLite database the server is still creating). A user may
 # turn it on.

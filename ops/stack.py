@@ -22,6 +22,7 @@ import psutil
 import yaml
 
 from lora_core.errors import LoraFlowError
+from ops import FLOW_RUN_LOGGERS
 from ops.probe import (
     HOST,
     POOL,
@@ -134,7 +135,12 @@ def _start(state: Path, name: str, specs: dict, env: dict) -> dict:
         name_opt = ["--name", spec["worker_name"]]
         argv = [PREFECT, "worker", "start", "--pool", POOL, "--type", "process", *name_opt]
         match = ["worker start", spec["worker_name"]]
-        env = {**env, "PREFECT_API_URL": spec["url"], "MLFLOW_TRACKING_URI": specs["mlflow"]["url"]}
+        env = {
+            "PREFECT_LOGGING_EXTRA_LOGGERS": FLOW_RUN_LOGGERS,
+            **env,
+            "PREFECT_API_URL": spec["url"],
+            "MLFLOW_TRACKING_URI": specs["mlflow"]["url"],
+        }
     with open(state / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
             argv,
