@@ -20,9 +20,7 @@ import json
 import logging
 import signal
 import sys
-import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
@@ -38,9 +36,6 @@ from lora_core.config import (
 from lora_core.errors import LoraFlowError, refused_write, storage_error
 from ops import stack
 from tasks import STAGES
-
-if TYPE_CHECKING:
-    from flows.summary import RunSummary
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -74,6 +69,7 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
 
     from flows import runs
     from flows.finetune import finetune
+    from flows.summary import summary_text
 
     runs.shielded_prefect_server()
     runs.end_dead_flow_runs(runs.recent_runs(limit=20))  # killed runs of this machine: Crashed in Prefect too
@@ -86,29 +82,8 @@ def _run_flow(cfg: PipelineConfig, no_cache: bool = False, refresh: list[str] | 
         if (err := storage_error(exc, cfg.output_dir)) is None:
             raise
         raise err from exc
-    _print_summary(s)
+    print(summary_text(s))
     return 0
-
-
-def _print_summary(s: RunSummary) -> None:
-    resumed = f" (resumed from step {s.resumed_from_step})" if s.resumed_from_step else ""
-    registered = "(registration disabled)"
-    if s.registered_version:
-        registered = f"version {s.registered_version}" + (f" -> {s.verdict}" if s.verdict else "")
-    change = f"{s.perplexity_change_pct:+.1f}%"
-    perplexity = f"base {s.base_perplexity:.3f} -> tuned {s.tuned_perplexity:.3f} ({change})"
-    print(
-        textwrap.dedent(f"""
-        ==== lora-flow: done ====
-        MLflow run:            {s.mlflow_run_id}{resumed}
-        validation perplexity: {perplexity}
-        adapter:               {s.adapter_dir}
-        merged model:          {s.merged_dir or "(merge disabled)"}
-        registry:              {registered}
-        samples:               {s.samples_path}
-        open the MLflow UI:    {s.ui_command}
-    """)
-    )
 
 
 def cmd_run(args) -> int:

@@ -43,3 +43,42 @@ class RunSummary(BaseModel):
         if p is None:
             return ""
         return f"champion ({p.reason})" if p.promoted else f"champion kept ({p.reason})"
+
+
+def behaviour_lines(behaviour: dict[str, float]) -> list[str]:
+    """'<share>: base k/n (p%) -> tuned k/n (p%, 95% CI low-high%)' for each headline share."""
+    from lora_core.behavior import share_counts, wilson_interval
+
+    def view(which: str) -> dict[str, float]:
+        return {k.removeprefix(which): v for k, v in behaviour.items() if k.startswith(which)}
+
+    base, tuned = share_counts(view("base.")), share_counts(view("tuned."))
+    lines = []
+    for name, (k, n) in tuned.items():
+        low, high = wilson_interval(k, n)
+        b = f"{base[name][0]}/{base[name][1]} ({base[name][0] / base[name][1]:.0%})" if name in base else "-"
+        lines.append(f"{name}: base {b} -> tuned {k}/{n} ({k / n:.0%}, 95% CI {low:.0%}-{high:.0%})")
+    return lines
+
+
+def summary_text(s: RunSummary) -> str:
+    """What `lora-flow run` prints when the flow is done."""
+    resumed = f" (resumed from step {s.resumed_from_step})" if s.resumed_from_step else ""
+    registered = "(registration disabled)"
+    if s.registered_version:
+        registered = f"version {s.registered_version}" + (f" -> {s.verdict}" if s.verdict else "")
+    change = f"{s.perplexity_change_pct:+.1f}%"
+    rows = [
+        ("MLflow run", f"{s.mlflow_run_id}{resumed}"),
+        (
+            "validation perplexity",
+            f"base {s.base_perplexity:.3f} -> tuned {s.tuned_perplexity:.3f} ({change})",
+        ),
+        *(("behaviour", line) for line in behaviour_lines(s.behaviour)),
+        ("adapter", s.adapter_dir),
+        ("merged model", s.merged_dir or "(merge disabled)"),
+        ("registry", registered),
+        ("samples", s.samples_path),
+        ("open the MLflow UI", s.ui_command),
+    ]
+    return "\n==== lora-flow: done ====\n" + "".join(f"{k + ':':<23}{v}\n" for k, v in rows)

@@ -39,8 +39,9 @@ tool_call: each held-out prompt is scored against its reference assistant turn a
     tool_call.no_call          the reply holds no call, and no `<tool_call>` tag either (a malformed call is
                                a call)
   Each share comes with `<name>_n`, the number of prompts that pass, and the denominators are
-  `tool_call.expects_call_n`, `tool_call.values_fixed_n` and `tool_call.expects_none_n`; a share over zero
-  prompts is left out rather than reported as 0.
+  `tool_call.expects_call_n`, `tool_call.values_fixed_n` and `tool_call.expects_none_n`, and its 95% Wilson
+  interval `<name>_ci_low` / `<name>_ci_high`; a share over zero prompts is left out rather than reported
+  as 0.
 """
 
 from __future__ import annotations
@@ -360,8 +361,8 @@ _DENOMINATOR = {
 
 
 def tool_call_scores(replies: list[str], prompts: list[dict]) -> dict[str, float]:
-    """`tool_call.<check>` (share), `tool_call.<check>_n` (count) and the denominators, over prompts with a
-    reference."""
+    """`tool_call.<check>` (share), `tool_call.<check>_n` (count), the share's 95% Wilson interval
+    (`tool_call.<check>_ci_low` / `_ci_high`) and the denominators, over prompts with a reference."""
     per_prompt = [
         score_tool_call(r, p, f"held-out prompt {i + 1}")
         for i, (r, p) in enumerate(zip(replies, prompts))
@@ -376,7 +377,21 @@ def tool_call_scores(replies: list[str], prompts: list[dict]) -> dict[str, float
         out[f"tool_call.{check}_n"] = passed
         if out[f"tool_call.{denominator}"]:
             out[f"tool_call.{check}"] = passed / out[f"tool_call.{denominator}"]
+            low, high = wilson_interval(passed, int(out[f"tool_call.{denominator}"]))
+            out[f"tool_call.{check}_ci_low"], out[f"tool_call.{check}_ci_high"] = low, high
     return out
+
+
+def share_counts(scores: dict[str, float]) -> dict[str, tuple[int, int]]:
+    """Each headline share of behaviour scores (behaviour_score's keys, or a prefix-free view of them) as
+    (passed, out of): the socratic share, or each tool-call check over a non-empty denominator."""
+    if "socratic_prompts_n" in scores:
+        return {"socratic": (int(scores["socratic_n"]), int(scores["socratic_prompts_n"]))}
+    return {
+        check: (int(scores[f"tool_call.{check}_n"]), int(scores[f"tool_call.{denominator}"]))
+        for check, denominator in _DENOMINATOR.items()
+        if scores.get(f"tool_call.{denominator}")
+    }
 
 
 def behaviour_checks(kind: str, replies: list[str], prompts: list[dict]) -> list[dict[str, bool]]:

@@ -128,9 +128,10 @@ class SweepConfig(Section):
     objective: str = Field(
         "tuned_perplexity",
         description=(
-            "What the sweep optimises: tuned_perplexity (minimised) or a behaviour metric such as "
+            "What the sweep optimises: tuned_perplexity (minimised), a behaviour metric such as "
             "tuned.socratic_share (maximised; any metric without 'perplexity' or 'loss' in its name is "
-            "maximised)."
+            "maximised), or the smallest of several shares, e.g. "
+            "min(tuned.tool_call.right_name, tuned.tool_call.no_call) (maximised)."
         ),
     )
     max_perplexity: float | None = Field(
@@ -194,6 +195,11 @@ class PipelineConfig(Section):
             raise ValueError(
                 "lora.train_end_of_turn: train.method=full already trains every weight, the end-of-turn "
                 "token's rows included; remove lora.train_end_of_turn or use train.method=lora"
+            )
+        if self.train.load_best and self.train.eval_steps == 0:
+            raise ValueError(
+                "train.load_best picks a checkpoint by validation loss, which train.eval_steps=0 turns off; "
+                "set eval_steps to a divisor of save_steps or leave it out"
             )
         if self.train.load_best and self.train.eval_steps and self.train.save_steps % self.train.eval_steps:
             raise ValueError(

@@ -268,6 +268,44 @@ def behaviour_replies(kind: str, prompts: list[dict], base: list[str], tuned: li
     ]
 
 
+BASE_FIGURES = "base.json"
+
+
+def read_base_figures(path, rows: int, replies: int) -> tuple[Perplexity, list[str]] | None:
+    """The base model's Perplexity and replies written by write_base_figures, or None when there are none or
+    they do not match the evaluation's row and prompt counts (then they are measured again)."""
+    import json
+    from pathlib import Path
+
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        kept = json.loads(Path(path).read_text())
+        ppl = Perplexity(**{k: tuple(v) if isinstance(v, list) else v for k, v in kept["perplexity"].items()})
+    except (ValueError, KeyError, TypeError):
+        log.warning("evaluate: %s is unreadable; measuring the base model again", path)
+        return None
+    if len(ppl.row_nll) != rows or len(kept["replies"]) != replies:
+        return None
+    return ppl, list(kept["replies"])
+
+
+def write_base_figures(path, ppl: Perplexity, replies: list[str]) -> None:
+    """Written whole or not at all (a temporary file renamed over), so a kill never leaves half a file."""
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(
+        json.dumps({"perplexity": dataclasses.asdict(ppl), "replies": replies}, ensure_ascii=False)
+    )
+    os.replace(tmp, path)
+
+
 def evaluate_adapter(
     base_path: str,
     adapter_dir: str,
@@ -281,9 +319,13 @@ def evaluate_adapter(
     tokenizer_dir: str | None = None,
     full_model: bool = False,
     system_prompt: str | None = None,
+    base_cache_dir=None,
 ) -> EvalResult:
     """Perplexity, sample replies and the behaviour metric of the base, then of the tuned model
-    (base + adapter, or the fully fine-tuned model in `adapter_dir` when `full_model`)."""
+    (base + adapter, or the fully fine-tuned model in `adapter_dir` when `full_model`). The base model's
+    figures and replies are kept in `base_cache_dir` (a folder keyed by the base, the validation split and
+    the evaluation settings) and read back from there by the next evaluation with the same key: every trial
+    of a sweep and every retraining on the same held-out data measures the base once."""
     import gc
     import json
     import time
@@ -321,7 +363,16 @@ def evaluate_adapter(
         )
 
     model = load_model(base_path, torch.float32, device, trust_remote_code)
-    base_ppl, base_replies = measure(model, "base")
+    base_file = Path(base_cache_dir) / BASE_FIGURES if base_cache_dir else None
+    if (kept := read_base_figures(base_file, len(rows), len(chats))) is not None:
+        base_ppl, base_replies = kept
+        log.info(
+            "evaluate: base model's perplexity and replies from %s (measured once for this key)", base_file
+        )
+    else:
+        base_ppl, base_replies = measure(model, "base")
+        if base_file is not None:
+            write_base_figures(base_file, base_ppl, base_replies)
     if full_model:
         del model
         gc.collect()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,18 @@ PERPLEXITIES = ("tuned_perplexity", "perplexity_change_pct")
 SCALARS = (str, int, float, bool, type(None))  # what Optuna's categorical distribution holds
 
 
+def parts(objective: str) -> list[str]:
+    """The metrics an objective reads: `min(a, b, ...)` (the worst of several shares, so that a trial must do
+    well on each) or one metric name."""
+    if (m := re.fullmatch(r"\s*min\((.*)\)\s*", objective)) is None:
+        return [objective.strip()]
+    return [name.strip() for name in m.group(1).split(",")]
+
+
 def direction(objective: str) -> str:
-    """Perplexities and losses are minimised; shares and counts maximised."""
-    return "minimize" if "perplexity" in objective or "loss" in objective else "maximize"
+    """Perplexities and losses are minimised; shares and counts (and the smallest of several) maximised."""
+    one = parts(objective)
+    return "minimize" if len(one) == 1 and ("perplexity" in one[0] or "loss" in one[0]) else "maximize"
 
 
 def _with(cfg: PipelineConfig, values: dict[str, Any], fixed: dict[str, Any]) -> PipelineConfig:
@@ -105,13 +115,19 @@ def _sweep(cfg: PipelineConfig) -> SweepConfig:
 
 def _objective_problems(cfg: PipelineConfig, source: str) -> list[str]:
     objective, behavior = _sweep(cfg).objective, cfg.eval.behavior
-    if objective in PERPLEXITIES or (behavior != "none" and objective.startswith(f"tuned.{behavior}")):
-        return []
+    names = parts(objective)
+    if len(names) > 1 and (bad := [n for n in names if direction(n) == "minimize"]):
+        return [
+            f"{source}: sweep.objective: min(...) takes metrics that are maximised (shares), not {bad}; "
+            "e.g. min(tuned.tool_call.right_name, tuned.tool_call.no_call)"
+        ]
     return [
-        f"{source}: sweep.objective: {objective!r} is not a metric this recipe reports; use "
-        "tuned_perplexity, or "
+        f"{source}: sweep.objective: {name!r} is not a metric this recipe reports; use "
+        "tuned_perplexity, "
         f"tuned.<metric> of eval.behavior (now {behavior!r}), e.g. eval.behavior=socratic with "
-        "tuned.socratic_share"
+        "tuned.socratic_share, or the smallest of several: min(tuned.<metric>, tuned.<metric>)"
+        for name in names
+        if not (name in PERPLEXITIES or (behavior != "none" and name.startswith(f"tuned.{behavior}")))
     ]
 
 
@@ -165,13 +181,17 @@ def storage_url(tracking_uri: str) -> str:
 
 def objective_value(summary: dict, objective: str) -> float:
     """The objective read from a fine-tune flow's summary (behaviour metrics live under
-    summary['behaviour'])."""
-    value = {**summary, **summary.get("behaviour", {})}.get(objective)
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(
-            f"sweep.objective: the trial reported no {objective!r} (got {value!r}); pick a metric it logs"
-        )
-    return float(value)
+    summary['behaviour']); for `min(a, b)` the smaller of the two."""
+    metrics = {**summary, **summary.get("behaviour", {})}
+    values = []
+    for name in parts(objective):
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            raise ConfigError(
+                f"sweep.objective: the trial reported no {name!r} (got {value!r}); pick a metric it logs"
+            )
+        values.append(float(value))
+    return min(values)
 
 
 def trials_table(study) -> dict[str, list]:

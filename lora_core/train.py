@@ -64,16 +64,23 @@ class AdapterRef:
     sha256: str
 
 
-def peft_config(cfg: LoraConfig, token_rows: dict[str, list[int]] | None = None):
+def peft_config(
+    cfg: LoraConfig, token_rows: dict[str, list[int]] | None = None, num_layers: int | None = None
+):
     """peft's LoraConfig; `token_rows` (module name -> token ids, see end_of_turn_rows) are trained as whole
-    rows."""
+    rows; `num_layers`, the model's decoder layer count, places `cfg.top_layers`."""
     from peft import LoraConfig as PeftLoraConfig
+
+    layers = None
+    if cfg.top_layers is not None and num_layers is not None and cfg.top_layers < num_layers:
+        layers = list(range(num_layers - cfg.top_layers, num_layers))
 
     return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        layers_to_transform=layers,
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         trainable_token_indices=token_rows,
@@ -406,7 +413,8 @@ def train_lora(
             "(template.assistant_only_loss)"
         )
     dtype = autocast_dtype(cfg.dtype, device, weights)
-    args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=val_ds is not None, dtype=dtype)
+    validates = val_ds is not None and cfg.eval_steps != 0  # 0: the evaluate stage measures it instead
+    args = sft_config(cfg, str(out_dir / "checkpoints"), device, has_eval=validates, dtype=dtype)
     (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     # The compact loss runs the unwrapped model, around DistributedDataParallel's forward: its gradients would
     # never be averaged across ranks (measured on 2 CPU ranks: step-1 grad norm 0.0244 against 0.0208 in one
@@ -419,7 +427,9 @@ def train_lora(
         eval_dataset=val_ds,
         processing_class=tokenizer,
         peft_config=peft_config(
-            lora, end_of_turn_rows(model, eot.taught) if fixing and eot is not None else None
+            lora,
+            end_of_turn_rows(model, eot.taught) if fixing and eot is not None else None,
+            num_layers=getattr(model.config, "num_hidden_layers", None),
         )
         if cfg.method == "lora"
         else None,
@@ -458,7 +468,7 @@ def train_lora(
         out = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     eval_loss = None
-    if val_ds is not None:
+    if validates:
         last = [h for h in trainer.state.log_history if "eval_loss" in h]
         at_end = last and last[-1].get("step") == trainer.state.global_step and not cfg.load_best
         eval_loss = float(last[-1]["eval_loss"] if at_end else trainer.evaluate()["eval_loss"])

@@ -31,6 +31,8 @@ def evaluate(
         tokenizer_dir=split.tokenizer_dir,
         full_model=inputs.full_model,
         system_prompt=inputs.system_prompt,
+        # the base's figures depend on neither the adapter nor training: one folder per base, split, settings
+        base_cache_dir=stage_dir(ctx.output_root, "evaluate-base", base.identity, split, inputs),
     )
     failpoint("evaluate.written")  # outputs on disk, not yet sealed: a re-run must not trust them
     return sealed(out, result)

@@ -18,7 +18,8 @@ Args:
     references: JSON of the reference assistant message ({"role": "assistant", "tool_calls": [...]}
         or with text).
 Returns:
-    tool_call.<check> shares with tool_call.<check>_n counts and the denominators tool_call.expects_call_n,
+    tool_call.<check> shares with tool_call.<check>_n counts, 95% Wilson intervals
+    tool_call.<check>_ci_low / _ci_high, and the denominators tool_call.expects_call_n,
     tool_call.values_fixed_n and tool_call.expects_none_n.
 """
 

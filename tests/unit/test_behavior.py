@@ -8,6 +8,7 @@ from lora_core.behavior import (
     closed_schema,
     parse_tool_call,
     score_tool_call,
+    wilson_interval,
 )
 from lora_core.config import EvalConfig
 
@@ -234,7 +235,8 @@ def test_scores_are_shares_with_counts_and_denominators():
         call(city="Oslo"),
     ]
     got = behaviour_score("tool_call", replies, prompts)
-    assert got == {
+    shares = {k: v for k, v in got.items() if not k.endswith(("_ci_low", "_ci_high"))}
+    assert shares == {
         "tool_call.expects_call_n": 3,
         "tool_call.values_fixed_n": 2,
         "tool_call.expects_none_n": 2,
@@ -249,6 +251,17 @@ def test_scores_are_shares_with_counts_and_denominators():
         "tool_call.no_call_n": 1,
         "tool_call.no_call": 1 / 2,
     }
+    # each share has its 95% Wilson interval, over its own denominator
+    for check, (k, n) in {
+        "well_formed": (2, 3),
+        "right_name": (2, 3),
+        "valid_arguments": (1, 3),
+        "right_values": (1, 2),
+        "no_call": (1, 2),
+    }.items():
+        low, high = got[f"tool_call.{check}_ci_low"], got[f"tool_call.{check}_ci_high"]
+        assert (low, high) == pytest.approx(wilson_interval(k, n))
+        assert low < got[f"tool_call.{check}"] < high
     # every key is a valid MLflow metric name and every value a number
     from mlflow.utils.validation import _validate_metric_name
 
@@ -350,3 +363,41 @@ def test_the_held_out_tool_calling_set_decides_and_its_references_pass_their_own
     assert got["tool_call.expects_call_n"] >= 40 and got["tool_call.expects_none_n"] >= 40
     for check in ("well_formed", "right_name", "valid_arguments", "right_values", "no_call"):
         assert got[f"tool_call.{check}"] == 1.0, check
+
+
+def test_the_run_summary_prints_each_share_with_its_count_and_interval():
+    from flows.summary import RunSummary, summary_text
+
+    prompts = [call_prompt(), call_prompt(), text_prompt(), text_prompt()]
+    base = behaviour_score("tool_call", ["Sure.", "Sure.", "Which city?", "Which city?"], prompts)
+    tuned = behaviour_score(
+        "tool_call", [call(city="Oslo"), "Sure.", "Which city?", call(city="Oslo")], prompts
+    )
+    summary = RunSummary(
+        mlflow_run_id="r1",
+        tracking_uri="sqlite:///m.db",
+        run_url="http://x",
+        ui_command="mlflow ui",
+        base_perplexity=4.0,
+        tuned_perplexity=2.0,
+        perplexity_change_pct=-50.0,
+        behaviour={
+            **{f"base.{k}": v for k, v in base.items()},
+            **{f"tuned.{k}": v for k, v in tuned.items()},
+        },
+        train_tokens_per_second=100.0,
+        resumed_from_step=0,
+        adapter_dir="a",
+        merged_dir=None,
+        samples_path="s.json",
+        latest_dir="l",
+    )
+    lines = summary_text(summary).splitlines()
+    low, high = wilson_interval(1, 2)
+    assert (
+        f"behaviour:             right_name: base 0/2 (0%) -> tuned 1/2 (50%, 95% CI {low:.0%}-{high:.0%})"
+        in lines
+    )
+    assert "behaviour:             no_call: base 2/2 (100%) -> tuned 1/2 (50%, 95% CI 9%-91%)" in lines
+    assert "validation perplexity: base 4.000 -> tuned 2.000 (-50.0%)" in lines
+    assert "merged model:          (merge disabled)" in lines

@@ -61,6 +61,16 @@ def test_all_errors_reported_at_once_with_did_you_mean(tmp_path):
     assert all(line.startswith(str(p)) for line in lines)
 
 
+def test_top_layers_needs_a_module_list_and_eval_steps_0_no_best_checkpoint(tmp_path):
+    p = write(tmp_path, "lora: {target_modules: [q_proj, v_proj], top_layers: 10}\n")
+    assert load_recipe(p).lora.top_layers == 10
+    with pytest.raises(ConfigError, match="top_layers needs target_modules as a list"):
+        load_recipe(p, ["lora.target_modules=all-linear"])
+    assert load_recipe(p, ["train.eval_steps=0"]).train.eval_steps == 0
+    with pytest.raises(ConfigError, match="train.eval_steps=0 turns off"):
+        load_recipe(p, ["train.eval_steps=0", "train.load_best=true"])
+
+
 def test_unknown_base_model_suggests_the_embedded_one(tmp_path):
     with pytest.raises(
         ConfigError,

@@ -6,6 +6,7 @@ merged; generation stops at the end-of-turn token; and the real CLI runs on one 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -212,7 +213,7 @@ def trained(family):
     return result
 
 
-def test_trains_evaluates_and_merges(family, trained):
+def test_trains_evaluates_and_merges(family, trained, caplog):
     from peft import PeftModel
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -233,9 +234,28 @@ def test_trains_evaluates_and_merges(family, trained):
         max_length=1024,
         out_dir=tmp / "eval",
         tokenizer_dir=split.tokenizer_dir,
+        base_cache_dir=tmp / "base-eval",
     )
     # untrained: perplexity near the vocabulary size; 6 steps on the same kind of text lower it
     assert 0.5 * len(tok) < ev.base_perplexity < 2 * len(tok)
+    # the next evaluation with the same key reads the base's figures and replies back
+    kept = json.loads((tmp / "base-eval" / "base.json").read_text())
+    assert kept["perplexity"]["perplexity"] == ev.base_perplexity and len(kept["replies"]) == 1
+    with caplog.at_level(logging.INFO, logger="lora_core.evaluate"):
+        again = evaluate_adapter(
+            str(base),
+            trained.adapter_dir,
+            val_dir=split.val_dir,
+            val_records_path=split.val_records_path,
+            cfg=EvalConfig(num_samples=1, max_new_tokens=8),
+            max_length=1024,
+            out_dir=tmp / "eval-again",
+            tokenizer_dir=split.tokenizer_dir,
+            base_cache_dir=tmp / "base-eval",
+        )
+    assert "base model's perplexity and replies from" in caplog.text
+    assert (again.base_perplexity, again.tuned_perplexity) == (ev.base_perplexity, ev.tuned_perplexity)
+    assert json.loads(Path(again.samples_path).read_text()) == json.loads(Path(ev.samples_path).read_text())
     assert ev.tuned_perplexity < ev.base_perplexity
     rows = datasets.load_from_disk(split.val_dir).select_columns(["input_ids", "assistant_masks"]).to_list()
     tuned = PeftModel.from_pretrained(load_model(str(base)), trained.adapter_dir).eval()

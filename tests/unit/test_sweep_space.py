@@ -60,7 +60,41 @@ def test_directions():
     assert (
         space.direction("tuned_perplexity") == "minimize"
         and space.direction("tuned.socratic_share") == "maximize"
+        and space.direction("min(tuned.tool_call.right_name, tuned.tool_call.no_call)") == "maximize"
     )
+
+
+def test_an_objective_needing_two_behaviours_is_the_worse_of_them():
+    both = "min(tuned.tool_call.right_name, tuned.tool_call.no_call)"
+    summary = {
+        "tuned_perplexity": 2.0,
+        "behaviour": {"tuned.tool_call.right_name": 0.9, "tuned.tool_call.no_call": 0.4},
+    }
+    assert space.parts(both) == ["tuned.tool_call.right_name", "tuned.tool_call.no_call"]
+    assert space.objective_value(summary, both) == 0.4
+    assert space.objective_value(summary, "tuned.tool_call.right_name") == 0.9
+    with pytest.raises(ConfigError, match="reported no 'tuned.tool_call.no_call'"):
+        space.objective_value({"behaviour": {"tuned.tool_call.right_name": 0.9}}, both)
+    tools = {"eval": {"behavior": "tool_call"}}
+    ok = PipelineConfig.model_validate({"name": "t", **tools, "sweep": {**SPACE, "objective": both}})
+    assert space._objective_problems(ok, "r.yaml") == []
+    mixed = PipelineConfig.model_validate(
+        {
+            "name": "t",
+            **tools,
+            "sweep": {**SPACE, "objective": "min(tuned_perplexity, tuned.tool_call.no_call)"},
+        }
+    )
+    assert "min(...) takes metrics that are maximised" in space._objective_problems(mixed, "r.yaml")[0]
+    wrong = PipelineConfig.model_validate(
+        {
+            "name": "t",
+            **tools,
+            "sweep": {**SPACE, "objective": "min(tuned.tool_call.no_call, tuned.socratic_share)"},
+        }
+    )
+    (problem,) = space._objective_problems(wrong, "r.yaml")
+    assert problem.startswith("r.yaml: sweep.objective: 'tuned.socratic_share' is not a metric this recipe")
 
 
 def test_a_continued_study_runs_only_what_is_missing_and_retries_a_trial_cut_short():

@@ -146,3 +146,16 @@ def test_merge_refuses_to_save_when_logits_drift(trained, tiny_model_dir):
             str(tiny_model_dir), result.adapter_dir, check_rows=rows, out_dir=tmp / "never", atol=1e-12
         )
     assert not (tmp / "never").exists()
+
+
+@pytest.mark.parametrize("top, adapted", [(1, [1]), (2, [0, 1]), (5, [0, 1]), (None, [0, 1])])
+def test_top_layers_adapts_only_the_last_ones(tiny_model_dir, top, adapted):
+    from peft import get_peft_model
+
+    from lora_core.train import peft_config
+
+    model = load_model(str(tiny_model_dir))
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], top_layers=top)
+    peft = get_peft_model(model, peft_config(lora, num_layers=model.config.num_hidden_layers))
+    layers = {int(n.split(".layers.")[1].split(".")[0]) for n, p in peft.named_parameters() if "lora_A" in n}
+    assert sorted(layers) == adapted
