@@ -185,10 +185,14 @@ def _evaluation(run_id: str, name: str) -> dict | list | None:
     return mlflow.artifacts.load_dict(f"runs:/{run_id}/evaluation/{name}")
 
 
-def _scored(mv, cand) -> tuple[Scored, list[str] | None]:
-    """(`mv` on the candidate's validation set: its own evaluation's figures, else re-scored; the prompts)."""
+def _scored(mv, cand, tokens: tuple[int, ...] | None = None) -> tuple[Scored, list[str] | None]:
+    """(`mv` on the candidate's validation set: its own evaluation's figures, else re-scored; the prompts).
+    `tokens`: the candidate's target tokens per conversation; figures over other counts (the same file
+    rendered by another chat template) are re-scored too."""
     same_set = mv.tags.get("val.sha256") == cand.tags.get("val.sha256")
     rows = _evaluation(mv.run_id, PER_CONVERSATION) if same_set else None
+    if rows is not None and tokens is not None and tuple(rows["tokens"]) != tokens:
+        rows = None
     if rows is None:
         log.info("scoring version %s on version %s's validation set", mv.version, cand.version)
         p = _perplexity_on(mv, cand.tags["val.dir"], int(cand.tags.get("train.max_length", 1024)))
@@ -257,7 +261,8 @@ def _contest(cand, champ) -> tuple[Scored, Scored | None]:
     if champ is None:
         return Scored((), ()), None
     _same_base(champ, cand)
-    (ours, our_prompts), (theirs, their_prompts) = _scored(cand, cand), _scored(champ, cand)
+    ours, our_prompts = _scored(cand, cand)
+    theirs, their_prompts = _scored(champ, cand, tokens=ours.tokens)
     if our_prompts != their_prompts:
         ours, theirs = Scored(ours.nll, ours.tokens), Scored(theirs.nll, theirs.tokens)
     return ours, theirs

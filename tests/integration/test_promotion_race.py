@@ -48,12 +48,12 @@ def test_racing_promotions_end_with_the_better_version_as_champion(mlflow_store,
     read_scores = registry._scored
 
     def hold_the_worse(
-        mv, cand
+        mv, cand, tokens=None
     ):  # the worse candidate has read the champion (v1) and not yet moved the alias
         if str(cand.version) == worse and mv.version != cand.version:
             held.set()
             assert go.wait(60)
-        return read_scores(mv, cand)
+        return read_scores(mv, cand, tokens)
 
     monkeypatch.setattr(registry, "_scored", hold_the_worse)
     decisions = {}

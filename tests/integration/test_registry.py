@@ -48,15 +48,32 @@ def test_champion_moves_to_better_versions_only_and_loads_by_alias(
         v3["promotion.champion_perplexity"]
     ) == pytest.approx(ppl[1])
 
+    # the same validation file rendered by another chat template has other target tokens per conversation: the
+    # champion is scored again on the candidate's rows instead of compared with figures over other rows
+    tutor = in_tmp_cwd / "tutor.jinja"
+    tutor.write_text(
+        "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + ('Tutor: ' if m['role'] == "
+        "'assistant' else '') + m['content'] + '<|im_end|>\\n' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    )
+    other = finetune(
+        config=load_recipe(
+            recipe, [f"train={TRAIN.format(steps=1, lr='1.0e-3')}", f"template.chat_template={tutor}"]
+        )
+    )
+    assert other.registered_version == "4" and other.promotion is not None
+    v4 = client.get_model_version("tutor", "4").tags
+    assert v4["promotion.champion_version"] == "2" and float(v4["promotion.champion_perplexity"]) != ppl[1]
+
     # rollback and forward again; nothing is deleted
     assert main(["promote", "tutor", "--to", "1"]) == 0
     assert aliases(client, "tutor") == {"champion": "1", "previous-champion": "2"}
     assert main(["promote", "tutor", "--to", "2"]) == 0
-    assert len(client.search_model_versions("name = 'tutor'")) == 3
+    assert len(client.search_model_versions("name = 'tutor'")) == 4
     capsys.readouterr()
     assert main(["promote", "tutor", "--list"]) == 0
     listed = dict(re.findall(r"^v\s*(\d+)\s+ppl\s+\S+\s+(\S+)", capsys.readouterr().out, re.M))
-    assert listed == {"1": "previous-champion", "2": "champion", "3": "-"}
+    assert listed == {"1": "previous-champion", "2": "champion", "3": "-", "4": "-"}
 
     # a fresh process, only the base model on disk: pyfunc loads the champion and replies
     code = (
