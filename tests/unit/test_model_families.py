@@ -225,34 +225,27 @@ def test_trains_evaluates_and_merges(family, trained, caplog):
     assert trained.global_step == 6 and trained.eval_loss is not None
     assert eot in GenerationConfig.from_pretrained(trained.adapter_dir).eos_token_id
 
-    ev = evaluate_adapter(
-        str(base),
-        trained.adapter_dir,
-        val_dir=split.val_dir,
-        val_records_path=split.val_records_path,
-        cfg=EvalConfig(num_samples=1, max_new_tokens=8),
-        max_length=1024,
-        out_dir=tmp / "eval",
-        tokenizer_dir=split.tokenizer_dir,
-        base_cache_dir=tmp / "base-eval",
-    )
-    # untrained: perplexity near the vocabulary size; 6 steps on the same kind of text lower it
-    assert 0.5 * len(tok) < ev.base_perplexity < 2 * len(tok)
-    # the next evaluation with the same key reads the base's figures and replies back
-    kept = json.loads((tmp / "base-eval" / "base.json").read_text())
-    assert kept["perplexity"]["perplexity"] == ev.base_perplexity and len(kept["replies"]) == 1
-    with caplog.at_level(logging.INFO, logger="lora_core.evaluate"):
-        again = evaluate_adapter(
+    def evaluate(out: str):
+        return evaluate_adapter(
             str(base),
             trained.adapter_dir,
             val_dir=split.val_dir,
             val_records_path=split.val_records_path,
             cfg=EvalConfig(num_samples=1, max_new_tokens=8),
             max_length=1024,
-            out_dir=tmp / "eval-again",
+            out_dir=tmp / out,
             tokenizer_dir=split.tokenizer_dir,
             base_cache_dir=tmp / "base-eval",
         )
+
+    ev = evaluate("eval")
+    # untrained: perplexity near the vocabulary size; 6 steps on the same kind of text lower it
+    assert 0.5 * len(tok) < ev.base_perplexity < 2 * len(tok)
+    # the next evaluation with the same key reads the base's figures and replies back
+    kept = json.loads((tmp / "base-eval" / "base.json").read_text())
+    assert kept["perplexity"]["perplexity"] == ev.base_perplexity and len(kept["replies"]) == 1
+    with caplog.at_level(logging.INFO, logger="lora_core.evaluate"):
+        again = evaluate("eval-again")
     assert "base model's perplexity and replies from" in caplog.text
     assert (again.base_perplexity, again.tuned_perplexity) == (ev.base_perplexity, ev.tuned_perplexity)
     assert json.loads(Path(again.samples_path).read_text()) == json.loads(Path(ev.samples_path).read_text())
