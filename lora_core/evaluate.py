@@ -281,7 +281,14 @@ def read_base_figures(path, rows: int, replies: int) -> tuple[Perplexity, list[s
         return None
     try:
         kept = json.loads(Path(path).read_text())
-        ppl = Perplexity(**{k: tuple(v) if isinstance(v, list) else v for k, v in kept["perplexity"].items()})
+        p = kept["perplexity"]
+        ppl = Perplexity(
+            float(p["perplexity"]),
+            float(p["mean_nll"]),
+            int(p["tokens"]),
+            tuple(p["row_nll"]),
+            tuple(p["row_tokens"]),
+        )
     except (ValueError, KeyError, TypeError):
         log.warning("evaluate: %s is unreadable; measuring the base model again", path)
         return None
