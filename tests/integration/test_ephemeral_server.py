@@ -23,24 +23,32 @@ def _env(tmp_path: Path, startup_timeout: float) -> dict[str, str]:
 
 
 def test_a_server_slower_than_its_start_up_timeout_is_waited_for(tmp_path):
-    """Its start takes 10-13 s here: an 8 s timeout runs out under load, and the same server is waited for (3
-    x 8 s more)."""
+    """A start takes 5-30 s here, depending on the load: a timeout shorter than the start runs out, and the
+    same server is waited for (3 x the timeout more). The timeout is halved when the server answered within
+    it (nothing to wait for) and doubled when it did not answer within the wait either, up to four tries."""
     code = (
         "import httpx; from flows import runs; from prefect.server.api.server import SubprocessASGIServer; "
         "runs.shielded_prefect_server(); s = SubprocessASGIServer(); "
         "print(s.running, httpx.get(s.api_url + '/health').status_code); s.stop()"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=_env(tmp_path, 8),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["True", "200"]
-    assert "has not answered in 8 s; waiting up to 24 s more" in out.stderr, out.stderr[-3000:]
+    timeout, tried = 8, []
+    for _ in range(4):
+        (tmp_path / str(timeout)).mkdir(exist_ok=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env=_env(tmp_path / str(timeout), timeout),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        waited = f"has not answered in {timeout} s; waiting up to {3 * timeout} s more" in out.stderr
+        tried.append((timeout, out.returncode, waited))
+        if out.returncode == 0 and waited:
+            assert out.stdout.split() == ["True", "200"]
+            return
+        timeout = max(1, timeout // 2) if out.returncode == 0 else timeout * 2
+    raise AssertionError(f"(timeout, exit code, waited) per try: {tried}\n{out.stderr[-3000:]}")
 
 
 def test_a_server_that_never_answers_is_one_line_naming_the_fixes(tmp_path):
