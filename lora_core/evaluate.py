@@ -369,23 +369,25 @@ def evaluate_adapter(
             model, tokenizer, chats, cfg, f"evaluate: {which} model, {len(chats)} held-out replies"
         )
 
-    model = load_model(base_path, torch.float32, device, trust_remote_code)
     base_file = Path(base_cache_dir) / BASE_FIGURES if base_cache_dir else None
+    base = None  # loaded only where it is measured or carries the adapter: one model load either way
     if (kept := read_base_figures(base_file, len(rows), len(chats))) is not None:
         base_ppl, base_replies = kept
         log.info(
             "evaluate: base model's perplexity and replies from %s (measured once for this key)", base_file
         )
     else:
-        base_ppl, base_replies = measure(model, "base")
+        base = load_model(base_path, torch.float32, device, trust_remote_code)
+        base_ppl, base_replies = measure(base, "base")
         if base_file is not None:
             write_base_figures(base_file, base_ppl, base_replies)
     if full_model:
-        del model
+        del base
         gc.collect()
         tuned = load_model(adapter_dir, torch.float32, device, trust_remote_code)
     else:
-        tuned = PeftModel.from_pretrained(model, adapter_dir)
+        base = base if base is not None else load_model(base_path, torch.float32, device, trust_remote_code)
+        tuned = PeftModel.from_pretrained(base, adapter_dir)
     tuned_ppl, tuned_replies = measure(tuned, "tuned")
 
     # lora_core/metrics
