@@ -14,7 +14,6 @@ lora-flow show-config [RECIPE] [key=value ...]
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -24,18 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from flows import store
-from lora_core.config import (
-    DEFAULT_RECIPE,
-    ConfigError,
-    PipelineConfig,
-    RegistryConfig,
-    describe_fields,
-    load_recipe,
-)
+from flows import parser, store
+from lora_core.config import DEFAULT_RECIPE, ConfigError, PipelineConfig, describe_fields, load_recipe
 from lora_core.errors import LoraFlowError, refused_write, storage_error
-from ops import stack
-from tasks import STAGES
 
 
 def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -268,33 +258,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _generation_args(p) -> None:
-    p.add_argument(
-        "model",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, an adapter folder or a merged-model "
-        "folder",
-    )
-    p.add_argument(
-        "--base-model", help="local base model folder (default: the one recorded with the adapter)"
-    )
-    from lora_core.inference import GenerationSettings
-
-    plain = GenerationSettings()  # what a folder with no recorded generation settings decodes with
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        help=f"default: what the registry version was evaluated with, else {plain.max_new_tokens}",
-    )
-    p.add_argument("--temperature", type=float, help="0 = greedy (the default); above 0 samples")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument(
-        "--repetition-penalty",
-        type=float,
-        help=f"default: the registry version's evaluation setting, else {plain.repetition_penalty}",
-    )
-
-
 def cmd_validate(args) -> int:
     from lora_core import preflight
 
@@ -343,101 +306,22 @@ def cmd_show_config(args) -> int:
     return 0
 
 
-def _training_commands(sub) -> None:
-    p = sub.add_parser("run", help=f"run a recipe end to end (default {DEFAULT_RECIPE})")
-    p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="recompute every stage and train afresh (earlier outputs are kept aside)",
-    )
-    p.add_argument(
-        "--refresh",
-        nargs="+",
-        default=[],
-        choices=STAGES,
-        metavar="STAGE",
-        help=f"recompute these stages: {' '.join(STAGES)}",
-    )
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser(
-        "sweep",
-        help="run the recipe's `sweep:` block: Optuna trials of the flow, child runs of one MLflow run",
-    )
-    p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
-    p.set_defaults(fn=cmd_sweep)
-    p = sub.add_parser("resume", help="continue the newest interrupted run from its last checkpoint")
-    p.set_defaults(fn=cmd_resume)
-    p = sub.add_parser("data", help="data push RECIPE [FILE]: append FILE's records, emit the event")
-    p.add_argument("action", choices=["push"])
-    p.add_argument("args", nargs="+", metavar="RECIPE|FILE|key=value")
-    p.set_defaults(fn=cmd_data_push)
-    p = sub.add_parser("runs", help="list recent flow runs: state, MLflow run, last checkpoint, resumable")
-    p.add_argument("--limit", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument(
-        "--no-prefect", action="store_true", help="skip asking the Prefect API for flow-run states"
-    )
-    p.set_defaults(fn=cmd_runs)
-    p = sub.add_parser(
-        "validate", help="check recipes, their data and their base model's tokenizer without loading weights"
-    )
-    p.add_argument("args", nargs="+", metavar="RECIPE|key=value")
-    p.set_defaults(fn=cmd_validate)
-    p = sub.add_parser("show-config", help="print the fully resolved config of a recipe")
-    p.add_argument("args", nargs="*", metavar="RECIPE|key=value")
-    p.add_argument(
-        "--describe", action="store_true", help="also list every field with its default and meaning"
-    )
-    p.add_argument(
-        "--markdown",
-        action="store_true",
-        help="print the field reference as a Markdown table (docs/recipes.md's)",
-    )
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print the resolved config as JSON (the fine-tune flow's `config` parameter)",
-    )
-    p.set_defaults(fn=cmd_show_config)
-
-
-def _model_commands(sub) -> None:
-    p = sub.add_parser(
-        "promote", help="make a registered adapter version the champion if it beats the current one"
-    )
-    p.add_argument("name", help="registered model name")
-    p.add_argument("--version", help="candidate version (default: the newest)")
-    p.add_argument("--to", help="make this version the champion unconditionally (rollback)")
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=RegistryConfig.model_fields["margin"].default,  # the recipe's default, one copy
-        help="relative perplexity improvement required (0.01 = 1%%)",
-    )
-    p.add_argument("--list", action="store_true", help="list versions, aliases and decisions")
-    p.set_defaults(fn=cmd_promote)
-    p = sub.add_parser("chat", help="chat with a tuned model, streaming")
-    _generation_args(p)
-    p.add_argument("--system", help="system message")
-    p.set_defaults(fn=cmd_chat)
-    p = sub.add_parser("generate", help="replies to one prompt or a JSONL/JSON file of prompts")
-    _generation_args(p)
-    p.add_argument("--prompt")
-    p.add_argument("--input", help="JSONL/JSON of strings, {prompt: ...} or {messages: [...]}")
-    p.add_argument("--output", help="write [{messages, reply}, ...] as JSON here")
-    p.set_defaults(fn=cmd_generate)
+COMMANDS = {
+    "run": cmd_run,
+    "sweep": cmd_sweep,
+    "resume": cmd_resume,
+    "data": cmd_data_push,
+    "runs": cmd_runs,
+    "validate": cmd_validate,
+    "show-config": cmd_show_config,
+    "promote": cmd_promote,
+    "chat": cmd_chat,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lora-flow", description="LoRA fine-tuning as a Prefect flow tracked in MLflow."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _training_commands(sub)
-    _model_commands(sub)
-    stack.add_parser(sub)
-    args = parser.parse_args(argv)
+    args = parser.build(COMMANDS).parse_args(argv)
     try:
         return args.fn(args)
     except LoraFlowError as exc:

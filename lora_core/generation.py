@@ -19,8 +19,6 @@ import copy
 from lora_core.progress import Progress
 
 MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
-
-MIN_SHARED_PREFIX = 8  # tokens; below this the cache copies cost more than the prefix saves
 CHUNK = 16  # new tokens per generate call; rows that stopped leave the batch between calls
 
 
