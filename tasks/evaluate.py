@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 
 from lora_core.base_model import BaseModelRef
@@ -8,7 +10,7 @@ from lora_core.evaluate import EvalResult, evaluate_adapter
 from lora_core.faults import failpoint
 from lora_core.train import AdapterRef
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, stage_dir
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, content_fingerprint, stage_dir
 from tasks.inputs import EvalInputs, StageContext
 from tasks.outputs import sealed
 
@@ -31,8 +33,16 @@ def evaluate(
         tokenizer_dir=split.tokenizer_dir,
         full_model=inputs.full_model,
         system_prompt=inputs.system_prompt,
-        # the base's figures depend on neither the adapter nor training: one folder per base, split, settings
-        base_cache_dir=stage_dir(ctx.output_root, "evaluate-base", base.identity, split, inputs),
+        # the base's figures depend on neither the adapter nor the training rows: one folder per base,
+        # validation rows and prompts, tokenizer (chat template) and settings
+        base_cache_dir=stage_dir(ctx.output_root, "evaluate-base", base.identity, _validation(split), inputs),
     )
     failpoint("evaluate.written")  # outputs on disk, not yet sealed: a re-run must not trust them
     return sealed(out, result)
+
+
+def _validation(split: SplitResult) -> str:
+    """What the base model is measured on: the validation rows (their Arrow data, not the folder's lineage
+    files), the held-out records the prompts come from, and the tokenizer with its chat template."""
+    rows = sorted(Path(split.val_dir).glob("*.arrow"))
+    return content_fingerprint(*rows, split.val_records_path, split.tokenizer_dir)
