@@ -2,10 +2,12 @@
 
 Why: in a tool-calling conversation the system prompt and tool list are ~360 of its ~546 tokens, and a
 run on 2 CPU cores affords ~90k training tokens, so one conversation per row buys few decisions. A
-session keeps one hand-written conversation whole (its tool list, its exchange) and asks two more
-requests under the same tool list, the way a user keeps chatting:
+session keeps one hand-written conversation whole (its tool list, its exchange; every conversation opens
+one session, so the first turns keep the data's balance of calls and restraint) and asks more requests
+under the same tool list, the way a user keeps chatting:
 
-1. a request from another conversation whose tool is *not* in this list, answered with a refusal
+1. in half the sessions, a request from another conversation whose tool is *not* in this list, answered
+   with a refusal
    written by rule from that tool's own description ("I can't do that here: I don't have a tool to
    <description>."): a negative example per tool, so a call must match the request, not the list;
 2. last, a request from another conversation whose tools are all in this list, answered with that
@@ -26,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "tool_calling.jsonl"
 TARGET = HERE / "tool_calling_sessions.jsonl"
 SEED = 28
-SESSIONS = 120  # every conversation that opens with restraint, plus call conversations up to this many
+NEGATIVE_SHARE = 0.5  # sessions that add a refused request: more, and the first turn tips towards refusing
 MAX_SIZE = 2150  # size() of a session; ~700 tokens, so it fits the recipe's train.max_length (768)
 
 
@@ -62,16 +64,16 @@ def least_used(pool: list[int], uses: Counter, rng: random.Random) -> int | None
     return rng.choice([i for i in pool if uses[i] == fewest])
 
 
-def sessions(records: list[dict], seed: int = SEED, count: int = SESSIONS) -> list[dict]:
+def sessions(records: list[dict], seed: int = SEED) -> list[dict]:
     rng = random.Random(seed)
     tools = {t["function"]["name"]: t for r in records for t in r.get("tools", [])}
     opens_with_call = [i for i, r in enumerate(records) if first_turns(r["messages"])[1].get("tool_calls")]
-    restraint = [i for i in range(len(records)) if i not in set(opens_with_call)]
-    anchors = restraint + rng.sample(opens_with_call, max(0, count - len(restraint)))
     positive_uses: Counter = Counter()
     negative_uses: Counter = Counter()
     out = []
-    for a in sorted(anchors):
+    for a in range(
+        len(records)
+    ):  # every conversation opens one session: its first turn keeps the data's balance
         record = records[a]
         listed = {t["function"]["name"] for t in record.get("tools", [])}
         messages = [dict(m) for m in record["messages"]]
@@ -82,7 +84,7 @@ def sessions(records: list[dict], seed: int = SEED, count: int = SESSIONS) -> li
         positive = least_used(
             [i for i in others if called(records[i]["messages"]) <= listed], positive_uses, rng
         )
-        if negative is not None:
+        if negative is not None and rng.random() < NEGATIVE_SHARE:
             user, reply = first_turns(records[negative]["messages"])
             turns = [
                 dict(user),

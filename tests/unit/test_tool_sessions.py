@@ -44,7 +44,7 @@ def test_sessions_reuse_hand_written_turns_and_refuse_only_unlisted_tools():
                 if make.refusal({"function": {"description": d}}) == turn["content"]
             ]
             assert turn["role"] == "assistant" and missing and not set(missing) & listed, turn
-    assert refusals >= 80
+    assert refusals >= 50
 
 
 def test_a_refusal_is_written_from_the_tool_description():
