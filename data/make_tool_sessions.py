@@ -71,10 +71,8 @@ def sessions(records: list[dict], seed: int = SEED) -> list[dict]:
     positive_uses: Counter = Counter()
     negative_uses: Counter = Counter()
     out = []
-    for a in range(
-        len(records)
-    ):  # every conversation opens one session: its first turn keeps the data's balance
-        record = records[a]
+    # every conversation opens one session: the sessions' first turns keep the data's balance
+    for a, record in enumerate(records):
         listed = {t["function"]["name"] for t in record.get("tools", [])}
         messages = [dict(m) for m in record["messages"]]
         others = [i for i in opens_with_call if i != a]
