@@ -18,7 +18,7 @@ from typing import Literal
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import registry, report, runs, tracking
+from flows import registry, report, run_log, runs, tracking
 from flows.register import register_and_promote
 from flows.summary import RunSummary
 from lora_core.base_model import check_quantization, pick_device
@@ -75,28 +75,23 @@ def finetune(
             resume=resume,
             run_id=run_id,
         )
-        tracking.log_training(trained, cfg.train.method == "full")
+        run_log.log_training(trained, cfg.train.method == "full")
         ev = stage("evaluate", evaluate)(
             base, split, trained=trained.adapter, inputs=EvalInputs.of(cfg), ctx=ctx
         )
-        tracking.log_evaluation(ev)
-        merged = None
-        if cfg.merge.enabled and cfg.train.method != "full":
-            merged = stage("merge", merge)(
-                base, split, trained=trained.adapter, inputs=MergeInputs.of(cfg), ctx=ctx
-            )
-        tracking.log_merge(merged)
+        run_log.log_evaluation(ev)
+        merged = _merge(cfg, stage, base=base, split=split, trained=trained, ctx=ctx)
         registered = None
         if cfg.registry.enabled:
             registered = tracking.timed(register_and_promote)(
                 cfg, run_id=run_id, base=base, data=data, split=split, trained=trained, ev=ev
             )
-        tracking.log_registration(registered)
+        run_log.log_registration(registered)
         latest = point_latest(
             root, trained.adapter_dir, merged and merged.merged_dir, full=cfg.train.method == "full"
         )
-        tracking.log_cache_use(stage.recomputed)
-        summary = tracking.summary(run_id, trained, ev, merged=merged, registered=registered, latest=latest)
+        run_log.log_cache_use(stage.recomputed)
+        summary = run_log.summary(run_id, trained, ev, merged=merged, registered=registered, latest=latest)
         return report.publish(summary)  # + Prefect artifacts
 
 
@@ -115,5 +110,16 @@ def _prepare(cfg: PipelineConfig, stage, *, source_sha: str, ctx: StageContext):
     split = stage("split", split_data)(formatted, cfg=cfg.split, data_sha256=data.sha256, output_root=root)
     # where training keeps its checkpoints, tagged before it starts: `lora-flow resume` finds them
     folder = train_dir(base, split, inputs=TrainInputs.of(cfg, data_sha256=data.sha256), output_root=root)
-    tracking.log_data(cfg, base, data, split=split, train_dir=str(folder))
+    run_log.log_data(cfg, base, data, split=split, train_dir=str(folder))
     return data, base, split
+
+
+def _merge(cfg: PipelineConfig, stage, *, base, split, trained, ctx: StageContext):
+    """The merge stage where the recipe merges a LoRA adapter (None otherwise), logged to the run."""
+    merged = None
+    if cfg.merge.enabled and cfg.train.method != "full":
+        merged = stage("merge", merge)(
+            base, split, trained=trained.adapter, inputs=MergeInputs.of(cfg), ctx=ctx
+        )
+    run_log.log_merge(merged)
+    return merged

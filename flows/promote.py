@@ -28,7 +28,7 @@ def promote(model_name: str, version: str | None = None, to: str | None = None, 
         version = registry.list_versions(model_name)[-1]["version"]
     decision = registry.promote(model_name, version, RegistryConfig(margin=margin))
     champ = registry.champion(MlflowClient(), model_name)
-    logger.info("%s v%s: %s", model_name, version, decision.reason)
+    logger.info("%s: %s", registry.version_label(model_name, version), decision.reason)
     return {
         "champion": champ.version if champ else None,
         "promoted": decision.promote,

@@ -68,6 +68,11 @@ def find_version(name: str, adapter_sha256: str):
     return min(hits, key=lambda v: int(v.version), default=None)
 
 
+def version_label(name: str, version) -> str:
+    """How logs name a registry version: 'tool-calling v4'."""
+    return f"{name} v{version}"
+
+
 def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags: dict, settings) -> str:
     """Log the adapter (+ tokenizer and chat template, which carries the recipe's system prompt) as an MLflow
     model in `run_id` and create a version of `name` with every tag in the same call; returns the version.
@@ -76,13 +81,13 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
     from lora_core.registry import load_for_logging
 
     model, tokenizer, defaults = load_for_logging(model_dir, base_path, settings)
-    active = mlflow.active_run()
     kwargs = dict(
         transformers_model={"model": model, "tokenizer": tokenizer},
         task="llm/v1/chat",  # pyfunc takes OpenAI-style {"messages": [...]} and applies the chat template
         pip_requirements=_requirements(),
         model_config=defaults,  # generate() defaults of the pyfunc; a request's own params override them
     )
+    active = mlflow.active_run()
     with (
         contextlib.nullcontext()
         if active and active.info.run_id == run_id
@@ -90,27 +95,27 @@ def register(run_id: str, model_dir: str, base_path: str | None, name: str, tags
     ):
         if base_path is None:
             info = mlflow.transformers.log_model(name="model", **kwargs)
-        # the adapter only; its pyfunc finds the base by identity wherever it is loaded
-        # (flows/lora_flow_pyfunc.py)
         else:
-            base = {
-                "source": tags["base_model.source"],
-                "identity": tags["base_model.identity"],
-                "path": base_path,
-            }
-            info = Model.log(
-                artifact_path=None,
-                name="model",
-                flavor=lora_flow_pyfunc,
-                base=base,
-                base_model_path=base_path,
-                validate_serving_input=False,
-                **kwargs,
-            )
+            info = _log_adapter(kwargs, base_path, tags)
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     failpoint("register.created")
-    log.info("registered %s version %s (run %s)", name, mv.version, run_id)
+    log.info("registered %s (run %s)", version_label(name, mv.version), run_id)
     return str(mv.version)
+
+
+def _log_adapter(kwargs: dict, base_path: str, tags: dict):
+    """The adapter only; its pyfunc finds the base by identity wherever it is loaded
+    (flows/lora_flow_pyfunc.py)."""
+    base = {"source": tags["base_model.source"], "identity": tags["base_model.identity"], "path": base_path}
+    return Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=lora_flow_pyfunc,
+        base=base,
+        base_model_path=base_path,
+        validate_serving_input=False,
+        **kwargs,
+    )
 
 
 def ensure_description(name: str, version: str, description: str) -> None:
@@ -252,7 +257,7 @@ def _promote(name: str, version: str, gate, current_run_id: str | None) -> Decis
     client.set_model_version_tag(
         name, cand.version, key=DECISION, value="promoted" if decision.promote else "kept-champion"
     )
-    log.info("%s v%s: %s", name, cand.version, decision.reason)
+    log.info("%s: %s", version_label(name, cand.version), decision.reason)
     return decision
 
 

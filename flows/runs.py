@@ -105,37 +105,36 @@ def recent_runs(limit: int = 10, with_prefect: bool = True) -> list[dict]:
     )
     states = _prefect_states([r.data.tags.get("prefect.flow_run_id") for r in runs]) if with_prefect else {}
     # run keys with a FINISHED run newer than the row at hand (runs come newest first)
-    rows, completed_since = ([], set())
+    rows, completed_since = [], set()
     for r in runs:
-        tags = r.data.tags
-        ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None
-        status = r.info.status
-        if status == "RUNNING" and not tracking.pid_alive(
-            tags.get("lora_flow.pid"), tags.get("lora_flow.host")
-        ):
-            status = "DIED"  # SIGKILL or power loss: nobody will end this run
-        rows.append(
-            {
-                "host": tags.get("lora_flow.host"),
-                "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime(
-                    "%Y-%m-%d %H:%M:%S"
-                ),
-                "status": status,
-                "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
-                "mlflow_run_id": r.info.run_id,
-                "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
-                "recipe": tags.get("recipe", "?"),
-                "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
-                # a config that has completed since (a later run of the same run key) has nothing left to
-                # resume
-                "resumable": status in ("FAILED", "KILLED", "DIED")
-                and ckpt is not None
-                and tags.get(tracking.RUN_KEY) not in completed_since,
-            }
-        )
-        if status == "FINISHED":
-            completed_since.add(tags.get(tracking.RUN_KEY))
+        rows.append(_row(r, states, completed_since))
+        if rows[-1]["status"] == "FINISHED":
+            completed_since.add(r.data.tags.get(tracking.RUN_KEY))
     return rows
+
+
+def _row(r, states: dict, completed_since: set) -> dict:
+    """One MLflow run as `lora-flow runs` lists it."""
+    tags = r.data.tags
+    ckpt = last_checkpoint(Path(tags["train.dir"]) / "checkpoints") if tags.get("train.dir") else None
+    status = r.info.status
+    if status == "RUNNING" and not tracking.pid_alive(tags.get("lora_flow.pid"), tags.get("lora_flow.host")):
+        status = "DIED"  # SIGKILL or power loss: nobody will end this run
+    started = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc)
+    return {
+        "host": tags.get("lora_flow.host"),
+        "started": started.strftime("%Y-%m-%d %H:%M:%S"),
+        "status": status,
+        "prefect_state": states.get(tags.get("prefect.flow_run_id", ""), "-"),
+        "mlflow_run_id": r.info.run_id,
+        "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+        "recipe": tags.get("recipe", "?"),
+        "checkpoint_step": checkpoint_step(ckpt) if ckpt else None,
+        # a config that has completed since (a later run of the same run key) has nothing left to resume
+        "resumable": status in ("FAILED", "KILLED", "DIED")
+        and ckpt is not None
+        and tags.get(tracking.RUN_KEY) not in completed_since,
+    }
 
 
 def end_dead_flow_runs(rows: list[dict]) -> list[dict]:

@@ -89,10 +89,9 @@ def sweep(config: PipelineConfig) -> dict:
     """
     cfg = config
     space.check(cfg)
-    storage = optuna.storages.RDBStorage(space.storage_url(tracking.connect()))
     study = optuna.create_study(
         study_name=space.study_name(cfg),
-        storage=storage,
+        storage=optuna.storages.RDBStorage(space.storage_url(tracking.connect())),
         sampler=space.sampler(cfg),
         direction=space.direction(cfg.sweep.objective),
         load_if_exists=True,
@@ -113,14 +112,19 @@ def sweep(config: PipelineConfig) -> dict:
             and best is not None
             and parent.data.tags.get("best.registered_trial") != str(best)
         ):
-            # every stage cached but `register`
-            s = finetune(config=space.best_config(cfg, result["best_params"]))
-            result["registered_version"] = s.registered_version
-            tracking.set_tags(
-                {
-                    "registry.version": s.registered_version,
-                    "best.registered_trial": best,
-                    "best.registered_run_id": s.mlflow_run_id,
-                }
-            )
+            result["registered_version"] = _register_best(cfg, best, result["best_params"])
     return result
+
+
+def _register_best(cfg: PipelineConfig, best, params: dict) -> str | None:
+    """The best trial's recipe run once more (every stage cached but `register`); its version, tagged on the
+    sweep's run."""
+    s = finetune(config=space.best_config(cfg, params))
+    tracking.set_tags(
+        {
+            "registry.version": s.registered_version,
+            "best.registered_trial": best,
+            "best.registered_run_id": s.mlflow_run_id,
+        }
+    )
+    return s.registered_version

@@ -37,7 +37,7 @@ DOCS = [
 CODE = sorted(p for d in ("lora_core", "tasks", "flows") for p in (REPO / d).rglob("*.py"))
 
 # Names with a section's prefix that are not recipe keys but MLflow tags and metrics the flow logs
-# (flows/tracking.py); test_logged_names_are_still_logged keeps this list honest.
+# (flows/run_log.py); test_logged_names_are_still_logged keeps this list honest.
 LOGGED = {
     "data.sha256",
     "data.skipped",
