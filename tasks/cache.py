@@ -58,19 +58,6 @@ def file_fingerprint(path: str | None) -> str | None:
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
-def content_fingerprint(*paths: str | Path) -> str:
-    """Hash of the contents of `paths` (files, or every file of a folder by its name in it), not of where they
-    lie: the same validation rows formatted in two runs' folders key the same."""
-    h = hashlib.sha256()
-    for path in map(Path, paths):
-        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-        for f in files:
-            h.update(
-                f"{f.relative_to(path).as_posix() if f != path else path.name}:{file_sha256(f)};".encode()
-            )
-    return h.hexdigest()
-
-
 def _plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")

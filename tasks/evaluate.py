@@ -8,9 +8,10 @@ from lora_core.base_model import BaseModelRef
 from lora_core.data import SplitResult
 from lora_core.evaluate import EvalResult, evaluate_adapter
 from lora_core.faults import failpoint
+from lora_core.hashing import text_sha256, tree_sha256
 from lora_core.train import AdapterRef
 from tasks import STAGE_TASKS
-from tasks.cache import TASK_OPTIONS, TIMEOUTS, content_fingerprint, stage_dir
+from tasks.cache import TASK_OPTIONS, TIMEOUTS, stage_dir
 from tasks.inputs import EvalInputs, StageContext
 from tasks.outputs import sealed
 
@@ -45,4 +46,4 @@ def _validation(split: SplitResult) -> str:
     """What the base model is measured on: the validation rows (their Arrow data, not the folder's lineage
     files), the held-out records the prompts come from, and the tokenizer with its chat template."""
     rows = sorted(Path(split.val_dir).glob("*.arrow"))
-    return content_fingerprint(*rows, split.val_records_path, split.tokenizer_dir)
+    return text_sha256(*(tree_sha256(p) for p in [*rows, split.val_records_path, split.tokenizer_dir]))
