@@ -387,7 +387,9 @@ def evaluate_adapter(
         tuned = load_model(adapter_dir, torch.float32, device, trust_remote_code)
     else:
         base = base if base is not None else load_model(base_path, torch.float32, device, trust_remote_code)
-        tuned = PeftModel.from_pretrained(base, adapter_dir)
+        # merged into the base as the merge stage does: the weights that are served, and faster than the
+        # adapter's own small matmuls (perplexity of 40 tool-calling rows on 2 cores: 102 s -> 84 s)
+        tuned = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tuned_ppl, tuned_replies = measure(tuned, "tuned")
 
     # lora_core/metrics
