@@ -141,8 +141,9 @@ def added(kind: str, listed: list[str], records: list[dict], turns: list[dict], 
 def sessions(records: list[dict], turns: list[dict], seed: int = SEED) -> list[dict]:
     rng = random.Random(seed)
     pick = Picker(rng)
-    calls = [r for r in records if first_call(r)]
-    restraint = [r for r in records if not first_call(r)]
+    fits = [r for r in records if size(r["tools"], r["messages"]) <= MAX_SIZE]  # a longer one loses its end
+    calls = [r for r in fits if first_call(r)]
+    restraint = [r for r in fits if not first_call(r)]
     openers = rng.sample(calls, SESSIONS // 2) + rng.sample(restraint, SESSIONS - SESSIONS // 2)
     rng.shuffle(openers)
     kinds, weights = list(KINDS), list(KINDS.values())
