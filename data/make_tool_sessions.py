@@ -19,8 +19,9 @@ material answers it:
 - a request for something no tool does, or for a tool this list lacks: a refusal written by rule from
   the list ("I can't send emails here; I can only check the weather and convert currencies.").
 
-The openers keep calls and restraint balanced, and so do the added requests, so neither the first turn
-nor a later one can be predicted from its position; the held-out prompts test the first turn.
+The held-out prompts test the first turn, and its balance moves the tuned model most: OPENING_CALLS sets
+it. Every session ends with a call (no tool result needed after it); the added requests before it are
+drawn by KINDS, so calls and restraint stay near balance over all the turns.
 Deterministic: `python data/make_tool_sessions.py` rewrites the same file (a unit test holds it to this).
 """
 
@@ -39,6 +40,9 @@ SEED = 28
 SESSIONS = 112  # ~80k training tokens: a run's training within ~13 minutes on 2 cores
 MAX_SIZE = 2150  # size() of a session; ~700 tokens, so it fits the recipe's train.max_length (768)
 LAST_CALL = 300  # room kept for the call that ends a session
+# the openers' share of calls: the first turn is what the held-out prompts test, and its balance moves the
+# tuned model most (half: 78% right names, 22% no call where none is due; 28%: 13% and 89%)
+OPENING_CALLS = 0.42
 # what the added requests are, by share (the held-out prompts: half calls, 29% questions, 21% refusals)
 KINDS = {"call": 0.4, "ask": 0.25, "chat": 0.12, "harm": 0.08, "none": 0.08, "unlisted": 0.07}
 
@@ -144,7 +148,8 @@ def sessions(records: list[dict], turns: list[dict], seed: int = SEED) -> list[d
     fits = [r for r in records if size(r["tools"], r["messages"]) <= MAX_SIZE]  # a longer one loses its end
     calls = [r for r in fits if first_call(r)]
     restraint = [r for r in fits if not first_call(r)]
-    openers = rng.sample(calls, SESSIONS // 2) + rng.sample(restraint, SESSIONS - SESSIONS // 2)
+    n_calls = round(SESSIONS * OPENING_CALLS)
+    openers = rng.sample(calls, n_calls) + rng.sample(restraint, SESSIONS - n_calls)
     rng.shuffle(openers)
     kinds, weights = list(KINDS), list(KINDS.values())
     out = []
