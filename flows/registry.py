@@ -204,8 +204,9 @@ def _scored(mv, cand, tokens: tuple[int, ...] | None = None) -> tuple[Scored, li
         rows = {"tuned_nll": p.row_nll, "tokens": p.row_tokens}
     scored = [r for r in _evaluation(mv.run_id, "behaviour.json") or [] if r["tuned_checks"]]
     passes = tuple(all(r["tuned_checks"].values()) for r in scored) or None
+    groups = tuple(next(iter(r["tuned_checks"])) for r in scored) or None  # the behaviour a prompt tests
     prompts = [r["prompt"] for r in scored] or None
-    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes), prompts
+    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes, groups), prompts
 
 
 def one_promotion(name: str):

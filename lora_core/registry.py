@@ -2,8 +2,10 @@
 the same validation conversations, its perplexity is lower by more than `margin` with confidence (the whole
 interval of a paired bootstrap over conversations lies below -margin), and, where the recipe has a
 behaviour metric, its share of passing replies on the same prompts is not worse by more than
-`behaviour_margin` (non-inferiority: the interval's lower end above -behaviour_margin). A 0.1% gain on 40
-conversations is noise; it does not promote."""
+`behaviour_margin` (non-inferiority: the interval's lower end above -behaviour_margin), on every group of
+prompts that tests one behaviour (tool calling: the prompts that expect a call and those that expect none),
+so a model cannot pay for one behaviour with another. A 0.1% gain on 40 conversations is noise; it does not
+promote."""
 
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class Scored:
     tokens: tuple[int, ...]
     # None: no behaviour metric, or prompts the other was not scored on
     passes: tuple[bool, ...] | None = None
+    # per prompt, the behaviour it tests (its first check); None: all prompts test one
+    groups: tuple[str, ...] | None = None
 
 
 def _interval(stat, n: int, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
@@ -55,13 +59,21 @@ def _perplexity(
 
 
 def _behaviour(
-    cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int
-) -> tuple[float, float, float]:
-    """Difference of the passing shares (candidate - champion, in share points) and its interval."""
+    cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int, by_group: bool = True
+) -> dict[str, tuple[float, float, float, int]]:
+    """Per group of prompts ("all" when `by_group` is off or the prompts are not grouped): difference of the
+    passing shares (candidate - champion, in share points), its interval and the group's size."""
     import numpy as np
 
     d = np.asarray(cand.passes, dtype=float) - np.asarray(champ.passes, dtype=float)
-    return float(d.mean()), *_interval(lambda idx: d[idx].mean(-1), len(d), confidence, resamples, seed)
+    grouped = by_group and cand.groups is not None and len(set(cand.groups)) > 1
+    groups = np.asarray(cand.groups if grouped else ["all"] * len(d))
+    out = {}
+    for g in dict.fromkeys(groups.tolist()):
+        dg = d[groups == g]
+        lo, hi = _interval(lambda idx, dg=dg: dg[idx].mean(-1), len(dg), confidence, resamples, seed)
+        out[g] = (float(dg.mean()), lo, hi, len(dg))
+    return out
 
 
 def decide(
@@ -99,14 +111,26 @@ def decide(
         and len(cand.passes) == len(champ.passes)
         and cand.passes
     ):
-        diff, blo, bhi = _behaviour(cand, champ, confidence, resamples, seed)
-        figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": len(cand.passes)}
-        interval = f"interval {100 * blo:+.1f} to {100 * bhi:+.1f}"
-        why += f"; behaviour {100 * diff:+.1f} pts ({interval}, {len(cand.passes)} prompts)"
-        if not blo > -behaviour_margin:
+        by_group = _behaviour(cand, champ, confidence, resamples, seed)
+        diff, blo, bhi, n = _behaviour(cand, champ, confidence, resamples, seed, by_group=False)["all"]
+        figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": n}
+        if len(by_group) > 1:
+            for g, (gd, glo, ghi, gn) in by_group.items():
+                figures |= {
+                    f"behaviour_change.{g}": gd,
+                    f"behaviour_interval.{g}": [glo, ghi],
+                    f"prompts.{g}": gn,
+                }
+        for group, (diff, blo, bhi, n) in by_group.items():
+            which = "" if group == "all" else f" on the {group} prompts"
+            interval = f"interval {100 * blo:+.1f} to {100 * bhi:+.1f}"
+            why += f"; behaviour{which} {100 * diff:+.1f} pts ({interval}, {n} prompts)"
+        worse = [g for g, (_, blo, _, _) in by_group.items() if not blo > -behaviour_margin]
+        if worse:
+            which = "" if worse == ["all"] else " on the " + ", ".join(worse) + " prompts"
             return Decision(
                 False,
-                f"{why}: may be worse than the champion by more than {100 * behaviour_margin:.0f} pts",
+                f"{why}: may be worse than the champion{which} by more than {100 * behaviour_margin:.0f} pts",
                 figures,
             )
     return Decision(True, why, figures)

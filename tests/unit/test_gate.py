@@ -72,6 +72,31 @@ def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
     assert same.promote and same.figures["behaviour_interval"] == [0.0, 0.0]
 
 
+def test_a_behaviour_paid_for_with_another_does_not_promote():
+    """Tool calling: refusing more passes more of the prompts that expect no call; the same overall share
+    with far fewer right calls is worse on the call prompts, and that group's interval decides."""
+    nll, tokens = conversations()
+    groups = tuple(["well_formed"] * 45 + ["no_call"] * 45)
+    champ_passes = tuple([True] * 30 + [False] * 15 + [True] * 25 + [False] * 20)  # 55 of 90
+    refuses = tuple([True] * 10 + [False] * 35 + [True] * 45)  # 55 of 90 too
+    d = decide(
+        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens), refuses, groups),
+        Scored(tuple(nll), tuple(tokens), champ_passes, groups),
+        margin=0.0,
+    )
+    assert not d.promote and "worse than the champion on the well_formed prompts" in d.reason
+    assert d.figures["behaviour_change"] == 0.0
+    assert d.figures["behaviour_change.well_formed"] == (10 - 30) / 45
+    assert d.figures["behaviour_change.no_call"] == (45 - 25) / 45 and d.figures["prompts.no_call"] == 45
+    # better on both groups: promoted
+    both = tuple([True] * 35 + [False] * 10 + [True] * 30 + [False] * 15)
+    assert decide(
+        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens), both, groups),
+        Scored(tuple(nll), tuple(tokens), champ_passes, groups),
+        margin=0.0,
+    ).promote
+
+
 def test_no_champion_and_mismatched_sets():
     nll, tokens = conversations()
     assert decide(Scored(tuple(nll), tuple(tokens)), None, margin=0.0) == Decision(True, "no champion yet")
