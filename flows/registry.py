@@ -206,7 +206,7 @@ def _scored(mv, cand, tokens: tuple[int, ...] | None = None) -> tuple[Scored, li
     passes = tuple(all(r["tuned_checks"].values()) for r in scored) or None
     groups = tuple(next(iter(r["tuned_checks"])) for r in scored) or None  # the behaviour a prompt tests
     prompts = [r["prompt"] for r in scored] or None
-    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes, groups), prompts
+    return Scored(tuple(rows["tuned_nll"]), tuple(rows["tokens"]), passes=passes, groups=groups), prompts
 
 
 def one_promotion(name: str):

@@ -59,7 +59,7 @@ def _perplexity(
 
 
 def _behaviour(
-    cand: Scored, champ: Scored, confidence: float, resamples: int, seed: int, by_group: bool = True
+    cand: Scored, champ: Scored, *, confidence: float, resamples: int, seed: int, by_group: bool = True
 ) -> dict[str, tuple[float, float, float, int]]:
     """Per group of prompts ("all" when `by_group` is off or the prompts are not grouped): difference of the
     passing shares (candidate - champion, in share points), its interval and the group's size."""
@@ -111,8 +111,10 @@ def decide(
         and len(cand.passes) == len(champ.passes)
         and cand.passes
     ):
-        by_group = _behaviour(cand, champ, confidence, resamples, seed)
-        diff, blo, bhi, n = _behaviour(cand, champ, confidence, resamples, seed, by_group=False)["all"]
+        by_group = _behaviour(cand, champ, confidence=confidence, resamples=resamples, seed=seed)
+        diff, blo, bhi, n = _behaviour(
+            cand, champ, confidence=confidence, resamples=resamples, seed=seed, by_group=False
+        )["all"]
         figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": n}
         if len(by_group) > 1:
             for g, (gd, glo, ghi, gn) in by_group.items():
