@@ -2,9 +2,10 @@
 the same validation conversations, its perplexity is lower by more than `margin` with confidence (the whole
 interval of a paired bootstrap over conversations lies below -margin), and, where the recipe has a
 behaviour metric, its share of passing replies on the same prompts is not worse by more than
-`behaviour_margin` (non-inferiority: the interval's lower end above -behaviour_margin), on every group of
-prompts that tests one behaviour (tool calling: the prompts that expect a call and those that expect none),
-so a model cannot pay for one behaviour with another. A 0.1% gain on 40 conversations is noise; it does not
+`behaviour_margin` (non-inferiority: the interval's lower end above -behaviour_margin). Where the prompts
+test several behaviours (tool calling: the prompts that expect a call and those that expect none), the share
+compared is the smallest group's, as the sweep's min(...) objective, so a model cannot pay for one
+behaviour with another. A 0.1% gain on 40 conversations is noise; it does not
 promote."""
 
 from __future__ import annotations
@@ -59,21 +60,28 @@ def _perplexity(
 
 
 def _behaviour(
-    cand: Scored, champ: Scored, *, confidence: float, resamples: int, seed: int, by_group: bool = True
-) -> dict[str, tuple[float, float, float, int]]:
-    """Per group of prompts ("all" when `by_group` is off or the prompts are not grouped): difference of the
-    passing shares (candidate - champion, in share points), its interval and the group's size."""
+    cand: Scored, champ: Scored, *, confidence: float, resamples: int, seed: int
+) -> tuple[float, float, float, dict[str, float]]:
+    """The behaviour statistic, candidate minus champion: the smallest passing share over the groups of
+    prompts (one group: its passing share), with the interval of a paired bootstrap that resamples prompts
+    within each group; and each group's own difference of passing shares."""
     import numpy as np
 
-    d = np.asarray(cand.passes, dtype=float) - np.asarray(champ.passes, dtype=float)
-    grouped = by_group and cand.groups is not None and len(set(cand.groups)) > 1
-    groups = np.asarray(cand.groups if grouped else ["all"] * len(d))
-    out = {}
-    for g in dict.fromkeys(groups.tolist()):
-        dg = d[groups == g]
-        lo, hi = _interval(lambda idx, dg=dg: dg[idx].mean(-1), len(dg), confidence, resamples, seed)
-        out[g] = (float(dg.mean()), lo, hi, len(dg))
-    return out
+    c, h = (np.asarray(m.passes, dtype=float) for m in (cand, champ))
+    labels = np.asarray(cand.groups if cand.groups is not None else ["all"] * len(c))
+    groups = list(dict.fromkeys(labels.tolist()))
+    members = [np.flatnonzero(labels == g) for g in groups]
+    rng = np.random.default_rng(seed)  # the same resamples for both models: paired
+    draws = [m[rng.integers(0, len(m), size=(resamples, len(m)))] for m in members]
+
+    def smallest(passes, picks) -> np.ndarray:
+        return np.min([passes[p].mean(-1) for p in picks], axis=0)
+
+    everyone = [m[None, :] for m in members]
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(smallest(c, draws) - smallest(h, draws), [tail, 1 - tail])
+    per_group = {g: float(c[m].mean() - h[m].mean()) for g, m in zip(groups, members)}
+    return float(smallest(c, everyone)[0] - smallest(h, everyone)[0]), float(lo), float(hi), per_group
 
 
 def decide(
@@ -111,28 +119,21 @@ def decide(
         and len(cand.passes) == len(champ.passes)
         and cand.passes
     ):
-        by_group = _behaviour(cand, champ, confidence=confidence, resamples=resamples, seed=seed)
-        diff, blo, bhi, n = _behaviour(
-            cand, champ, confidence=confidence, resamples=resamples, seed=seed, by_group=False
-        )["all"]
-        figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": n}
-        if len(by_group) > 1:
-            for g, (gd, glo, ghi, gn) in by_group.items():
-                figures |= {
-                    f"behaviour_change.{g}": gd,
-                    f"behaviour_interval.{g}": [glo, ghi],
-                    f"prompts.{g}": gn,
-                }
-        for group, (diff, blo, bhi, n) in by_group.items():
-            which = "" if group == "all" else f" on the {group} prompts"
-            interval = f"interval {100 * blo:+.1f} to {100 * bhi:+.1f}"
-            why += f"; behaviour{which} {100 * diff:+.1f} pts ({interval}, {n} prompts)"
-        worse = [g for g, (_, blo, _, _) in by_group.items() if not blo > -behaviour_margin]
-        if worse:
-            which = "" if worse == ["all"] else " on the " + ", ".join(worse) + " prompts"
+        diff, blo, bhi, per_group = _behaviour(
+            cand, champ, confidence=confidence, resamples=resamples, seed=seed
+        )
+        figures |= {"behaviour_change": diff, "behaviour_interval": [blo, bhi], "prompts": len(cand.passes)}
+        interval = f"interval {100 * blo:+.1f} to {100 * bhi:+.1f}, {len(cand.passes)} prompts"
+        if len(per_group) > 1:  # the smallest group's share: one behaviour cannot pay for another
+            figures |= {f"behaviour_change.{g}": d for g, d in per_group.items()}
+            interval += "; " + ", ".join(f"{g} {100 * d:+.1f}" for g, d in per_group.items())
+            why += f"; behaviour of the weakest group {100 * diff:+.1f} pts ({interval})"
+        else:
+            why += f"; behaviour {100 * diff:+.1f} pts ({interval})"
+        if not blo > -behaviour_margin:
             return Decision(
                 False,
-                f"{why}: may be worse than the champion{which} by more than {100 * behaviour_margin:.0f} pts",
+                f"{why}: may be worse than the champion by more than {100 * behaviour_margin:.0f} pts",
                 figures,
             )
     return Decision(True, why, figures)

@@ -4,6 +4,8 @@ gain in perplexity with a behaviour regression does not; every decision says why
 import math
 import random
 
+import pytest
+
 from lora_core.registry import Decision, Scored, decide
 
 N, TOKENS = 40, 120  # the default recipe's validation set: 40 conversations, ~120 target tokens each
@@ -62,7 +64,7 @@ def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
     cand = Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens), worse)
     d = decide(cand, Scored(tuple(nll), tuple(tokens), champ_passes), margin=0.0, behaviour_margin=0.1)
     assert not d.promote and "may be worse than the champion by more than 10 pts" in d.reason
-    assert d.figures["behaviour_change"] == (35 - 56) / 70 and d.figures["prompts"] == 70
+    assert d.figures["behaviour_change"] == pytest.approx((35 - 56) / 70) and d.figures["prompts"] == 70
     # the same perplexity gain with the champion's behaviour: promoted, the behaviour figures recorded
     same = decide(
         Scored(cand.nll, cand.tokens, champ_passes),
@@ -73,26 +75,28 @@ def test_better_perplexity_with_a_behaviour_regression_does_not_promote():
 
 
 def test_a_behaviour_paid_for_with_another_does_not_promote():
-    """Tool calling: refusing more passes more of the prompts that expect no call; the same overall share
-    with far fewer right calls is worse on the call prompts, and that group's interval decides."""
+    """Tool calling: refusing more passes more of the prompts that expect no call. The gate compares the
+    smallest group's passing share (as the sweep's min objective), so the same overall share bought with
+    fewer right calls keeps the champion, and a balanced model replaces one that refuses nearly all."""
     nll, tokens = conversations()
+    better = tuple(challenger(nll, -0.10, 0.05))
     groups = tuple(["well_formed"] * 45 + ["no_call"] * 45)
-    champ_passes = tuple([True] * 30 + [False] * 15 + [True] * 25 + [False] * 20)  # 55 of 90
-    refuses = tuple([True] * 10 + [False] * 35 + [True] * 45)  # 55 of 90 too
+    balanced = tuple([True] * 30 + [False] * 15 + [True] * 25 + [False] * 20)  # 55 of 90; weakest 25/45
+    refuses = tuple([True] * 10 + [False] * 35 + [True] * 45)  # 55 of 90 too; weakest 10/45
     d = decide(
-        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens), refuses, groups),
-        Scored(tuple(nll), tuple(tokens), champ_passes, groups),
+        Scored(better, tuple(tokens), refuses, groups),
+        Scored(tuple(nll), tuple(tokens), balanced, groups),
         margin=0.0,
     )
-    assert not d.promote and "worse than the champion on the well_formed prompts" in d.reason
-    assert d.figures["behaviour_change"] == 0.0
-    assert d.figures["behaviour_change.well_formed"] == (10 - 30) / 45
-    assert d.figures["behaviour_change.no_call"] == (45 - 25) / 45 and d.figures["prompts.no_call"] == 45
-    # better on both groups: promoted
-    both = tuple([True] * 35 + [False] * 10 + [True] * 30 + [False] * 15)
+    assert not d.promote and "may be worse than the champion" in d.reason
+    assert "behaviour of the weakest group" in d.reason
+    assert d.figures["behaviour_change"] == pytest.approx((10 - 25) / 45)
+    assert d.figures["behaviour_change.well_formed"] == pytest.approx((10 - 30) / 45)
+    assert d.figures["behaviour_change.no_call"] == pytest.approx((45 - 25) / 45)
+    # the other way round: the balanced model replaces the one that refuses nearly everything
     assert decide(
-        Scored(tuple(challenger(nll, -0.10, 0.05)), tuple(tokens), both, groups),
-        Scored(tuple(nll), tuple(tokens), champ_passes, groups),
+        Scored(better, tuple(tokens), balanced, groups),
+        Scored(tuple(nll), tuple(tokens), refuses, groups),
         margin=0.0,
     ).promote
 
