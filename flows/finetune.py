@@ -66,27 +66,13 @@ def finetune(
     ) as run:
         run_id = run.info.run_id
         data, base, split = _prepare(cfg, stage, source_sha=source_sha, ctx=ctx)
-        trained = stage("train", with_retries(train_adapter, cfg.retries))(
-            base,
-            split,
-            inputs=TrainInputs.of(cfg, data_sha256=data.sha256),
-            ctx=ctx,
-            callbacks=[tracking.metrics_callback(run_id)],
-            resume=resume,
-            run_id=run_id,
-        )
-        run_log.log_training(trained, cfg.train.method == "full")
+        trained = _train(cfg, stage, base=base, split=split, data=data, ctx=ctx, run_id=run_id, resume=resume)
         ev = stage("evaluate", evaluate)(
             base, split, trained=trained.adapter, inputs=EvalInputs.of(cfg), ctx=ctx
         )
         run_log.log_evaluation(ev)
         merged = _merge(cfg, stage, base=base, split=split, trained=trained, ctx=ctx)
-        registered = None
-        if cfg.registry.enabled:
-            registered = tracking.timed(register_and_promote)(
-                cfg, run_id=run_id, base=base, data=data, split=split, trained=trained, ev=ev
-            )
-        run_log.log_registration(registered)
+        registered = _register(cfg, run_id=run_id, base=base, data=data, split=split, trained=trained, ev=ev)
         latest = point_latest(
             root, trained.adapter_dir, merged and merged.merged_dir, full=cfg.train.method == "full"
         )
@@ -112,6 +98,28 @@ def _prepare(cfg: PipelineConfig, stage, *, source_sha: str, ctx: StageContext):
     folder = train_dir(base, split, inputs=TrainInputs.of(cfg, data_sha256=data.sha256), output_root=root)
     run_log.log_data(cfg, base, data, split=split, train_dir=str(folder))
     return data, base, split
+
+
+def _train(cfg: PipelineConfig, stage, *, base, split, data, ctx: StageContext, run_id: str, resume: bool):
+    """The training stage (retried, resumed from its last checkpoint), logged to the run."""
+    trained = stage("train", with_retries(train_adapter, cfg.retries))(
+        base,
+        split,
+        inputs=TrainInputs.of(cfg, data_sha256=data.sha256),
+        ctx=ctx,
+        callbacks=[tracking.metrics_callback(run_id)],
+        resume=resume,
+        run_id=run_id,
+    )
+    run_log.log_training(trained, cfg.train.method == "full")
+    return trained
+
+
+def _register(cfg: PipelineConfig, **stages):
+    """Registration and the champion gate where the recipe registers (None otherwise), logged to the run."""
+    registered = tracking.timed(register_and_promote)(cfg, **stages) if cfg.registry.enabled else None
+    run_log.log_registration(registered)
+    return registered
 
 
 def _merge(cfg: PipelineConfig, stage, *, base, split, trained, ctx: StageContext):

@@ -179,32 +179,10 @@ def start_run(
     never left RUNNING by anything short of SIGKILL."""
     connect()
     experiment_id = ensure_experiment(cfg.experiment)
-    tags = {
-        "prefect.flow_run_id": flow_run_id or "none",
-        "git.commit": git_commit(),
-        "recipe": cfg.name,
-        RUN_KEY: run_key,
-        "lora_flow.pid": str(os.getpid()),
-        "lora_flow.host": socket.gethostname(),
-        **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()},
-    }
     previous = find_resumable(experiment_id, run_key) if resume else None
-    # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
-    nested = mlflow.active_run() is not None
-    if previous is not None:
-        count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
-        run = mlflow.start_run(run_id=previous.info.run_id, nested=nested, log_system_metrics=True)
-        set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
-        log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
-    else:
-        # CPU, memory, disk, network; GPUs too where pynvml is installed
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=cfg.tracking.run_name or cfg.name,
-            tags=tags,
-            nested=nested,
-            log_system_metrics=True,
-        )
+    run = _open_run(
+        cfg, experiment_id, previous, tags=_run_tags(cfg, flow_run_id, run_key=run_key, trigger=trigger)
+    )
     try:
         if previous is None:
             _log_config(run.info.run_id, cfg)
@@ -218,6 +196,39 @@ def start_run(
     else:
         mlflow.end_run("FINISHED")
         _retire_if_unchanged(run.info.run_id)
+
+
+def _run_tags(cfg: PipelineConfig, flow_run_id: str | None, *, run_key: str, trigger: dict | None) -> dict:
+    """Tags of every run: where it came from, and the process that writes it (a live one is not resumed)."""
+    return {
+        "prefect.flow_run_id": flow_run_id or "none",
+        "git.commit": git_commit(),
+        "recipe": cfg.name,
+        RUN_KEY: run_key,
+        "lora_flow.pid": str(os.getpid()),
+        "lora_flow.host": socket.gethostname(),
+        **{f"lora_flow.trigger.{k}": str(v) for k, v in (trigger or {}).items()},
+    }
+
+
+def _open_run(cfg: PipelineConfig, experiment_id: str, previous, *, tags: dict):
+    """The interrupted run `previous` continued (tagged resumed), else a new run; CPU, memory, disk and
+    network metrics are logged (GPUs too where pynvml is installed)."""
+    # a sweep's trial (flows/sweep.py): a child of the sweep's run (mlflow.parentRunId)
+    nested = mlflow.active_run() is not None
+    if previous is None:
+        return mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=cfg.tracking.run_name or cfg.name,
+            tags=tags,
+            nested=nested,
+            log_system_metrics=True,
+        )
+    count = int(previous.data.tags.get("lora_flow.resume_count", "0")) + 1
+    run = mlflow.start_run(run_id=previous.info.run_id, nested=nested, log_system_metrics=True)
+    set_tags({**tags, "lora_flow.resumed": "true", "lora_flow.resume_count": count})
+    log.info("continuing interrupted MLflow run %s (resume #%d)", previous.info.run_id, count)
+    return run
 
 
 def _retire_if_unchanged(run_id: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def stage_dir(output_root: str, stage: str, *inputs: Any) -> Path:
-    """`<output_root>/<stage>/<16 hex>`: one folder per distinct input, so runs never overwrite each other."""
-    blob = json.dumps([_plain(v) for v in inputs] + [library_fingerprint()], sort_keys=True, default=str)
+def stage_dir(output_root: str, stage: str, *, key: Sequence[Any]) -> Path:
+    """`<output_root>/<stage>/<16 hex>`: one folder per distinct `key` (the stage's inputs), so runs never
+    overwrite each other."""
+    blob = json.dumps([_plain(v) for v in key] + [library_fingerprint()], sort_keys=True, default=str)
     return Path(output_root) / stage / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

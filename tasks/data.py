@@ -16,7 +16,7 @@ from tasks.outputs import sealed
 def download_data(cfg: DataConfig, *, source_sha256: str, seed: int, output_root: str) -> DataResult:
     """Read and normalise the dataset (mixing sources by weight). `source_sha256` (content of the files) keys
     the cache."""
-    out = stage_dir(output_root, "data", cfg, source_sha256, seed)
+    out = stage_dir(output_root, "data", key=(cfg, source_sha256, seed))
     return sealed(out, download_dataset(cfg, out, seed))
 
 
@@ -25,5 +25,7 @@ def split_data(
     formatted: FormatResult, *, cfg: SplitConfig, data_sha256: str, output_root: str
 ) -> SplitResult:
     """Deterministic conversation-level train/validation split."""
-    out = stage_dir(output_root, "split", formatted, cfg, data_sha256)
-    return sealed(out, split_dataset(formatted.dataset_dir, cfg, out, formatted.tokenizer_dir))
+    out = stage_dir(output_root, "split", key=(formatted, cfg, data_sha256))
+    return sealed(
+        out, split_dataset(formatted.dataset_dir, cfg, out_dir=out, tokenizer_dir=formatted.tokenizer_dir)
+    )

@@ -21,7 +21,7 @@ def evaluate(
     base: BaseModelRef, split: SplitResult, *, trained: AdapterRef, inputs: EvalInputs, ctx: StageContext
 ) -> EvalResult:
     """Validation perplexity of base and tuned model, side-by-side sample replies, the behaviour metric."""
-    out = stage_dir(ctx.output_root, "evaluate", base.identity, split, trained.sha256, inputs)
+    out = stage_dir(ctx.output_root, "evaluate", key=(base.identity, split, trained.sha256, inputs))
     result = evaluate_adapter(
         base.path,
         trained.dir,
@@ -36,7 +36,9 @@ def evaluate(
         system_prompt=inputs.system_prompt,
         # the base's figures depend on neither the adapter nor the training rows: one folder per base,
         # validation rows and prompts, tokenizer (chat template) and settings
-        base_cache_dir=stage_dir(ctx.output_root, "evaluate-base", base.identity, _validation(split), inputs),
+        base_cache_dir=stage_dir(
+            ctx.output_root, "evaluate-base", key=(base.identity, _validation(split), inputs)
+        ),
     )
     failpoint("evaluate.written")  # outputs on disk, not yet sealed: a re-run must not trust them
     return sealed(out, result)

@@ -23,7 +23,7 @@ def format_data(
 ) -> FormatResult:
     """Render conversations with the chat template (the base tokenizer's, or template.chat_template, keyed by
     `template_sha256`); build assistant loss masks."""
-    out = stage_dir(ctx.output_root, "format", data.sha256, base.identity, cfg, template_sha256)
+    out = stage_dir(ctx.output_root, "format", key=(data.sha256, base.identity, cfg, template_sha256))
     result = format_dataset(
         data.records_path,
         val_records_path=data.val_records_path,

@@ -20,7 +20,9 @@ def merge(
     """merge_and_unload into a fresh fp32 base; refuses to save if logits drift past merge.atol (checked on a
     few validation rows cut to training's truncation). The evaluation's decoding settings become the merged
     folder's generation defaults."""
-    out = stage_dir(ctx.output_root, "merge", base.identity, trained.sha256, inputs.merge, inputs.settings)
+    out = stage_dir(
+        ctx.output_root, "merge", key=(base.identity, trained.sha256, inputs.merge, inputs.settings)
+    )
     result = merge_from_dirs(
         base.path,
         trained.dir,

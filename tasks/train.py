@@ -21,9 +21,8 @@ def train_dir(base: BaseModelRef, split: SplitResult, *, inputs: TrainInputs, ou
     re-runs)."""
     lora = inputs.lora if inputs.train.method == "lora" else None  # full fine-tuning reads no LoRA setting
     extra = ["4bit"] if inputs.load_in_4bit else []
-    return stage_dir(
-        output_root, "train", base.identity, split, lora, inputs.train, inputs.data_sha256, *extra
-    )
+    key = (base.identity, split, lora, inputs.train, inputs.data_sha256, *extra)
+    return stage_dir(output_root, "train", key=key)
 
 
 # The MLflow run the ranks log into does not change what is trained: not part of the cache key.
