@@ -37,13 +37,16 @@ class Scored:
     groups: tuple[str, ...] | None = None
 
 
-def _interval(stat, n: int, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
+def _interval(stat, members: list, confidence: float, resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of `stat` over bootstrap draws that resample each group of indices in `members`
+    on its own (stratified); `stat` takes the list of draws, one (resamples, group size) array per group."""
     import numpy as np
 
     # the same resamples for both models: paired
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    rng = np.random.default_rng(seed)
+    draws = [m[rng.integers(0, len(m), size=(resamples, len(m)))] for m in members]
     tail = (1 - confidence) / 2
-    lo, hi = np.quantile(stat(idx), [tail, 1 - tail])
+    lo, hi = np.quantile(stat(draws), [tail, 1 - tail])
     return float(lo), float(hi)
 
 
@@ -56,7 +59,10 @@ def _perplexity(
 
     c, h, t = (np.asarray(v, dtype=float) for v in (cand.nll, champ.nll, cand.tokens))
     change = lambda idx: np.expm1((c[idx].sum(-1) - h[idx].sum(-1)) / t[idx].sum(-1))  # noqa: E731
-    return float(change(np.arange(len(t)))), *_interval(change, len(t), confidence, resamples, seed)
+    everyone = [np.arange(len(t))]
+    return float(change(everyone[0])), *_interval(
+        lambda draws: change(draws[0]), everyone, confidence, resamples, seed
+    )
 
 
 def _behaviour(
@@ -71,17 +77,16 @@ def _behaviour(
     labels = np.asarray(cand.groups if cand.groups is not None else ["all"] * len(c))
     groups = list(dict.fromkeys(labels.tolist()))
     members = [np.flatnonzero(labels == g) for g in groups]
-    rng = np.random.default_rng(seed)  # the same resamples for both models: paired
-    draws = [m[rng.integers(0, len(m), size=(resamples, len(m)))] for m in members]
 
     def smallest(passes, picks) -> np.ndarray:
         return np.min([passes[p].mean(-1) for p in picks], axis=0)
 
+    lo, hi = _interval(
+        lambda draws: smallest(c, draws) - smallest(h, draws), members, confidence, resamples, seed
+    )
     everyone = [m[None, :] for m in members]
-    tail = (1 - confidence) / 2
-    lo, hi = np.quantile(smallest(c, draws) - smallest(h, draws), [tail, 1 - tail])
     per_group = {g: float(c[m].mean() - h[m].mean()) for g, m in zip(groups, members)}
-    return float(smallest(c, everyone)[0] - smallest(h, everyone)[0]), float(lo), float(hi), per_group
+    return float(smallest(c, everyone)[0] - smallest(h, everyone)[0]), lo, hi, per_group
 
 
 def decide(
